@@ -1,0 +1,262 @@
+"""DART scoring network: a (usually frozen) feature trunk and a small trainable head -> positive (B, Gh, Gw) scores.
+
+Trunks (``trunk=``):
+
+==========================  ===========================================  ========  =======
+name                        cut (torchvision ``features[:k]`` equivalent)  channels  frozen
+==========================  ===========================================  ========  =======
+``mobilenetv3_small``       ``features[:13]`` (head v2, Vim/DeiT-Tiny)     576       yes
+``mobilenetv3_small_v1``    ``features[:11]`` (head v1)                    96        yes
+``mobilenetv3_large``       ``features[:17]`` (head v2, Small/Base)        960       yes
+``mobilenetv3_large_v1``    ``features[:15]`` (head v1)                    160       yes
+``tiny_cnn``                three stride-2 convs (small images, tests)    64        no
+==========================  ===========================================  ========  =======
+
+The MobileNetV3 trunks are timm's ``mobilenetv3_{small,large}_100`` cut at the stage the official DART code uses,
+with timm's parameter names (``conv_stem``, ``bn1``, ``blocks.i.j``). Frozen trunks run under ``no_grad``, stay in
+eval mode whatever ``.train()`` says, and are skipped by :meth:`DartScorer.init_weights`. No weights are
+downloaded: pass ``trunk_weights=<local file>`` (a timm state dict, ``.safetensors`` or a torch file) or the trunk
+starts random, which :class:`RandomTrunkWarning` says out loud.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+SCORE_NORMS = ("sample", "batch")
+HEADS = ("v1", "v2")
+# trunk name -> (timm model, number of timm blocks kept after the stem counting each inverted-residual block and the
+# final 1x1 ConvBnAct as one, output channels)
+_MOBILENET_TRUNKS = {
+    "mobilenetv3_small": ("mobilenetv3_small_100", 12, 576),
+    "mobilenetv3_small_v1": ("mobilenetv3_small_100", 10, 96),
+    "mobilenetv3_large": ("mobilenetv3_large_100", 16, 960),
+    "mobilenetv3_large_v1": ("mobilenetv3_large_100", 14, 160),
+}
+TRUNKS = (*_MOBILENET_TRUNKS, "tiny_cnn")
+
+
+class RandomTrunkWarning(UserWarning):
+    """A frozen scorer trunk was built without pretrained weights."""
+
+
+class TinyConvTrunk(nn.Module):
+    """Trainable stride-8 CNN for small images: 3 x (conv3x3 s2, GroupNorm, GELU). (B, C, H, W) -> (B, 64, H/8, W/8)."""
+
+    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers, prev = [], in_chans
+        for width in widths:
+            layers += [nn.Conv2d(prev, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(min(8, width), width),
+                       nn.GELU()]
+            prev = width
+        self.layers = nn.Sequential(*layers)
+        self.out_chans = prev
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class MobileNetV3Trunk(nn.Module):
+    """timm MobileNetV3 cut after ``num_blocks`` blocks (timm names kept, so timm state dicts load by name)."""
+
+    def __init__(self, timm_name: str, num_blocks: int, in_chans: int = 3):
+        super().__init__()
+        import timm
+
+        full = timm.create_model(timm_name, pretrained=False, in_chans=in_chans)
+        self.conv_stem, self.bn1 = full.conv_stem, full.bn1
+        stages, remaining = [], num_blocks
+        for stage in full.blocks:
+            if remaining <= 0:
+                break
+            keep = min(remaining, len(stage))
+            stages.append(stage if keep == len(stage) else nn.Sequential(*list(stage)[:keep]))
+            remaining -= keep
+        self.blocks = nn.Sequential(*stages)
+        self.out_chans = _last_out_chans(self.blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+def _last_out_chans(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    """Load a timm MobileNetV3 state dict (full model or trunk only) from a local file into a cut trunk."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"trunk_weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    own = trunk.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise KeyError(f"trunk_weights file {path} lacks {len(missing)} trunk tensors, first: {missing[0]!r}")
+    for key, value in own.items():
+        if state[key].shape != value.shape:
+            raise ValueError(f"trunk_weights file {path}: {key!r} has shape {tuple(state[key].shape)}, "
+                             f"expected {tuple(value.shape)}")
+    trunk.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def build_trunk(name: str, in_chans: int = 3, weights: str | None = None) -> tuple[nn.Module, bool]:
+    """Returns (trunk module with ``out_chans``, whether it is frozen)."""
+    if name == "tiny_cnn":
+        trunk = TinyConvTrunk(in_chans)
+        if weights is not None:
+            load_trunk_weights(trunk, weights)
+        return trunk, False
+    if name not in _MOBILENET_TRUNKS:
+        raise ValueError(f"trunk must be one of {TRUNKS}, got {name!r}")
+    timm_name, num_blocks, channels = _MOBILENET_TRUNKS[name]
+    trunk = MobileNetV3Trunk(timm_name, num_blocks, in_chans)
+    assert trunk.out_chans == channels
+    if weights is not None:
+        load_trunk_weights(trunk, weights)
+    else:
+        warnings.warn(f"scorer trunk {name!r} is frozen but starts from random weights (no trunk_weights file given; "
+                      f"nothing is downloaded). Pass trunk_weights=<timm {timm_name} state dict> for the pretrained "
+                      f"scorer the paper uses.", RandomTrunkWarning, stacklevel=3)
+    return trunk, True
+
+
+class ScoreHeadV1(nn.Module):
+    """Per-location MLP C -> C -> 1 with GELU. (B, C, h, w) -> (B, h, w) raw scores."""
+
+    def __init__(self, chans: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(chans, chans, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(chans, 1, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(features))).squeeze(1)
+
+    @staticmethod
+    def squash(standardised: Tensor) -> Tensor:
+        return torch.sigmoid(standardised) + 0.1  # the floor bounds the density ratio at 11x
+
+
+class ScoreHeadV2(nn.Module):
+    """Channel gate g = sigmoid(MLP_{C->hidden->C}(mean f)); score = sum_c f_c g_c. (B, C, h, w) -> (B, h, w)."""
+
+    def __init__(self, chans: int, hidden: int = 96):
+        super().__init__()
+        self.fc1 = nn.Linear(chans, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, chans)
+
+    def forward(self, features: Tensor) -> Tensor:
+        gate = torch.sigmoid(self.fc2(self.act(self.fc1(features.mean(dim=(2, 3))))))
+        return torch.einsum("bchw,bc->bhw", features, gate)
+
+    @staticmethod
+    def squash(standardised: Tensor) -> Tensor:
+        return torch.sigmoid(2.0 * standardised)
+
+
+def standardise_scores(raw: Tensor, score_norm: str = "sample", eps: float = 1e-6) -> Tensor:
+    """Zero-mean, unit-std scores. (B, Gh, Gw) -> (B, Gh, Gw).
+
+    ``"sample"``: each map on its own (a sample's tokens never depend on its batch).
+    ``"batch"``: one mean/std over the whole batch, as the official code does (for checkpoint parity).
+    """
+    if score_norm == "sample":
+        dims, group = (1, 2), raw[0].numel()
+    elif score_norm == "batch":
+        dims, group = (0, 1, 2), raw.numel()
+    else:
+        raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
+    mean = raw.mean(dim=dims, keepdim=True)
+    std = raw.std(dim=dims, keepdim=True) if group > 1 else torch.ones_like(mean)
+    return (raw - mean) / (std + eps)
+
+
+class DartScorer(nn.Module):
+    """Images (B, C, H, W) -> positive scores (B, Gh, Gw).
+
+    Args:
+        grid_size: (Gh, Gw) of the score map.
+        trunk: one of :data:`TRUNKS`.
+        head: ``"v1"`` or ``"v2"``.
+        score_norm: ``"sample"`` (default) or ``"batch"`` (official).
+        input_size: resize images to this size before the trunk (the newer official code uses 224 for 448 input);
+            ``None`` keeps the full image.
+        trunk_weights: local file with the trunk's timm weights.
+        head_hidden: hidden width of the v2 gate MLP.
+    """
+
+    def __init__(self, grid_size: tuple[int, int], trunk: str = "mobilenetv3_small", head: str = "v2",
+                 score_norm: str = "sample", input_size: int | tuple[int, int] | None = None, in_chans: int = 3,
+                 trunk_weights: str | None = None, head_hidden: int = 96):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
+        self.grid_size = tuple(grid_size)
+        self.score_norm = score_norm
+        self.input_size = (input_size, input_size) if isinstance(input_size, int) else input_size
+        self.trunk_name = trunk
+        self.trunk, self.trunk_frozen = build_trunk(trunk, in_chans, trunk_weights)
+        if self.trunk_frozen:
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+        chans = self.trunk.out_chans
+        self.head_version = head
+        self.head = ScoreHeadV1(chans) if head == "v1" else ScoreHeadV2(chans, head_hidden)
+        self.init_weights()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise the trainable parts only; a frozen trunk is never touched."""
+        for module in self.head.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        if not self.trunk_frozen:
+            for module in self.trunk.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def trainable_parameters(self):
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def raw_scores(self, images: Tensor) -> Tensor:
+        """Unsquashed head output resized to the grid. (B, C, H, W) -> (B, Gh, Gw)."""
+        x = images
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        if self.trunk_frozen:
+            with torch.no_grad():
+                features = self.trunk(x)
+        else:
+            features = self.trunk(x)
+        raw = self.head(features)
+        if tuple(raw.shape[-2:]) != self.grid_size:
+            raw = F.interpolate(raw[:, None], size=self.grid_size, mode="bilinear", align_corners=False)[:, 0]
+        return raw
+
+    def forward(self, images: Tensor) -> Tensor:
+        raw = self.raw_scores(images).float()
+        return self.head.squash(standardise_scores(raw, self.score_norm))
