@@ -66,8 +66,8 @@ def integrate_at(values: Tensor, table: Tensor, positions: Tensor) -> Tensor:
     """Integral of a piecewise-constant function from 0 to each position.
 
     Args:
-        values: (B, L, *F) bin values (unit-width bins on [0, L)).
-        table: (B, L + 1, *F) its ``cumulative_along(values, 1)``.
+        values: (B or 1, L, *F) bin values (unit-width bins on [0, L)); batch 1 broadcasts over positions.
+        table: (B or 1, L + 1, *F) its ``cumulative_along(values, 1)``.
         positions: (B, M) points in [0, L].
 
     Returns:
@@ -76,20 +76,17 @@ def integrate_at(values: Tensor, table: Tensor, positions: Tensor) -> Tensor:
     """
     length = values.shape[1]
     index = positions.detach().floor().clamp_(0, length - 1).long()
-    frac = positions - index.to(positions.dtype)
-    feature_shape = values.shape[2:]
-    expand = (*index.shape, *feature_shape)
-    gather_index = index.view(*index.shape, *([1] * len(feature_shape))).expand(expand)
-    base = torch.gather(table, 1, gather_index)
-    slope = torch.gather(values, 1, gather_index)
-    return base + frac.view(*frac.shape, *([1] * len(feature_shape))) * slope
+    frac = (positions - index.to(positions.dtype)).to(values.dtype)
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None] if values.shape[0] > 1 else 0
+    frac = frac.view(*frac.shape, *([1] * (values.dim() - 2)))
+    return table[rows, index] + frac * values[rows, index]
 
 
 def interval_means(values: Tensor, boundaries: Tensor) -> Tensor:
     """Overlap-length weighted mean of unit-width bins over each interval [b_k, b_{k+1}).
 
     Args:
-        values: (B, L, *F).
+        values: (B or 1, L, *F).
         boundaries: (B, K + 1), increasing, within [0, L].
 
     Returns:
@@ -98,7 +95,7 @@ def interval_means(values: Tensor, boundaries: Tensor) -> Tensor:
     table = cumulative_along(values, 1)
     integral = integrate_at(values, table, boundaries)
     widths = (boundaries[:, 1:] - boundaries[:, :-1]).clamp_min(torch.finfo(boundaries.dtype).tiny)
-    widths = widths.view(*widths.shape, *([1] * (values.dim() - 2)))
+    widths = widths.to(values.dtype).view(*widths.shape, *([1] * (values.dim() - 2)))
     return (integral[:, 1:] - integral[:, :-1]) / widths
 
 
@@ -106,7 +103,7 @@ def rebin_rows(grid: Tensor, band_bounds: Tensor) -> Tensor:
     """Re-bin a grid onto bands by overlap averages along rows (step 4 of the method).
 
     Args:
-        grid: (B, Gh, Gw, *F) per-cell values (a pdf, or positional embeddings with F = (D,)).
+        grid: (B or 1, Gh, Gw, *F) per-cell values (a pdf, or positional embeddings with F = (D,)).
         band_bounds: (B, R + 1) on [0, Gh].
 
     Returns:

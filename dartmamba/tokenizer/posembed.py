@@ -27,11 +27,11 @@ def resample_pos_embed(grid_pos_embed: Tensor, geometry: DartGeometry) -> Tensor
     if grid_pos_embed.shape[0] not in (1, batch):
         raise ValueError(f"grid_pos_embed batch must be 1 or {batch}, got {grid_pos_embed.shape[0]}")
     dim = grid_pos_embed.shape[-1]
-    work = torch.float64 if grid_pos_embed.dtype == torch.float64 else torch.float32
-    grid = grid_pos_embed.to(work).reshape(-1, grid_h, grid_w, dim).expand(batch, -1, -1, -1)
-    band_pe = rebin_rows(grid, geometry.band_bounds.to(work))                  # (B, R, Gw, D)
+    # Differences of running sums cancel; float64 keeps the uniform case equal to the grid to the last fp32 bit.
+    grid = grid_pos_embed.to(torch.float64).reshape(-1, grid_h, grid_w, dim)
+    band_pe = rebin_rows(grid, geometry.band_bounds.to(torch.float64))            # (B, R, Gw, D)
     flow = band_pe.reshape(batch, geometry.num_rows * grid_w, dim)
-    return interval_means(flow, geometry.token_edges.to(work)).to(grid_pos_embed.dtype)
+    return interval_means(flow, geometry.token_edges.to(torch.float64)).to(grid_pos_embed.dtype)
 
 
 def resample_pos_embed_reference(grid_pos_embed: Tensor, geometry: DartGeometry) -> Tensor:

@@ -1,0 +1,1 @@
+"""Runnable demos: ``python -m dartmamba.demos.<name> --help``."""

@@ -1,0 +1,156 @@
+"""Partition invariants and quantile maths."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dartmamba.tokenizer import (default_num_rows, interval_means, inverse_cdf_quantiles, overlap_matrix, partition,
+                                 partition_scores, uniform_geometry)
+
+
+def assert_valid_partition(bands, edges, grid_h, grid_w, num_rows, num_tokens, context=""):
+    assert bands.shape[-1] == num_rows + 1 and edges.shape[-1] == num_tokens + 1, context
+    assert torch.isfinite(bands).all() and torch.isfinite(edges).all(), context
+    assert (bands[:, 0] == 0).all() and (bands[:, -1] == grid_h).all(), context
+    assert (edges[:, 0] == 0).all() and (edges[:, -1] == grid_w * num_rows).all(), context
+    band_gaps = bands[:, 1:] - bands[:, :-1]
+    edge_gaps = edges[:, 1:] - edges[:, :-1]
+    # Exact maths bounds every gap below by (1 / parts) / (max density <= 1): far from zero.
+    assert (band_gaps > 0.5 / num_rows).all(), f"{context} min band gap {band_gaps.min().item()}"
+    assert (edge_gaps > 0.5 / num_tokens).all(), f"{context} min token width {edge_gaps.min().item()}"
+
+
+def degenerate_maps(grid_h, grid_w, generator):
+    maps = []
+    spike = torch.full((grid_h, grid_w), 1e-6)
+    spike[torch.randint(grid_h, (1,), generator=generator), torch.randint(grid_w, (1,), generator=generator)] = 1e6
+    maps.append(spike)
+    maps.append(torch.ones(grid_h, grid_w))
+    maps.append(torch.full((grid_h, grid_w), 1e-30))
+    maps.append(torch.full((grid_h, grid_w), 1e30))
+    row = torch.full((grid_h, grid_w), 1e-6)
+    row[torch.randint(grid_h, (1,), generator=generator)] = 1e6
+    maps.append(row)
+    col = torch.full((grid_h, grid_w), 1e-6)
+    col[:, torch.randint(grid_w, (1,), generator=generator)] = 1e6
+    maps.append(col)
+    corner = torch.full((grid_h, grid_w), 1.0)
+    corner[-1, -1] = 1e6
+    maps.append(corner)
+    first = torch.full((grid_h, grid_w), 1.0)
+    first[0, 0] = 1e6
+    maps.append(first)
+    log_uniform = torch.exp(torch.empty(grid_h, grid_w).uniform_(math.log(1e-6), math.log(1e6), generator=generator))
+    maps.append(log_uniform)
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize("grid,num_tokens", [((14, 14), 196), ((14, 14), 121), ((14, 14), 392), ((8, 8), 64),
+                                             ((7, 9), 50), ((14, 14), 1568), ((1, 5), 3), ((5, 1), 4)])
+def test_partition_invariants_random_and_degenerate(grid, num_tokens, seed):
+    """>= 1,000 score maps in all: random (several distributions) and degenerate ones."""
+    generator = torch.Generator().manual_seed(seed)
+    grid_h, grid_w = grid
+    num_rows = default_num_rows(num_tokens)
+    random_maps = torch.cat([
+        torch.rand(48, grid_h, grid_w, generator=generator) + 1e-3,
+        torch.rand(48, grid_h, grid_w, generator=generator) ** 8 + 1e-9,
+        torch.exp(torch.randn(48, grid_h, grid_w, generator=generator) * 5),
+        torch.sigmoid(torch.randn(48, grid_h, grid_w, generator=generator) * 3) + 0.1,
+    ])
+    maps = torch.cat([random_maps, degenerate_maps(grid_h, grid_w, generator)])
+    for dtype in (torch.float32, torch.float64):
+        bands, edges = partition_scores(maps.to(dtype), num_tokens)
+        assert_valid_partition(bands, edges, grid_h, grid_w, num_rows, num_tokens, f"seed={seed} {dtype}")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 90), st.data())
+def test_partition_invariants_hypothesis(grid_h, grid_w, num_tokens, data):
+    log_scores = data.draw(st.lists(st.floats(-13.8, 13.8), min_size=grid_h * grid_w, max_size=grid_h * grid_w))
+    scores = torch.tensor(log_scores, dtype=torch.float64).exp().view(1, grid_h, grid_w)
+    num_rows = data.draw(st.integers(1, num_tokens))
+    bands, edges = partition_scores(scores.float(), num_tokens, num_rows)
+    assert_valid_partition(bands, edges, grid_h, grid_w, num_rows, num_tokens)
+
+
+def test_quantiles_match_numpy_inverse_cdf(seed):
+    """q = j + (p - cdf_{j-1}) / m_j with j the first bin whose cdf >= p, checked against np.interp."""
+    generator = torch.Generator().manual_seed(seed)
+    masses = torch.rand(5, 23, generator=generator, dtype=torch.float64) ** 3 + 1e-4
+    bounds = inverse_cdf_quantiles(masses, 9)
+    for row, got in zip(masses, bounds):
+        cdf = np.concatenate([[0.0], np.cumsum(row.numpy())])
+        cdf /= cdf[-1]
+        expected = np.interp(np.arange(1, 9) / 9, cdf, np.arange(24))
+        np.testing.assert_allclose(got[1:-1].numpy(), expected, rtol=0, atol=1e-12, err_msg=f"seed={seed}")
+
+
+def test_equal_mass_per_band_and_token(seed):
+    """Every band holds 1/R of the row mass and every token 1/N of the re-binned flow (the defining property)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(3, 14, 14, generator=generator, dtype=torch.float64) ** 4 + 0.01
+    bands, edges = partition_scores(scores, 196)
+    pdf = scores / scores.sum(dim=(1, 2), keepdim=True)
+    rows = overlap_matrix(bands, 14)
+    band_mass = (rows * (bands[:, 1:] - bands[:, :-1])[..., None] * pdf.sum(2)[:, None]).sum(-1)
+    torch.testing.assert_close(band_mass, torch.full_like(band_mass, 1 / 14), rtol=0, atol=1e-12)
+    band_pdf = torch.einsum("bri,bic->brc", rows, pdf).reshape(3, -1)
+    band_pdf = band_pdf / band_pdf.sum(-1, keepdim=True)
+    tokens = overlap_matrix(edges, 196)
+    token_mass = (tokens * (edges[:, 1:] - edges[:, :-1])[..., None] * band_pdf[:, None]).sum(-1)
+    torch.testing.assert_close(token_mass, torch.full_like(token_mass, 1 / 196), rtol=0, atol=1e-12)
+
+
+def test_uniform_scores_give_the_regular_grid():
+    geometry = uniform_geometry(2, 14, 196, img_size=448)
+    assert torch.equal(geometry.band_bounds, torch.arange(15.0).expand(2, -1))
+    assert torch.equal(geometry.token_edges, torch.arange(197.0).expand(2, -1))
+    assert torch.equal(geometry.band_bounds_px, 32 * torch.arange(15.0).expand(2, -1))
+
+
+def test_interval_means_matches_overlap_matrix(seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(4, 17, 3, generator=generator, dtype=torch.float64)
+    cuts = torch.sort(torch.rand(4, 6, generator=generator, dtype=torch.float64) * 17, dim=1).values
+    bounds = torch.cat([torch.zeros(4, 1, dtype=torch.float64), cuts, torch.full((4, 1), 17.0, dtype=torch.float64)], 1)
+    expected = torch.einsum("bkl,blf->bkf", overlap_matrix(bounds, 17), values)
+    torch.testing.assert_close(interval_means(values, bounds), expected, rtol=0, atol=1e-12)
+
+
+def test_partition_has_no_host_sync_and_traces_without_graph_breaks():
+    scores = torch.rand(2, 6, 6) + 0.1
+
+    def fn(s):
+        bands, edges = partition_scores(s, 20, validate=False)
+        return bands.sum() + edges.sum()
+
+    explanation = torch._dynamo.explain(fn)(scores)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_partition_gradients_reach_scores(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(2, 5, 6, generator=generator, dtype=torch.float64) + 0.2).requires_grad_()
+    bands, edges = partition_scores(scores, 17)
+    assert bands.dtype == torch.float64
+    torch.autograd.gradcheck(lambda s: partition_scores(s, 17)[1][:, 1:-1], (scores,))
+    torch.autograd.gradcheck(lambda s: partition_scores(s, 17)[0][:, 1:-1], (scores,))
+
+
+def test_partition_geometry_object(seed):
+    scores = torch.rand(3, 14, 14) + 0.1
+    geometry = partition(scores, 196, img_size=448)
+    assert geometry.num_rows == 14 and geometry.num_tokens == 196 and geometry.batch_size == 3
+    extents = geometry.token_extents()
+    assert (extents["band_end"] >= extents["band_start"]).all()
+    assert (extents["x_start"] >= 0).all() and (extents["x_start"] < 448).all()
+    assert (extents["x_end"] > 0).all() and (extents["x_end"] <= 448).all()
+    assert (extents["y_end"] > extents["y_start"]).all()
+    torch.testing.assert_close(extents["width"].sum(1), torch.full((3,), 448.0 * 14))
+    single = (extents["band_end"] == extents["band_start"])
+    torch.testing.assert_close((extents["x_end"] - extents["x_start"])[single], extents["width"][single])
+    assert geometry[1].batch_size == 1 and torch.equal(geometry[1].token_edges, geometry.token_edges[1:2])

@@ -1,0 +1,80 @@
+import warnings
+
+import pytest
+import torch
+import timm
+from safetensors.torch import save_file
+
+from dartmamba.tokenizer import DartScorer, RandomTrunkWarning, standardise_scores
+from dartmamba.tokenizer.scorer import MobileNetV3Trunk
+
+
+@pytest.mark.parametrize("trunk,channels", [("mobilenetv3_small", 576), ("mobilenetv3_small_v1", 96),
+                                            ("mobilenetv3_large", 960), ("mobilenetv3_large_v1", 160)])
+def test_mobilenet_trunks_cut_where_the_notes_say(trunk, channels):
+    with pytest.warns(RandomTrunkWarning, match="frozen but starts from random weights"):
+        scorer = DartScorer((14, 14), trunk=trunk)
+    assert scorer.trunk.out_chans == channels and scorer.trunk_frozen
+    assert not any(p.requires_grad for p in scorer.trunk.parameters())
+    features = scorer.trunk(torch.randn(1, 3, 224, 224))
+    assert features.shape == (1, channels, 7, 7)
+
+
+def test_trunk_weights_load_from_a_local_timm_file_and_stay_frozen(tmp_path):
+    reference = timm.create_model("mobilenetv3_small_100", pretrained=False)
+    path = tmp_path / "mnv3.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomTrunkWarning)
+        scorer = DartScorer((14, 14), trunk="mobilenetv3_small", trunk_weights=str(path))
+    for key, value in scorer.trunk.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    before = {k: v.clone() for k, v in scorer.trunk.state_dict().items()}
+    scorer.train()
+    assert not scorer.trunk.training and scorer.head.training
+    images = torch.randn(2, 3, 224, 224)
+    scorer(images).sum().backward()               # BatchNorm running stats must not move in a training step
+    scorer.init_weights()
+    for key, value in scorer.trunk.state_dict().items():
+        assert torch.equal(value, before[key]), f"frozen trunk changed: {key}"
+    assert all(p.grad is None for p in scorer.trunk.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scorer.head.parameters())
+
+
+def test_bad_trunk_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="trunk_weights file not found"):
+        DartScorer((14, 14), trunk="mobilenetv3_small", trunk_weights=str(tmp_path / "missing.pth"))
+    path = tmp_path / "partial.safetensors"
+    save_file({"conv_stem.weight": torch.zeros(16, 3, 3, 3)}, str(path))
+    with pytest.raises(KeyError, match="lacks .* trunk tensors, first: 'bn1.weight'"):
+        DartScorer((14, 14), trunk="mobilenetv3_small", trunk_weights=str(path))
+
+
+@pytest.mark.parametrize("head,low,high", [("v1", 0.1, 1.1), ("v2", 0.0, 1.0)])
+def test_heads_give_bounded_positive_scores(head, low, high, seed):
+    scorer = DartScorer((8, 8), trunk="tiny_cnn", head=head)
+    scores = scorer(torch.randn(3, 3, 64, 64))
+    assert scores.shape == (3, 8, 8)
+    assert (scores > low).all() and (scores < high).all()
+
+
+def test_score_norm_sample_is_batch_independent_and_batch_is_not(seed):
+    raw = torch.randn(4, 5, 5)
+    changed = raw.clone()
+    changed[1:] = 10 * torch.randn(3, 5, 5) + 3
+    sample = standardise_scores(raw, "sample")
+    torch.testing.assert_close(standardise_scores(changed, "sample")[0], sample[0])
+    torch.testing.assert_close(sample.mean((1, 2)), torch.zeros(4), atol=1e-6, rtol=0)
+    batch = standardise_scores(raw, "batch")
+    torch.testing.assert_close(batch.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert not torch.allclose(standardise_scores(changed, "batch")[0], batch[0])
+    with pytest.raises(ValueError, match="score_norm must be one of"):
+        standardise_scores(raw, "layer")
+
+
+def test_scorer_input_resize(seed):
+    scorer = DartScorer((14, 14), trunk="tiny_cnn", input_size=112)
+    seen = []
+    scorer.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    assert scorer(torch.randn(2, 3, 448, 448)).shape == (2, 14, 14)
+    assert seen == [torch.Size([2, 3, 112, 112])]
