@@ -1,5 +1,6 @@
 """DART: score -> partition -> resample -> embed."""
 from .dart import DartTokenizer, DartTokens, embed_patches
+from .dense import token_cell_areas, tokens_to_map
 from .geometry import DartGeometry
 from .partition import (default_num_rows, interval_means, inverse_cdf_quantiles, overlap_matrix, partition,
                         partition_scores, rebin_rows, uniform_geometry)
@@ -13,5 +14,6 @@ __all__ = [
     "ScoreHeadV2", "RandomTrunkWarning", "HEADS", "SCORE_NORMS", "TRUNKS", "SAMPLING_MODES", "default_num_rows",
     "embed_patches", "interval_means", "inverse_cdf_quantiles", "overlap_matrix", "partition", "partition_scores",
     "rebin_rows", "resample_patches", "resample_pos_embed", "resample_pos_embed_reference", "resample_reference",
-    "resample_torch", "sample_points", "standardise_scores", "uniform_geometry",
+    "resample_torch", "sample_points", "standardise_scores", "token_cell_areas", "tokens_to_map",
+    "uniform_geometry",
 ]

@@ -85,7 +85,13 @@ class DartTokenizer(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        return self.num_tokens
+        """Number of grid positional embeddings (Gh * Gw, whatever the token count), as timm sizes ``pos_embed``."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    def feat_ratio(self, as_scalar: bool = True):
+        """Pixels per score-grid cell: the stride of the feature maps DART tokens are scattered onto."""
+        ratio = (self.img_size[0] // self.grid_size[0], self.img_size[1] // self.grid_size[1])
+        return max(ratio) if as_scalar else ratio
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, grid_size={self.grid_size}, "
@@ -95,9 +101,7 @@ class DartTokenizer(nn.Module):
     def init_weights(self) -> None:
         """Re-initialise the trainable parts (scorer head, patch projection); a frozen trunk is left alone."""
         self.scorer.init_weights()
-        nn.init.trunc_normal_(self.proj.weight.view(self.embed_dim, -1), std=0.02)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
+        self.proj.reset_parameters()   # PyTorch's Conv2d default, as for a fixed-grid patch embedding
 
     def scores(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, Gh, Gw) positive scores."""

@@ -139,12 +139,12 @@ class ScoreHeadV1(nn.Module):
 
     def __init__(self, chans: int):
         super().__init__()
-        self.fc1 = nn.Conv2d(chans, chans, 1)
+        self.fc1 = nn.Linear(chans, chans)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(chans, 1, 1)
+        self.fc2 = nn.Linear(chans, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(features))).squeeze(1)
+        return self.fc2(self.act(self.fc1(features.permute(0, 2, 3, 1)))).squeeze(-1)
 
     @staticmethod
     def squash(standardised: Tensor) -> Tensor:
@@ -152,12 +152,12 @@ class ScoreHeadV1(nn.Module):
 
 
 class ScoreHeadV2(nn.Module):
-    """Channel gate g = sigmoid(MLP_{C->hidden->C}(mean f)); score = sum_c f_c g_c. (B, C, h, w) -> (B, h, w)."""
+    """Channel gate g = sigmoid(MLP_{C->hidden->C}(mean f)) (GELU); score = sum_c f_c g_c. (B, C, h, w) -> (B, h, w)."""
 
     def __init__(self, chans: int, hidden: int = 96):
         super().__init__()
         self.fc1 = nn.Linear(chans, hidden)
-        self.act = nn.ReLU()
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, chans)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class ScoreHeadV2(nn.Module):
         return torch.sigmoid(2.0 * standardised)
 
 
-def standardise_scores(raw: Tensor, score_norm: str = "sample", eps: float = 1e-6) -> Tensor:
+def standardise_scores(raw: Tensor, score_norm: str = "sample", eps: float = 1e-8) -> Tensor:
     """Zero-mean, unit-std scores. (B, Gh, Gw) -> (B, Gh, Gw).
 
     ``"sample"``: each map on its own (a sample's tokens never depend on its batch).
