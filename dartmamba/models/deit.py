@@ -1,0 +1,171 @@
+"""DeiT / ViT with the DART tokenizer, on timm's ``VisionTransformer`` (attention and blocks are timm's).
+
+The class token stays in front; the DART tokenizer replaces the patch embedding, and the grid positional
+embeddings (``pos_embed[:, 1:]``, Gh * Gw of them for every token count) are resampled per sample with the tokens.
+Fixed-grid DeiT Ti/S/B are timm's own ``deit_{tiny,small,base}_patch16_224``.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
+from torch import Tensor
+
+from ..tokenizer import DartTokenizer, DartTokens
+from ._features import package_intermediates
+from .checkpoints import checkpoint_filter_fn
+
+__all__ = ["DartVisionTransformer"]
+
+
+def _dart_embed_layer(img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False, device=None,
+                      dtype=None, *, grid_size, num_tokens, dart_cfg):
+    """Factory with the signature timm's VisionTransformer calls its ``embed_layer`` with."""
+    if dynamic_img_pad:
+        raise ValueError("dynamic_img_pad is not supported with the DART tokenizer")
+    tokenizer = DartTokenizer(img_size=img_size, patch_size=patch_size, grid_size=grid_size, num_tokens=num_tokens,
+                              in_chans=in_chans, embed_dim=embed_dim, bias=bias, **dart_cfg)
+    return tokenizer.to(device=device, dtype=dtype) if device is not None or dtype is not None else tokenizer
+
+
+class DartVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose patch embedding is a :class:`~dartmamba.tokenizer.DartTokenizer`.
+
+    Args (on top of timm's):
+        num_tokens: N DART tokens (default Gh * Gw).
+        grid_size: DART score grid (default ``img_size / (2 * patch_size)``, 14 for 448 / 16).
+        dart_cfg: other DartTokenizer options (trunk, head, score_norm, scorer_input_size, trunk_weights,
+            sampling, resample_backend, uniform_scores, num_rows).
+    """
+
+    def __init__(self, img_size=448, patch_size: int = 16, num_tokens: int | None = None, grid_size=None,
+                 dart_cfg: dict | None = None, **kwargs):
+        for unsupported in ("dynamic_img_size", "no_embed_class", "reg_tokens"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"{unsupported} is not supported with the DART tokenizer")
+        if kwargs.get("class_token") is False:
+            raise ValueError("class_token=False is not supported with the DART tokenizer")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if grid_size is None:
+            grid_size = (max(1, size[0] // (2 * patch_size)), max(1, size[1] // (2 * patch_size)))
+        grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        num_tokens = grid[0] * grid[1] if num_tokens is None else num_tokens
+        embed_layer = partial(_dart_embed_layer, grid_size=grid, num_tokens=num_tokens, dart_cfg=dict(dart_cfg or {}))
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_layer=embed_layer, **kwargs)
+        self.num_tokens = num_tokens
+        self.feature_grid = grid
+
+    @torch.no_grad()
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's ViT init for everything but the tokenizer, which re-initialises only its trainable parts.
+
+        timm's own pass calls ``reset_parameters()`` on every module, which would wipe a frozen pretrained scorer
+        trunk (BatchNorm statistics included); it never reaches the tokenizer here.
+        """
+        mode = mode or self.weight_init_mode
+        head_bias = -math.log(self.num_classes) if "nlhb" in mode and self.num_classes > 0 else 0.0
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        init_fn = get_init_weights_vit(mode, head_bias, needs_reset=needs_reset)
+        for name, child in self.named_children():
+            if child is not self.patch_embed:
+                named_apply(init_fn, child, name, include_root=True)
+        self.patch_embed.init_weights()
+        if self.fix_init:
+            self.fix_init_weight()
+
+    def embed(self, x: Tensor) -> tuple[Tensor, DartTokens]:
+        """Images (B, C, H, W) -> (class token + N DART tokens with positions (B, 1 + N, D), DART output)."""
+        dart = self.patch_embed(x, self.pos_embed[:, self.num_prefix_tokens:])
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, :1]
+        x = torch.cat([cls_token, dart.tokens + dart.pos_embed], dim=1)
+        return self.pos_drop(x), dart
+
+    def forward_tokens(self, x: Tensor) -> tuple[Tensor, DartTokens]:
+        """(B, C, H, W) -> (normed features (B, 1 + N, D), DART output with the geometry)."""
+        x, dart = self.embed(x)
+        x = self.norm_pre(self.patch_drop(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x), dart
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask / is_causal are not supported with the DART tokenizer")
+        return self.forward_tokens(x)[0]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Tensor | None = None, is_causal: bool = False):
+        """timm's ``forward_intermediates``; NCHW maps scatter the DART tokens onto the score grid by area, and
+        ``output_dict=True`` adds the DART output (with the geometry) under ``"dart"``."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask / is_causal are not supported with the DART tokenizer")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, dart = self.embed(x)
+        x = self.norm_pre(self.patch_drop(x))
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        final = None if intermediates_only else self.norm(x)
+        return package_intermediates(final, intermediates, 0, dart, self.feature_grid, output_fmt,
+                                     intermediates_only, return_prefix_tokens, output_dict)
+
+
+def _cfg(**kwargs) -> dict:
+    return {"url": "", "num_classes": 1000, "input_size": (3, 448, 448), "pool_size": None, "crop_pct": 448 / 512,
+            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
+            "license": "apache-2.0", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "deit_tiny_dart.in1k": _cfg(hf_hub_id="yinkx3/DART"),
+    "deit_small_dart.in1k": _cfg(hf_hub_id="yinkx3/DART"),
+    "deit_base_dart.untrained": _cfg(),
+})
+
+_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6),
+          "base": dict(embed_dim=768, depth=12, num_heads=12)}
+# The official DeiT-DART models use head v1 on the shallower cut (checkpoint totals 6.31 M / 24.11 M).
+_DART_TRUNK = {"tiny": "mobilenetv3_small_v1", "small": "mobilenetv3_large_v1", "base": "mobilenetv3_large_v1"}
+
+
+def _create(size: str, pretrained: bool, kwargs: dict) -> DartVisionTransformer:
+    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v1", **kwargs.pop("dart_cfg", {})}
+    args = dict(img_size=448, patch_size=16, **_SIZES[size])
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(DartVisionTransformer, f"deit_{size}_dart", pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, dart_cfg=dart_cfg,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**args, **kwargs})
+
+
+@register_model
+def deit_tiny_dart(pretrained: bool = False, **kwargs) -> DartVisionTransformer:
+    """DeiT-Tiny with DART (448 input, 196 tokens by default; MobileNetV3-small scorer, head v1)."""
+    return _create("tiny", pretrained, kwargs)
+
+
+@register_model
+def deit_small_dart(pretrained: bool = False, **kwargs) -> DartVisionTransformer:
+    """DeiT-Small with DART (448 input, 196 tokens by default; MobileNetV3-large scorer, head v1)."""
+    return _create("small", pretrained, kwargs)
+
+
+@register_model
+def deit_base_dart(pretrained: bool = False, **kwargs) -> DartVisionTransformer:
+    """DeiT-Base with DART (448 input, 196 tokens by default; MobileNetV3-large scorer, head v1)."""
+    return _create("base", pretrained, kwargs)

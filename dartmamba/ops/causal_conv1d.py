@@ -1,0 +1,161 @@
+"""Depthwise causal conv1d (+ optional SiLU), as in Mamba's mixer, with one dispatch point over its backends.
+
+``out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (K - 1) + k])`` with zeros before ``t = 0``.
+
+Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_CONV1D_BACKEND``):
+
+- ``"cuda"``: the causal-conv1d package's ``causal_conv1d_fn`` (CUDA tensors, kernel width 2..4); imported lazily,
+  never at module import. causal-conv1d >= 1.5.1 registers its kernels as custom ops, so torch.compile traces it.
+- ``"torch"``: ``F.conv1d`` with ``groups=dim`` and left padding, any device, traced by dynamo as plain ops.
+
+:func:`causal_conv1d_reference` is an explicit loop over the taps, for tests.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+
+__all__ = ["causal_conv1d", "causal_conv1d_reference"]
+
+_ACTIVATIONS = (None, "silu", "swish")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> None:
+    """Raise ValueError naming the first argument that does not fit."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must have shape (batch, dim, L), got {tuple(x.shape)}")
+    dim = x.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != dim or weight.shape[1] < 1:
+        raise ValueError(f"causal_conv1d: weight must have shape (dim, K) with dim = {dim} (squeeze nn.Conv1d's "
+                         f"(dim, 1, K) weight first), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (dim,):
+        raise ValueError(f"causal_conv1d: bias must have shape (dim,) = {(dim,)}, got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"causal_conv1d: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            activation: Optional[str] = "silu") -> Tensor:
+    """Causal depthwise conv1d as an explicit sum over the K taps (plain autograd), for tests.
+
+    Args:
+        x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
+        activation: ``"silu"``/``"swish"`` or ``None``.
+
+    Returns:
+        (batch, dim, L) in ``x.dtype``; math in the promoted dtype of x and weight.
+    """
+    _check_args(x, weight, bias, activation)
+    cdt = torch.promote_types(x.dtype, weight.dtype)
+    length = x.shape[-1]
+    kernel = weight.shape[1]
+    xp = F.pad(x.to(cdt), (kernel - 1, 0))                           # zeros before t = 0
+    out = torch.zeros_like(xp[..., :length])
+    for k in range(kernel):
+        out = out + weight[:, k, None].to(cdt) * xp[..., k:k + length]
+    if bias is not None:
+        out = out + bias.to(cdt)[:, None]
+    return _activate(out, activation).to(x.dtype)
+
+
+def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                        activation: Optional[str] = "silu") -> Tensor:
+    """The ``"torch"`` backend: ``F.conv1d`` with groups=dim, padding K-1, truncated to L. Any device.
+
+    Shapes as :func:`causal_conv1d_reference`; result in ``x.dtype``.
+    """
+    _check_args(x, weight, bias, activation)
+    cdt = torch.promote_types(x.dtype, weight.dtype)
+    dim, kernel = weight.shape
+    length = x.shape[-1]
+    y = F.conv1d(x.to(cdt), weight.to(cdt).unsqueeze(1), None if bias is None else bias.to(cdt),
+                 padding=kernel - 1, groups=dim)[..., :length]
+    return _activate(y, activation).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_fn():
+    from causal_conv1d import causal_conv1d_fn  # noqa: PLC0415  (only importable where causal-conv1d is built)
+    return causal_conv1d_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unavailable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        _conv_fn()
+    except Exception as exc:  # a missing or mismatched build must not break the torch path
+        return (f"cannot import causal-conv1d ({type(exc).__name__}: {exc}); "
+                f"install the `cuda` extra (pip install causal-conv1d)")
+    return None
+
+
+def _cuda_unsupported(x: Tensor, weight: Tensor) -> Optional[str]:
+    """Why causal-conv1d's kernel cannot take these arguments (None when it can)."""
+    if not 2 <= weight.shape[1] <= 4:
+        return f"its kernel supports widths 2..4, got weight of width {weight.shape[1]}"
+    if x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES:
+        return f"its kernel supports float16/bfloat16/float32, got x {x.dtype} and weight {weight.dtype}"
+    return None
+
+
+def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                       activation: Optional[str] = "silu") -> Tensor:
+    """The ``"cuda"`` backend: causal-conv1d's ``causal_conv1d_fn``. CUDA tensors, width 2..4.
+
+    Shapes as :func:`causal_conv1d_reference`; result in ``x.dtype`` (the kernel accepts mixed x/weight dtypes;
+    bias is cast to weight's dtype as it requires).
+    """
+    _check_args(x, weight, bias, activation)
+    reason = _cuda_unavailable() or _cuda_unsupported(x, weight)
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"conv1d backend 'cuda' is not available: {reason}")
+    if bias is None:
+        # some causal-conv1d releases allocate the bias gradient with zeros_like(bias) and fail on None
+        bias = weight.new_zeros(weight.shape[0])
+    return _conv_fn()(x, weight, bias.to(weight.dtype), activation=activation)
+
+
+backends.register_backend(
+    "conv1d", "cuda", ("cuda",), _cuda_unavailable,
+    fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use F.conv1d; install "
+                     "causal-conv1d (pip install 'dartmamba[cuda]')")
+backends.register_backend("conv1d", "torch", ("cpu", "cuda", "mps", "xpu"))
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
+                  backend: Optional[str] = None) -> Tensor:
+    """Depthwise causal conv1d + optional SiLU; the one place its backend is chosen.
+
+    Args:
+        x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
+        activation: ``"silu"`` (default) / ``"swish"`` or ``None``.
+        backend: ``None``/``"auto"`` (causal-conv1d for CUDA tensors when it imports and supports the width and
+            dtypes, else ``"torch"``), ``"cuda"`` or ``"torch"``. The global setting is
+            ``dartmamba.backends.set_backend("conv1d", ...)`` or ``DARTMAMBA_CONV1D_BACKEND``.
+
+    Returns:
+        (batch, dim, L) in ``x.dtype``.
+    """
+    _check_args(x, weight, bias, activation)
+    name = backends.choose("conv1d", x.device, backend)
+    if name == "cuda":
+        forced = backend not in (None, "auto") or backends.get_backend("conv1d") != "auto"
+        if forced or _cuda_unsupported(x, weight) is None:
+            return causal_conv1d_cuda(x, weight, bias, activation)
+    return causal_conv1d_torch(x, weight, bias, activation)

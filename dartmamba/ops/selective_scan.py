@@ -1,0 +1,553 @@
+"""Selective scan (Mamba-1 SSM recurrence), with one dispatch point over three backends.
+
+For every batch ``b``, channel ``d`` and state index ``n`` the scan runs the linear recurrence::
+
+    dt_t = softplus(delta_t + delta_bias)            (bias and softplus optional)
+    h_t  = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B[b, n, t] * u_t,      h_{-1} = 0
+    y_t  = sum_n C[b, n, t] * h_t[n]  +  D[d] * u_t
+    out  = y * silu(z)                               (gate optional)
+
+Shapes follow mamba-ssm's ``selective_scan_fn`` (input-dependent, ungrouped B and C only):
+u, delta, z: (batch, dim, L); A: (dim, N), real; B, C: (batch, N, L); D, delta_bias: (dim,).
+
+Backends (registry op ``"scan"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_SCAN_BACKEND``):
+
+- ``"cuda"``: mamba-ssm's fused CUDA kernel (``selective_scan_cuda.fwd/bwd``), wrapped as the custom op
+  ``dartmamba::selective_scan_cuda_fwd`` / ``_bwd`` so ``torch.compile`` traces it without a graph break.
+  CUDA tensors only; imported lazily, never at module import. (The custom ops are registered for every device so
+  their plumbing can be tested on CPU against a stand-in extension; mamba-ssm itself only takes CUDA tensors.)
+- ``"cpu"``: :func:`selective_scan_cpu`, an exact chunked scan with a hand-written backward (custom ops
+  ``dartmamba::selective_scan_cpu_fwd`` / ``_bwd``). Written with plain torch ops, so it runs on any device; it
+  is the fallback on CUDA when mamba-ssm is missing.
+- ``"reference"``: :func:`selective_scan_reference`, a sequential loop under plain autograd.
+
+How the fast scan works (memory traffic, not arithmetic, decides on CPU): all tensors are moved to a time-major
+layout, and the time axis is cut into chunks of ``T`` steps. Per chunk, the decays ``exp(dt*A)`` and the inputs
+``dt*B*u`` are materialised as (T, batch, dim, N) buffers that are reused from chunk to chunk (a few MB, cache
+sized), the recurrence runs as one in-place ``addcmul_`` per step on contiguous (batch, dim, N) slices, and ``y``
+comes from one batched matmul per chunk. Only the state entering each chunk is saved for the backward, which
+walks the chunks in reverse, recomputes the chunk's states from the saved one, runs the adjoint recurrence
+``g_t = C_t * dy_t + exp(dt_{t+1} A) * g_{t+1}`` the same way, and reduces the gradients with batched matmuls.
+The recurrence is evaluated exactly as written (no cumulative log-decays, no division by decays), so it is as
+stable as the sequential reference for any sequence length and any decay in [0, 1].
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_reference",
+    "selective_scan_cpu",
+    "selective_scan_mamba_cuda",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks and dtypes
+# ----------------------------------------------------------------------------------------------------------------
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+    """Raise ValueError naming the first argument whose shape or dtype does not fit."""
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise ValueError(f"selective_scan: {name} must be real; complex A/B/C are not supported")
+        if not t.is_floating_point():
+            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must have shape (batch, dim, L), got {_shape(u)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must have u's shape (batch, dim, L) = {_shape(u)}, "
+                         f"got {_shape(delta)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must have shape (dim, N) with dim = {dim}, got {_shape(A)}")
+    dstate = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 3 or tuple(t.shape) != (batch, dstate, length):
+            raise ValueError(f"selective_scan: {name} must have shape (batch, N, L) = {(batch, dstate, length)} "
+                             f"(input-dependent, ungrouped), got {_shape(t)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"selective_scan: {name} must have shape (dim,) = {(dim,)}, got {_shape(t)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must have u's shape (batch, dim, L) = {_shape(u)}, got {_shape(z)}")
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half and bfloat16 inputs are upcast)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                             z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                             delta_softplus: bool = False) -> Tensor:
+    """Sequential selective scan under plain autograd: the definition the fast backends are tested against.
+
+    Args:
+        u: (batch, dim, L) input.
+        delta: (batch, dim, L) step sizes (before ``delta_bias`` and softplus).
+        A: (dim, N) real state matrix (diagonal per channel), usually negative.
+        B: (batch, N, L) input projection.
+        C: (batch, N, L) output projection.
+        D: optional (dim,) skip connection.
+        z: optional (batch, dim, L) gate; the output is multiplied by ``silu(z)``.
+        delta_bias: optional (dim,) added to ``delta``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+
+    Returns:
+        (batch, dim, L) in ``u.dtype``. Internal math is float32 (float64 when any input is float64).
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    uf, Af, Bf, Cf = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
+    batch, dim, length = u.shape
+    h = uf.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, :, t, None] * Af)                                   # (batch, dim, N)
+        drive = (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bf[:, None, :, t]         # (batch, dim, N)
+        h = decay * h + drive
+        ys.append((h * Cf[:, None, :, t]).sum(-1))                                  # (batch, dim)
+    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + uf * D.to(cdt)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast exact scan (any device; the CPU backend)
+# ----------------------------------------------------------------------------------------------------------------
+_SOFTPLUS_THRESHOLD = 20.0  # F.softplus's default, so the backward matches the reference's autograd exactly
+
+
+def _chunk_len(batch: int, dim: int, dstate: int) -> int:
+    """Time steps per chunk: buffers of (T, batch, dim, N) stay around 4M elements (measured on 2 cores)."""
+    per_step = max(1, batch * dim * dstate)
+    return max(8, min(64, (1 << 22) // per_step))
+
+
+def _empty(t: Tensor) -> Tensor:
+    """A 0-element placeholder for an absent optional output (custom-op outputs cannot be None)."""
+    return t.new_empty(0)
+
+
+def _to_time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(batch, C, L) -> contiguous (L, batch, C) in ``dtype``, in one copy."""
+    batch, channels, length = x.shape
+    return x.new_empty((length, batch, channels), dtype=dtype).copy_(x.permute(2, 0, 1))
+
+
+def _from_time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Contiguous (L, batch, C) -> contiguous (batch, C, L) in ``dtype``, in one copy."""
+    length, batch, channels = x.shape
+    return x.new_empty((batch, channels, length), dtype=dtype).copy_(x.permute(1, 2, 0))
+
+
+class _TimeMajor:
+    """Inputs in the compute dtype and a contiguous time-major layout, shared by the forward and backward."""
+
+    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Optional[Tensor],
+                 delta_softplus: bool, cdt: torch.dtype):
+        pre = _to_time_major(delta, cdt)                                 # (L, batch, dim)
+        if delta_bias is not None:
+            pre.add_(delta_bias.to(cdt))
+        self.pre = pre                                                   # delta + bias, before softplus
+        self.dt = F.softplus(pre) if delta_softplus else pre             # (L, batch, dim)
+        self.u = _to_time_major(u, cdt)                                  # (L, batch, dim)
+        self.du = self.dt * self.u                                       # (L, batch, dim)
+        self.A = A.to(cdt).contiguous()                                  # (dim, N)
+        self.B = _to_time_major(B, cdt)                                  # (L, batch, N)
+        self.C = _to_time_major(C, cdt)                                  # (L, batch, N)
+
+
+def _recompute_states(tm: _TimeMajor, t0: int, t1: int, h0: Tensor, decay: Tensor, states: Tensor) -> None:
+    """Fill ``decay`` = exp(dt*A) and ``states`` = h_t for t in [t0, t1), starting from ``h0`` = h_{t0-1}.
+
+    decay, states: (t1 - t0, batch, dim, N) buffers, overwritten.
+    """
+    torch.mul(tm.dt[t0:t1, :, :, None], tm.A, out=decay)
+    decay.exp_()
+    torch.mul(tm.du[t0:t1, :, :, None], tm.B[t0:t1, :, None, :], out=states)
+    states[0].addcmul_(decay[0], h0)
+    for i in range(1, t1 - t0):
+        states[i].addcmul_(decay[i], states[i - 1])
+
+
+def _scan_cpu_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                      chunk: int) -> tuple[Tensor, Tensor]:
+    """Returns out (batch, dim, L) in u.dtype and the states entering each chunk (n_chunks, batch, dim, N)."""
+    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    dstate = A.shape[1]
+    n_chunks = -(-length // chunk)
+    tm = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus, cdt)
+    chunk_states = u.new_zeros((n_chunks, batch, dim, dstate), dtype=cdt)
+    y = u.new_empty((length, batch, dim), dtype=cdt)                    # time-major
+    width = min(chunk, length)
+    decay_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
+    state_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
+    for c in range(n_chunks):
+        t0, t1 = c * chunk, min(length, (c + 1) * chunk)
+        n = t1 - t0
+        states = state_buf[:n]
+        _recompute_states(tm, t0, t1, chunk_states[c], decay_buf[:n], states)
+        torch.bmm(states.view(n * batch, dim, dstate), tm.C[t0:t1].view(n * batch, dstate, 1),
+                  out=y[t0:t1].view(n * batch, dim, 1))
+        if c + 1 < n_chunks:
+            chunk_states[c + 1].copy_(states[n - 1])
+    if D is not None:
+        y.addcmul_(tm.u, D.to(cdt))
+    if z is not None:
+        y.mul_(F.silu(_to_time_major(z, cdt)))
+    return _from_time_major(y, u.dtype), chunk_states
+
+
+def _scan_cpu_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor,
+                       delta_softplus: bool, chunk: int) -> tuple[Tensor, ...]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype and shape.
+
+    Absent optional inputs (D, z, delta_bias) get a 0-element placeholder.
+    """
+    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    dstate = A.shape[1]
+    n_chunks = chunk_states.shape[0]
+    tm = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus, cdt)
+    gy = _to_time_major(dout, cdt)                                       # dL/dout, time-major (L, batch, dim)
+    if z is not None:
+        z_tm = _to_time_major(z, cdt)
+        g_pre = gy * F.silu(z_tm)                                        # dL/d(y + D*u)
+        y_scan = torch.empty_like(gy)                                    # C.h, recomputed chunk by chunk
+    else:
+        g_pre = gy
+    g_u = torch.empty_like(tm.u)                                         # through du = dt*u, then split
+    g_dt = torch.empty_like(tm.dt)
+    g_B = torch.empty_like(tm.B)
+    g_C = torch.empty_like(tm.C)
+    g_A = torch.zeros_like(tm.A)
+    width = min(chunk, length)
+    decay_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
+    state_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
+    adj_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
+    carry = None                                                         # exp(dt_{t1} A) * g_{t1} from the next chunk
+    for c in range(n_chunks - 1, -1, -1):
+        t0, t1 = c * chunk, min(length, (c + 1) * chunk)
+        n, nb = t1 - t0, (t1 - t0) * batch
+        decay, states, adj = decay_buf[:n], state_buf[:n], adj_buf[:n]
+        h0 = chunk_states[c]
+        _recompute_states(tm, t0, t1, h0, decay, states)
+        if z is not None:
+            torch.bmm(states.view(nb, dim, dstate), tm.C[t0:t1].view(nb, dstate, 1),
+                      out=y_scan[t0:t1].view(nb, dim, 1))
+        # adjoint recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
+        torch.mul(g_pre[t0:t1, :, :, None], tm.C[t0:t1, :, None, :], out=adj)
+        if carry is not None:
+            adj[n - 1].add_(carry)
+        for i in range(n - 2, -1, -1):
+            adj[i].addcmul_(decay[i + 1], adj[i + 1])
+        carry = decay[0] * adj[0]
+        # dC_t = sum_d dy_t h_t ; d(du)_t = sum_n g_t B_t ; dB_t = sum_d g_t du_t
+        torch.bmm(g_pre[t0:t1].view(nb, 1, dim), states.view(nb, dim, dstate), out=g_C[t0:t1].view(nb, 1, dstate))
+        torch.bmm(adj.view(nb, dim, dstate), tm.B[t0:t1].view(nb, dstate, 1), out=g_u[t0:t1].view(nb, dim, 1))
+        torch.bmm(tm.du[t0:t1].view(nb, 1, dim), adj.view(nb, dim, dstate), out=g_B[t0:t1].view(nb, 1, dstate))
+        # dL/d(dt_t A) = g_t * exp(dt_t A) * h_{t-1}   (adj is reused in place)
+        adj.mul_(decay)
+        adj[0].mul_(h0)
+        if n > 1:
+            adj[1:].mul_(states[:-1])
+        torch.mul(adj, tm.A, out=decay)
+        torch.sum(decay, dim=-1, out=g_dt[t0:t1])
+        torch.mul(adj, tm.dt[t0:t1, :, :, None], out=decay)
+        g_A += decay.sum(dim=(0, 1))
+    # du = dt*u: split its gradient
+    g_dt.addcmul_(g_u, tm.u)
+    g_u.mul_(tm.dt)
+    if D is not None:
+        Dc = D.to(cdt)
+        g_u.addcmul_(g_pre, Dc)
+        g_D = (g_pre * tm.u).sum(dim=(0, 1)).to(D.dtype)
+    else:
+        g_D = _empty(u)
+    if z is not None:
+        y_pre = y_scan if D is None else y_scan.addcmul_(tm.u, Dc)
+        g_z = _from_time_major(torch.ops.aten.silu_backward(y_pre.mul_(gy), z_tm), z.dtype)
+    else:
+        g_z = _empty(u)
+    if delta_softplus:
+        g_dt = torch.ops.aten.softplus_backward(g_dt, tm.pre, 1.0, _SOFTPLUS_THRESHOLD)
+    g_bias = g_dt.sum(dim=(0, 1)).to(delta_bias.dtype) if delta_bias is not None else _empty(u)
+    return (_from_time_major(g_u, u.dtype), _from_time_major(g_dt, delta.dtype), g_A.to(A.dtype),
+            _from_time_major(g_B, B.dtype), _from_time_major(g_C, C.dtype), g_D, g_z, g_bias)
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cpu_fwd", mutates_args=())
+def _scan_cpu_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                     chunk: int) -> tuple[Tensor, Tensor]:
+    return _scan_cpu_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+
+
+@_scan_cpu_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    n_chunks = (length + chunk - 1) // chunk
+    return torch.empty_like(u, memory_format=torch.contiguous_format), \
+        u.new_empty((n_chunks, batch, dim, A.shape[1]), dtype=cdt)
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cpu_bwd", mutates_args=())
+def _scan_cpu_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor, delta_softplus: bool,
+                     chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_cpu_backward(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk)
+
+
+def _grad_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    if t is None:
+        return _empty(ref)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@_scan_cpu_bwd_op.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk):
+    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
+            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+
+
+def _scan_cpu_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.has = (D is not None, z is not None, delta_bias is not None)
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk = chunk
+
+
+def _scan_cpu_autograd(ctx, grad_out, grad_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_cpu_bwd_op(grad_out, u, delta, A, B, C, D, z, delta_bias,
+                                                             chunk_states, ctx.delta_softplus, ctx.chunk)
+    has_D, has_z, has_bias = ctx.has
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            None, None)
+
+
+_scan_cpu_fwd_op.register_autograd(_scan_cpu_autograd, setup_context=_scan_cpu_setup_context)
+
+
+def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                       delta_softplus: bool = False) -> Tensor:
+    """Exact chunked selective scan with a hand-written backward (the ``"cpu"`` backend; runs on any device).
+
+    Same arguments, shapes and result as :func:`selective_scan_reference`: u, delta, z (batch, dim, L); A (dim, N);
+    B, C (batch, N, L); D, delta_bias (dim,). Returns (batch, dim, L) in ``u.dtype``; math in float32 (float64
+    when any input is float64). Gradients flow to every tensor argument. Memory saved for the backward: the inputs
+    and one (batch, dim, N) state per chunk of time steps.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    chunk = _chunk_len(u.shape[0], u.shape[1], A.shape[1])
+    out, _ = _scan_cpu_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mamba-ssm CUDA kernel
+# ----------------------------------------------------------------------------------------------------------------
+# mamba-ssm's kernel keeps one checkpoint of the state every 2048 steps: x is (batch, dim, n_chunks, 2N) float32.
+_MAMBA_CHUNK = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_extension():
+    """mamba-ssm's compiled extension module ``selective_scan_cuda`` (imported on first use)."""
+    import selective_scan_cuda  # noqa: PLC0415  (only importable where mamba-ssm is built)
+    return selective_scan_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_unavailable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        _mamba_extension()
+    except Exception as exc:  # a missing or mismatched build (undefined symbols) must not break the other paths
+        return (f"cannot import mamba-ssm's CUDA extension selective_scan_cuda ({type(exc).__name__}: {exc}); "
+                f"install the `cuda` extra (pip install mamba-ssm)")
+    return None
+
+
+def _call_mamba(fn, *args):
+    """Call a pybind entry point; newer mamba-ssm builds take one extra optional trailing argument."""
+    try:
+        return fn(*args)
+    except TypeError as exc:
+        if "incompatible function arguments" not in str(exc):
+            raise
+        return fn(*args, None)
+
+
+def _mamba_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """Cast and lay out the inputs as the kernel requires: delta, B, C, z in u's dtype (half, bfloat16 or float32),
+    A, D, delta_bias in float32, unit stride along L; B and C as (batch, 1, N, L)."""
+    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        u = u.float()
+    itype = u.dtype
+
+    def lay(t, dtype):
+        t = t.to(dtype)
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    return (lay(u, itype), lay(delta, itype), A.float().contiguous(), lay(B, itype).unsqueeze(1),
+            lay(C, itype).unsqueeze(1), None if D is None else D.float().contiguous(),
+            None if z is None else lay(z, itype), None if delta_bias is None else delta_bias.float().contiguous())
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cuda_fwd", mutates_args=())
+def _scan_cuda_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor],
+                      delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, x, out_before_gate): x is the kernel's state checkpoints (batch, dim, n_chunks, 2N) fp32;
+    out_before_gate is the ungated output when z is given (the backward needs it), else a 0-element tensor."""
+    ext = _mamba_extension()
+    args = _mamba_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, x, *rest = _call_mamba(ext.fwd, *args, delta_softplus)
+    if z is not None:
+        return rest[0].to(u.dtype), x, out
+    return out.to(u.dtype), x, _empty(u)
+
+
+@_scan_cuda_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, dim, length = u.shape
+    itype = u.dtype if u.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    n_chunks = (length + _MAMBA_CHUNK - 1) // _MAMBA_CHUNK
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    x = u.new_empty((batch, dim, n_chunks, 2 * A.shape[1]), dtype=torch.float32)
+    pre = u.new_empty((batch, dim, length), dtype=itype) if z is not None else _empty(u)
+    return out, x, pre
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cuda_bwd", mutates_args=())
+def _scan_cuda_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], x: Tensor, out_before_gate: Tensor,
+                      delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ext = _mamba_extension()
+    uk, dk, Ak, Bk, Ck, Dk, zk, bk = _mamba_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dout = dout.to(uk.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    du, ddelta, dA, dB, dC, dD, dbias, *rest = _call_mamba(
+        ext.bwd, uk, dk, Ak, Bk, Ck, Dk, zk, bk, dout, x, out_before_gate if z is not None else None, None,
+        delta_softplus, False)
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.squeeze(1).to(B.dtype),
+            dC.squeeze(1).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
+            rest[0].to(z.dtype) if z is not None else _empty(u),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+
+
+@_scan_cuda_bwd_op.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, x, out_before_gate, delta_softplus):
+    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
+            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+
+
+def _scan_cuda_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
+    ctx.has = (D is not None, z is not None, delta_bias is not None)
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_cuda_autograd(ctx, grad_out, grad_x, grad_pre):
+    u, delta, A, B, C, D, z, delta_bias, x, pre = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_cuda_bwd_op(grad_out, u, delta, A, B, C, D, z, delta_bias, x, pre,
+                                                              ctx.delta_softplus)
+    has_D, has_z, has_bias = ctx.has
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            None)
+
+
+_scan_cuda_fwd_op.register_autograd(_scan_cuda_autograd, setup_context=_scan_cuda_setup_context)
+
+
+def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                              delta_softplus: bool = False) -> Tensor:
+    """mamba-ssm's fused CUDA selective scan (the ``"cuda"`` backend), as a custom op torch.compile can trace.
+
+    Shapes as :func:`selective_scan_reference`. CUDA tensors only. The kernel computes in float32 and takes
+    u/delta/B/C/z in half, bfloat16 or float32 (cast to u's dtype) and A/D/delta_bias in float32; the result is in
+    ``u.dtype``. Raises :class:`~dartmamba.backends.BackendUnavailableError` when mamba-ssm cannot be imported.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    reason = _mamba_unavailable()
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"scan backend 'cuda' is not available: {reason}")
+    out, _, _ = _scan_cuda_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------
+backends.register_backend(
+    "scan", "cuda", ("cuda",), _mamba_unavailable,
+    fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's portable "
+                     "chunked scan (much slower); install mamba-ssm (pip install 'dartmamba[cuda]')")
+backends.register_backend("scan", "cpu", ("cpu", "cuda", "mps", "xpu"))
+backends.register_backend("scan", "reference", ("cpu", "cuda", "mps", "xpu"))
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   backend: Optional[str] = None) -> Tensor:
+    """Selective scan; the one place its backend is chosen.
+
+    Args:
+        u: (batch, dim, L). delta: (batch, dim, L). A: (dim, N), real. B, C: (batch, N, L).
+        D: optional (dim,). z: optional (batch, dim, L) gate. delta_bias: optional (dim,).
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        backend: ``None``/``"auto"`` (mamba-ssm's kernel for CUDA tensors when it imports, else the chunked
+            ``"cpu"`` scan, with one RuntimeWarning), ``"cuda"``, ``"cpu"`` or ``"reference"``. The global setting
+            is ``dartmamba.backends.set_backend("scan", ...)`` or ``DARTMAMBA_SCAN_BACKEND``.
+
+    Returns:
+        (batch, dim, L) in ``u.dtype``.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    name = backends.choose("scan", u.device, backend)
+    if name == "cuda":
+        return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "cpu":
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

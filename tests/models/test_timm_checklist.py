@@ -1,0 +1,122 @@
+"""timm's model-test checklist for every model this package registers, at small sizes; parameter-count table."""
+import pytest
+import timm
+import torch
+
+import dartmamba.models  # noqa: F401
+
+SMALL = {
+    "vim_tiny_patch16_224": dict(img_size=32, patch_size=8, embed_dim=32, depth=2),
+    "vim_small_patch16_224": dict(img_size=32, patch_size=8, embed_dim=48, depth=2),
+    "vim_base_patch16_224": dict(img_size=32, patch_size=8, embed_dim=64, depth=2),
+    "vim_tiny_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=12, embed_dim=32, depth=2,
+                          dart_cfg=dict(trunk="tiny_cnn")),
+    "vim_small_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=16, embed_dim=48, depth=2,
+                           dart_cfg=dict(trunk="tiny_cnn")),
+    "vim_base_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=20, embed_dim=64, depth=2,
+                          dart_cfg=dict(trunk="tiny_cnn", head="v1")),
+    "deit_tiny_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=12, embed_dim=32, depth=2, num_heads=2,
+                           dart_cfg=dict(trunk="tiny_cnn")),
+    "deit_small_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=16, embed_dim=48, depth=2,
+                            num_heads=2, dart_cfg=dict(trunk="tiny_cnn")),
+    "deit_base_dart": dict(img_size=64, patch_size=8, grid_size=4, num_tokens=20, embed_dim=64, depth=2,
+                           num_heads=2, dart_cfg=dict(trunk="tiny_cnn", head="v2")),
+}
+
+
+def test_every_registered_model_is_covered():
+    ours = {name for name in timm.list_models() if timm.models.get_pretrained_cfg(name) is None
+            or "dart" in name or name.startswith("vim_")}
+    ours = {name for name in ours if name.startswith("vim_") or name.endswith("_dart")}
+    assert ours == set(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_timm_model_checklist(name, seed):
+    num_classes = 7
+    model = timm.create_model(name, num_classes=num_classes, **SMALL[name])
+    size = SMALL[name]["img_size"]
+    images = torch.randn(2, 3, size, size)
+    logits = model(images)
+    assert logits.shape == (2, num_classes)
+    logits.sum().backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(model.get_parameter(n).grad is not None for n in trainable), \
+        [n for n in trainable if model.get_parameter(n).grad is None]
+
+    model.eval()
+    features = model.forward_features(images)
+    tokens = getattr(model, "num_tokens")
+    assert features.shape == (2, tokens + 1, model.num_features)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+
+    cfg = model.pretrained_cfg
+    state = model.state_dict()
+    assert cfg["first_conv"] + ".weight" in state
+    assert cfg["classifier"] + ".weight" in state
+    assert cfg["input_size"][1:] in ((224, 224), (448, 448))
+
+    model.reset_classifier(0)
+    assert model(images).shape == (2, model.num_features)
+    model.reset_classifier(3)
+    assert model(images).shape == (2, 3)
+
+    no_decay = model.no_weight_decay()
+    assert {"pos_embed", "cls_token"} <= set(no_decay)
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_optimizer_groups_exclude_norms_biases_embeddings():
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("vim_tiny_dart", num_classes=4, **SMALL["vim_tiny_dart"])
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name in ("pos_embed", "cls_token", "layers.0.norm.weight", "layers.0.mixer.A_log", "layers.0.mixer.A_b_log",
+                 "layers.0.mixer.dt_proj.bias", "head.bias", "patch_embed.proj.bias"):
+        assert id(named[name]) in no_decay, name
+    assert id(named["layers.0.mixer.in_proj.weight"]) not in no_decay
+
+
+def test_grad_checkpointing_gives_the_same_gradients(seed):
+    model = timm.create_model("vim_tiny_dart", num_classes=4, **SMALL["vim_tiny_dart"])
+    images = torch.randn(2, 3, 64, 64)
+    model(images).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(images).square().sum().backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+PUBLISHED = {  # millions; fixed-grid: the model papers; DART: the official checkpoints (notes, section 5)
+    "deit_tiny_patch16_224": (5.7, None), "deit_small_patch16_224": (22.1, None), "deit_base_patch16_224": (86.6, None),
+    "vim_tiny_patch16_224": (7.148008, None), "vim_small_patch16_224": (25.796584, None),
+    "vim_base_patch16_224": (97.59844, None),
+    "deit_tiny_dart": (6.31, 5.73), "deit_small_dart": (24.11, 22.08),
+    "vim_tiny_dart": (8.20, 7.26), "vim_small_dart": (28.98, 25.98),
+}
+
+
+def test_parameter_counts_match_published(capsys):
+    rows = []
+    for name, (total_ref, trainable_ref) in PUBLISHED.items():
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        total = sum(t.numel() for t in model.state_dict().values() if t.dtype != torch.int64) / 1e6
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        rows.append((name, total, total_ref, trainable, trainable_ref))
+    with capsys.disabled():
+        print("\n| model | params (M, all tensors) | published | trainable (M) | published |")
+        print("|---|---|---|---|---|")
+        for name, total, total_ref, trainable, trainable_ref in rows:
+            print(f"| {name} | {total:.3f} | {total_ref} | {trainable:.3f} | {trainable_ref or '-'} |")
+    for name, total, total_ref, trainable, trainable_ref in rows:
+        assert abs(total - total_ref) / total_ref < 0.03, name
+        if trainable_ref is not None:
+            assert abs(trainable - trainable_ref) / trainable_ref < 0.03, name

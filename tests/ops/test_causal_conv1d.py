@@ -1,0 +1,104 @@
+"""Causal depthwise conv1d: the F.conv1d backend against the explicit tap loop, dtypes, argument checks."""
+import importlib
+
+import pytest
+import torch
+
+from dartmamba.backends import BackendUnavailableError
+from dartmamba.ops import causal_conv1d, causal_conv1d_reference
+
+cc = importlib.import_module("dartmamba.ops.causal_conv1d")  # the function of the same name shadows the module
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("activation", ["silu", None, "swish"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("length", [1, 3, 50])
+def test_torch_backend_matches_reference(dtype, kernel, activation, with_bias, length, seeds):
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 6, length, generator=g, dtype=dtype)
+        w = torch.randn(6, kernel, generator=g, dtype=dtype)
+        b = torch.randn(6, generator=g, dtype=dtype) if with_bias else None
+        grad = torch.randn(2, 6, length, generator=g, dtype=dtype)
+        args_r, args_t = leaves(x, w, b), leaves(x, w, b)
+        out_r = causal_conv1d_reference(*args_r, activation=activation)
+        out_t = causal_conv1d(*args_t, activation=activation, backend="torch")
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out_t, out_r, **tol, msg=lambda m: f"seed {seed}: {m}")
+        out_r.backward(grad)
+        out_t.backward(grad)
+        for name, a, r in zip(("x", "weight", "bias"), args_t, args_r):
+            if r is not None:
+                torch.testing.assert_close(a.grad, r.grad, **tol, msg=lambda m: f"seed {seed}, d{name}: {m}")
+
+
+def test_is_causal_and_matches_a_hand_computed_case():
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    w = torch.tensor([[0.5, -1.0, 2.0]])                      # taps for t-2, t-1, t
+    expected = torch.tensor([[[2.0, 3.0, 4.5, 6.0]]]) + 0.25  # e.g. t=2: 0.5*1 - 1*2 + 2*3
+    for fn in (causal_conv1d_reference, lambda *a, **k: causal_conv1d(*a, **k, backend="torch")):
+        torch.testing.assert_close(fn(x, w, torch.tensor([0.25]), activation=None), expected)
+    # perturbing the future never changes the past
+    x2 = x.clone()
+    x2[..., 3] = 100.0
+    assert torch.equal(causal_conv1d(x2, w)[..., :3], causal_conv1d(x, w)[..., :3])
+
+
+def test_mixed_dtypes_compute_in_the_wider_one(seeds):
+    g = torch.Generator().manual_seed(seeds[0])
+    x = torch.randn(2, 8, 20, generator=g).bfloat16()
+    w = torch.randn(8, 4, generator=g)
+    b = torch.randn(8, generator=g)
+    out = causal_conv1d(x, w, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, causal_conv1d_reference(x, w, b))
+    torch.testing.assert_close(out.float(), causal_conv1d_reference(x.float(), w, b), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(x=torch.zeros(3, 5)), "x must have shape"),
+    (dict(weight=torch.zeros(3, 1, 4)), "weight must have shape"),
+    (dict(weight=torch.zeros(2, 4)), "weight must have shape"),
+    (dict(bias=torch.zeros(4)), "bias must have shape"),
+    (dict(activation="relu"), "activation must be one of"),
+])
+def test_bad_arguments_are_named(bad, message):
+    args = dict(x=torch.zeros(2, 3, 5), weight=torch.zeros(3, 4), bias=torch.zeros(3), activation="silu")
+    args.update(bad)
+    for fn in (causal_conv1d, causal_conv1d_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(**args)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(BackendUnavailableError, match="'cuda'"):
+        causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), backend="cuda")
+
+
+def _conv_ready():
+    return torch.cuda.is_available() and cc._cuda_unavailable() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _conv_ready(), reason="needs CUDA and causal-conv1d")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_kernel_matches_torch(dtype, seeds):
+    g = torch.Generator().manual_seed(seeds[0])
+    x, w, b = torch.randn(2, 64, 197, generator=g), torch.randn(64, 4, generator=g), torch.randn(64, generator=g)
+    grad = torch.randn(2, 64, 197, generator=g)
+    args_c = leaves(x.to(dtype).cuda(), w.cuda(), b.cuda())
+    args_t = leaves(x.to(dtype).cuda(), w.cuda(), b.cuda())
+    out_c = causal_conv1d(*args_c, backend="cuda")
+    out_t = causal_conv1d(*args_t, backend="torch")
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_c, out_t, **tol)
+    out_c.backward(grad.to(dtype).cuda())
+    out_t.backward(grad.to(dtype).cuda())
+    for a, r in zip(args_c, args_t):
+        torch.testing.assert_close(a.grad, r.grad, **tol)
