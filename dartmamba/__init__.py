@@ -5,6 +5,7 @@ needs CUDA, mamba-ssm, causal-conv1d, deepspeed or triton at import time.
 """
 from . import backends, models
 from .models import DartVisionTransformer, VisionMamba
+from .models.checkpoints import load_model, load_official_checkpoint, save_model
 from .tokenizer import DartGeometry, DartTokenizer, DartTokens, partition, resample_patches, resample_pos_embed
 
 __version__ = "0.1.0"

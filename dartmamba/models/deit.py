@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..tokenizer import DartTokenizer, DartTokens
 from ._features import package_intermediates
-from .checkpoints import checkpoint_filter_fn
+from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["DartVisionTransformer"]
 
@@ -145,12 +145,14 @@ _DART_TRUNK = {"tiny": "mobilenetv3_small_v1", "small": "mobilenetv3_large_v1", 
 
 
 def _create(size: str, pretrained: bool, kwargs: dict) -> DartVisionTransformer:
-    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v1", **kwargs.pop("dart_cfg", {})}
+    name, user_kwargs = f"deit_{size}_dart", dict(kwargs)
+    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v1", **(kwargs.pop("dart_cfg", None) or {})}
     args = dict(img_size=448, patch_size=16, **_SIZES[size])
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(DartVisionTransformer, f"deit_{size}_dart", pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, dart_cfg=dart_cfg,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**args, **kwargs})
+    model = build_model_with_cfg(DartVisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                 dart_cfg=dart_cfg, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                 **{**args, **kwargs})
+    return record_config(model, name, user_kwargs)
 
 
 @register_model

@@ -25,7 +25,7 @@ from ..modules.bimamba import BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import DartTokenizer, DartTokens
 from ._features import package_intermediates
-from .checkpoints import checkpoint_filter_fn
+from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["VisionMamba"]
 
@@ -287,14 +287,17 @@ _DART_TRUNK = {"tiny": "mobilenetv3_small", "small": "mobilenetv3_large", "base"
 
 
 def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
+    name, user_kwargs = f"vim_{size}_patch16_224", dict(kwargs)
     args = dict(patch_size=16, **_SIZES[size])
-    return _create_vim(f"vim_{size}_patch16_224", pretrained, **{**args, **kwargs})
+    return record_config(_create_vim(name, pretrained, **{**args, **kwargs}), name, user_kwargs)
 
 
 def _dart_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
-    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v2", **kwargs.pop("dart_cfg", {})}
+    name, user_kwargs = f"vim_{size}_dart", dict(kwargs)
+    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v2", **(kwargs.pop("dart_cfg", None) or {})}
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
-    return _create_vim(f"vim_{size}_dart", pretrained, dart_cfg=dart_cfg, **{**args, **kwargs})
+    model = _create_vim(name, pretrained, dart_cfg=dart_cfg, **{**args, **kwargs})
+    return record_config(model, name, user_kwargs)
 
 
 @register_model

@@ -63,7 +63,11 @@ class TinyConvTrunk(nn.Module):
 
 
 class MobileNetV3Trunk(nn.Module):
-    """timm MobileNetV3 cut after ``num_blocks`` blocks (timm names kept, so timm state dicts load by name)."""
+    """timm MobileNetV3 cut after ``num_blocks`` blocks (timm names kept, so timm state dicts load by name).
+
+    torchvision's MobileNetV3 (the official DART trunk) is the same network with other names and BatchNorm
+    eps 1e-3 instead of timm's 1e-5: :meth:`load_torchvision_state_dict` maps it (exact same outputs).
+    """
 
     def __init__(self, timm_name: str, num_blocks: int, in_chans: int = 3):
         super().__init__()
@@ -84,24 +88,83 @@ class MobileNetV3Trunk(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(self.bn1(self.conv_stem(x)))
 
+    def set_bn_eps(self, eps: float) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps = eps
+
+    def torchvision_key_map(self, torchvision_keys: list[str], source: str = "torchvision state dict") -> dict:
+        """Map torchvision ``features.*`` keys (in their state-dict order, prefix stripped) to ours.
+
+        Both networks register their tensors in the same order (stem, then per block: expand, depthwise, SE,
+        project; BatchNorm weight, bias, running_mean, running_var, num_batches_tracked), so the map pairs them in
+        order and checks that every pair is the same kind of tensor.
+        """
+        own = list(self.state_dict().keys())
+        if len(torchvision_keys) != len(own):
+            raise ValueError(f"{source}: {len(torchvision_keys)} MobileNetV3 trunk tensors, this trunk has {len(own)}")
+        for theirs, ours in zip(torchvision_keys, own):
+            kind_theirs, kind_ours = theirs.rsplit(".", 1)[-1], ours.rsplit(".", 1)[-1]
+            if kind_theirs != kind_ours:
+                raise ValueError(f"{source}: tensor {theirs!r} does not line up with {ours!r}")
+        return dict(zip(torchvision_keys, own))
+
+    def load_torchvision_state_dict(self, state: dict, source: str = "torchvision state dict") -> None:
+        """Load torchvision MobileNetV3 ``features[:k]`` weights (keys ``N.block.M...``, any prefix removed)."""
+        key_map = self.torchvision_key_map(list(state), source)
+        own = self.state_dict()
+        for theirs, ours in key_map.items():
+            if state[theirs].shape != own[ours].shape:
+                raise ValueError(f"{source}: {theirs!r} has shape {tuple(state[theirs].shape)}, expected "
+                                 f"{tuple(own[ours].shape)} for {ours!r}")
+        self.load_state_dict({ours: state[theirs] for theirs, ours in key_map.items()}, strict=True)
+        self.set_bn_eps(1e-3)   # torchvision trains MobileNetV3 with BatchNorm eps 1e-3
+
 
 def _last_out_chans(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1].out_channels
 
 
-def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Load a timm MobileNetV3 state dict (full model or trunk only) from a local file into a cut trunk."""
+def read_state_dict(path: str, what: str = "checkpoint") -> dict:
+    """Tensors of a local ``.safetensors`` or torch file (unwrapping ``model`` / ``state_dict``), with a clear error
+    naming the file when it is missing, truncated or not a checkpoint."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"trunk_weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read {what} file {path}: it is truncated, corrupt or not a checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what} file {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    """Load trunk weights from a local file: a timm MobileNetV3 state dict (full model or trunk only), or a
+    torchvision one (``features.*`` keys), or the trunk's own state dict."""
+    state = read_state_dict(path, "trunk_weights")
+    if isinstance(trunk, MobileNetV3Trunk) and any(k.startswith("features.") for k in state):
+        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        kept = sorted({int(k.split(".", 1)[0]) for k in features})
+        own_count = len(trunk.state_dict())
+        subset, count = {}, 0
+        for index in kept:                                   # torchvision features[:k]: keep leading stages
+            stage = {k: v for k, v in features.items() if int(k.split(".", 1)[0]) == index}
+            if count + len(stage) > own_count:
+                break
+            subset.update(stage)
+            count += len(stage)
+        trunk.load_torchvision_state_dict(subset, f"trunk_weights file {path}")
+        return
     own = trunk.state_dict()
     missing = [k for k in own if k not in state]
     if missing:

@@ -78,3 +78,32 @@ def test_scorer_input_resize(seed):
     scorer.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
     assert scorer(torch.randn(2, 3, 448, 448)).shape == (2, 14, 14)
     assert seen == [torch.Size([2, 3, 112, 112])]
+
+
+@pytest.mark.parametrize("tv_name,trunk,cut", [("mobilenet_v3_small", "mobilenetv3_small", 13),
+                                               ("mobilenet_v3_large", "mobilenetv3_large_v1", 15)])
+def test_torchvision_weights_give_the_torchvision_features_exactly(tv_name, trunk, cut, tmp_path, seed):
+    """The official DART trunk is torchvision's MobileNetV3: its weights map onto our timm-named trunk and give the
+    same features (BatchNorm eps 1e-3 included)."""
+    import torchvision
+
+    full = getattr(torchvision.models, tv_name)().eval()
+    for module in full.modules():                      # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.data.normal_()
+    path = tmp_path / "tv.pth"
+    torch.save(full.state_dict(), str(path))
+    scorer = DartScorer((14, 14), trunk=trunk, head="v1", trunk_weights=str(path))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.trunk(images), full.features[:cut](images), rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_trunk_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    torch.save({"conv_stem.weight": torch.zeros(16, 3, 3, 3)}, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read trunk_weights file .*broken.pth: it is truncated, corrupt"):
+        DartScorer((14, 14), trunk="mobilenetv3_small", trunk_weights=str(path))

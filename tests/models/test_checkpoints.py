@@ -1,0 +1,143 @@
+"""Official checkpoint layouts (built here from the official definitions) and our own checkpoint format."""
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import dartmamba
+from dartmamba.models.checkpoints import load_official_checkpoint
+
+
+def hustvl_vim_state_dict(dim, depth, num_classes, num_patches=196, d_state=16):
+    """The hustvl/Vim key layout and shapes (bimamba v2, middle cls token, RMSNorm, no in/out_proj bias)."""
+    d_inner, dt_rank = 2 * dim, math.ceil(dim / 16)
+    state = {"cls_token": (1, 1, dim), "pos_embed": (1, num_patches + 1, dim),
+             "patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,),
+             "head.weight": (num_classes, dim), "head.bias": (num_classes,), "norm_f.weight": (dim,)}
+    for i in range(depth):
+        p = f"layers.{i}."
+        state[p + "norm.weight"] = (dim,)
+        state[p + "mixer.in_proj.weight"] = (2 * d_inner, dim)
+        state[p + "mixer.out_proj.weight"] = (dim, d_inner)
+        for suffix, a_name, d_name in (("", "A_log", "D"), ("_b", "A_b_log", "D_b")):
+            state[p + f"mixer.{a_name}"] = (d_inner, d_state)
+            state[p + f"mixer.{d_name}"] = (d_inner,)
+            state[p + f"mixer.conv1d{suffix}.weight"] = (d_inner, 1, 4)
+            state[p + f"mixer.conv1d{suffix}.bias"] = (d_inner,)
+            state[p + f"mixer.x_proj{suffix}.weight"] = (dt_rank + 2 * d_state, d_inner)
+            state[p + f"mixer.dt_proj{suffix}.weight"] = (d_inner, dt_rank)
+            state[p + f"mixer.dt_proj{suffix}.bias"] = (d_inner,)
+    return {k: torch.randn(shape) for k, shape in state.items()}
+
+
+def test_full_size_hustvl_layout_has_415_tensors():
+    assert len(hustvl_vim_state_dict(192, 24, 1000)) == 415
+
+
+def test_load_hustvl_vim_checkpoint(tmp_path, seed):
+    state = hustvl_vim_state_dict(dim=32, depth=2, num_classes=10)
+    path = tmp_path / "vim_t_midclstok.pth"
+    torch.save({"model": state, "epoch": 299}, str(path))
+    model = timm.create_model("vim_tiny_patch16_224", embed_dim=32, depth=2, num_classes=10)
+    report = load_official_checkpoint(model, str(path))
+    assert report.missing == [] and report.unexpected == [] and len(report.loaded) == len(state)
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def official_dart_vim_state_dict(dim, depth, num_classes):
+    """A darvim_tiny-style state dict: Vim layers + tokenizer under patch_embed (torchvision MobileNetV3-small
+    features[:13] trunk under patch_embed.spn.spn.spn.features, head v2 MLP 576 -> 96 -> 576 under mlp.net)."""
+    state = hustvl_vim_state_dict(dim, depth, num_classes)
+    trunk = torchvision.models.mobilenet_v3_small().features[:13]
+    for module in trunk.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    prefix = "patch_embed.spn.spn.spn."
+    for key, value in trunk.state_dict().items():
+        state[prefix + "features." + key] = value.clone()
+    for key, shape in (("mlp.net.0.weight", (96, 576)), ("mlp.net.0.bias", (96,)), ("mlp.net.2.weight", (576, 96)),
+                       ("mlp.net.2.bias", (576,))):
+        state[prefix + key] = torch.randn(shape) * 0.05
+    return state, trunk
+
+
+def test_load_official_dart_vim_checkpoint(tmp_path, seed):
+    state, trunk = official_dart_vim_state_dict(dim=32, depth=2, num_classes=10)
+    path = tmp_path / "darvim_tiny.pth"
+    torch.save({"model": state}, str(path))
+    model = timm.create_model("vim_tiny_dart", embed_dim=32, depth=2, num_classes=10)
+    assert model.patch_embed.scorer.score_norm == "sample"
+    report = load_official_checkpoint(model, str(path))
+    assert report.missing == [] and report.unexpected == [], report
+    assert model.patch_embed.scorer.score_norm == "batch"          # what the official models were trained with
+    own = model.state_dict()
+    assert torch.equal(own["patch_embed.scorer.head.fc1.weight"], state["patch_embed.spn.spn.spn.mlp.net.0.weight"])
+    assert torch.equal(own["layers.1.mixer.A_b_log"], state["layers.1.mixer.A_b_log"])
+    images = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        torch.testing.assert_close(model.patch_embed.scorer.trunk(images), trunk.eval()(images), rtol=1e-5, atol=1e-5)
+        logits = model.eval()(images)
+    assert torch.isfinite(logits).all()
+
+
+def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    state = hustvl_vim_state_dict(dim=32, depth=2, num_classes=10)
+    state["layers.1.mixer.x_proj_b.weight"] = torch.randn(5, 64)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, str(path))
+    model = timm.create_model("vim_tiny_patch16_224", embed_dim=32, depth=2, num_classes=10)
+    with pytest.raises(ValueError, match=r"checkpoint .*bad.pth: checkpoint tensor 'layers.1.mixer.x_proj_b.weight' "
+                                         r"has shape \(5, 64\), the model expects \(34, 64\)"):
+        load_official_checkpoint(model, str(path))
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"model": hustvl_vim_state_dict(32, 2, 10)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint file .*truncated.pth: it is truncated, corrupt"):
+        load_official_checkpoint(model, str(truncated))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint file not found: .*missing.pth"):
+        load_official_checkpoint(model, str(tmp_path / "missing.pth"))
+
+
+SMALL_DART = dict(img_size=64, patch_size=8, grid_size=4, num_tokens=12, embed_dim=32, depth=2, num_classes=5,
+                  dart_cfg=dict(trunk="tiny_cnn"))
+
+
+def test_own_checkpoint_roundtrip_and_timm_pretrained_file(tmp_path, seed):
+    model = timm.create_model("vim_tiny_dart", **SMALL_DART).eval()
+    path = tmp_path / "model.safetensors"
+    dartmamba.save_model(model, str(path))
+    images = torch.randn(2, 3, 64, 64)
+    loaded = dartmamba.load_model(str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+    via_timm = timm.create_model("vim_tiny_dart", pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=5),
+                                 **SMALL_DART).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm(images), model(images), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]     # no temp files left behind
+
+
+def test_own_checkpoint_errors_name_file_and_key(tmp_path):
+    model = timm.create_model("vim_tiny_dart", **SMALL_DART)
+    path = tmp_path / "model.safetensors"
+    dartmamba.save_model(model, str(path))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*broken.safetensors"):
+        dartmamba.load_model(str(broken))
+    other = timm.create_model("vim_tiny_dart", **{**SMALL_DART, "embed_dim": 48})
+    from safetensors.torch import save_file
+    mismatched = tmp_path / "mismatched.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(mismatched),
+              metadata={"dartmamba_config": '{"model": "vim_tiny_dart", "kwargs": ' +
+                        '{"img_size": 64, "patch_size": 8, "grid_size": 4, "num_tokens": 12, "embed_dim": 32, '
+                        '"depth": 2, "num_classes": 5, "dart_cfg": {"trunk": "tiny_cnn"}}}'})
+    with pytest.raises(ValueError, match=r"checkpoint .*mismatched.safetensors: 'cls_token' has shape \(1, 1, 48\)"):
+        dartmamba.load_model(str(mismatched))
+    with pytest.raises(ValueError, match="path must end with .safetensors"):
+        dartmamba.save_model(model, str(tmp_path / "model.pt"))
