@@ -295,6 +295,11 @@ def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
 def _dart_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
     name, user_kwargs = f"vim_{size}_dart", dict(kwargs)
     dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v2", **(kwargs.pop("dart_cfg", None) or {})}
+    if dart_cfg["trunk"].startswith("mobilenetv3"):
+        # The paper's scorer sees the image at half resolution (224 for 448): its published FLOPs count that.
+        img_size = kwargs.get("img_size", 448)
+        half = img_size // 2 if isinstance(img_size, int) else tuple(side // 2 for side in img_size)
+        dart_cfg.setdefault("scorer_input_size", half)
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
     model = _create_vim(name, pretrained, dart_cfg=dart_cfg, **{**args, **kwargs})
     return record_config(model, name, user_kwargs)

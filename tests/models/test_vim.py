@@ -159,7 +159,7 @@ def test_vim_dart_training_step_has_no_graph_breaks(seed):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         scale = float(grad.abs().max())
-        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=2e-5 * scale,
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-4 * scale,
                                    msg=lambda m: f"{name}: {m}")
 
 

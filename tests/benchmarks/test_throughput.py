@@ -1,0 +1,83 @@
+"""The throughput tool on tiny models on the CPU: sane fields, the device named, CLI outputs."""
+import csv
+import json
+
+import pytest
+import torch
+
+from benchmarks import throughput
+from benchmarks.common import cell_model, cpu_model_name, grid_for_tokens, slug
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_classes": 5}
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_run_one_reports_sane_fields(mode):
+    row = throughput.run_one("vim_tiny_patch16_224", TINY, batch_size=2, mode=mode, device="cpu", warmup=1,
+                             repeats=3, iters=1)
+    assert row["status"] == "ok", row["status"]
+    assert row["img_per_s"] > 0 and row["latency_ms"] > 0
+    assert row["latency_ms_min"] <= row["latency_ms"] <= row["latency_ms_max"]
+    assert row["img_per_s"] == pytest.approx(2 / (row["latency_ms"] / 1e3))
+    assert cpu_model_name() in row["device"] and "threads" in row["device"]
+    assert row["tokens"] == 16 and row["input"] == "32x32" and row["batch"] == 2 and row["mode"] == mode
+    assert row["params_m"] > 0
+    assert row["peak_mem_mib"] is None or row["peak_mem_mib"] >= 0
+    assert row["mem_kind"].startswith("cpu")
+
+
+def test_train_mode_steps_the_optimizer():
+    model = throughput.build_model("vim_tiny_patch16_224", TINY)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    throughput.measure(model, (3, 32, 32), 2, mode="train", device="cpu", warmup=1, repeats=1, iters=1)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_bf16_autocast_and_dart_model_run():
+    kwargs = {"img_size": 64, "patch_size": 8, "grid_size": 4, "num_tokens": 12, "embed_dim": 32, "depth": 1,
+              "num_classes": 5, "dart_cfg": {"trunk": "tiny_cnn"}}
+    row = throughput.run_one("vim_tiny_dart", kwargs, batch_size=2, mode="infer", device="cpu", amp="bf16",
+                             warmup=1, repeats=1, iters=1, with_flops=True)
+    assert row["status"] == "ok", row["status"]
+    assert row["tokens"] == 12 and row["gflops"] > 0 and row["amp"] == "bf16"
+
+
+def test_failures_become_a_status(monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(throughput, "measure", oom)
+    assert throughput.run_one("vim_tiny_patch16_224", TINY, 2, device="cpu")["status"] == "oom"
+    row = throughput.run_one("no_such_model_xyz", {}, 2, device="cpu")
+    assert row["status"].startswith("error:")
+
+
+def test_cli_writes_csv_json_and_prints_the_table_last(tmp_path, capsys):
+    out_csv, out_json = tmp_path / "t.csv", tmp_path / "t.json"
+    rc = throughput.main(["--model", "vim_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--device", "cpu",
+                          "--batch-size", "2", "--mode", "infer", "train", "--warmup", "1", "--repeats", "2",
+                          "--iters", "1", "--csv", str(out_csv), "--json", str(out_json)])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device: ") and cpu_model_name() in lines[0]
+    assert lines[-1].startswith("| vim_tiny_patch16_224 ") and lines[-2].startswith("| vim_tiny_patch16_224 ")
+    assert any(line.startswith("| model | kwargs | tokens") for line in lines[-5:])
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [r["mode"] for r in rows] == ["infer", "train"] and float(rows[0]["img_per_s"]) > 0
+    payload = json.loads(out_json.read_text())
+    assert payload["environment"]["device_type"] == "cpu" and len(payload["rows"]) == 2
+
+
+def test_token_counts_map_to_models():
+    assert grid_for_tokens(196) == (14, 14) and grid_for_tokens(392) == (14, 28)
+    assert grid_for_tokens(1568) == (32, 49) and grid_for_tokens(121) == (11, 11)
+    with pytest.raises(ValueError):
+        grid_for_tokens(13)
+    assert throughput.tokens_kwargs("vim_small_patch16_224", 784) == {"img_size": 448}
+    assert throughput.tokens_kwargs("deit_small_patch16_224", 1568) == {"img_size": (512, 784)}
+    assert throughput.tokens_kwargs("vim_small_dart", 392) == {"num_tokens": 392}
+    assert cell_model("vim", "s", "fixed", 392) == ("vim_small_patch16_224", {"img_size": (224, 448)})
+    assert cell_model("deit", "b", "dart", 121) == ("deit_base_dart", {"num_tokens": 121})
+    assert cell_model("vim", "ti", "fixed", 16, overrides={"patch_size": 8, "img_size": 99, "depth": 1}) == (
+        "vim_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1})
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
