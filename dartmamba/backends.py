@@ -10,6 +10,7 @@ available raises :class:`BackendUnavailableError` naming the reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,23 @@ class _Op:
 
 _OPS: dict[str, _Op] = {}
 _WARNED: set[tuple[str, str]] = set()
+
+
+def cached_check(check: Callable[[], str | None]) -> Callable[[], str | None]:
+    """Wrap an availability check (``None`` when usable, else the reason) so it runs once per process.
+
+    Under ``torch.compile`` the wrapped check is not traced: dynamo calls it at trace time and takes its result as a
+    constant (``torch.compiler.assume_constant_result``), so probing an optional extension never breaks a graph.
+    """
+    cache: dict[str, str | None] = {}
+
+    @functools.wraps(check)
+    def cached() -> str | None:
+        if "reason" not in cache:
+            cache["reason"] = check()
+        return cache["reason"]
+
+    return torch.compiler.assume_constant_result(cached)
 
 
 def register_backend(op: str, name: str, devices: tuple[str, ...], available: Callable[[], str | None] = lambda: None,

@@ -12,7 +12,6 @@ Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAM
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -87,13 +86,18 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     return _activate(y, activation).to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: dict = {}
+
+
 def _conv_fn():
-    from causal_conv1d import causal_conv1d_fn  # noqa: PLC0415  (only importable where causal-conv1d is built)
-    return causal_conv1d_fn
+    """causal-conv1d's ``causal_conv1d_fn`` (imported on first use)."""
+    if "fn" not in _LOADED:
+        from causal_conv1d import causal_conv1d_fn  # noqa: PLC0415  (only importable where causal-conv1d is built)
+        _LOADED["fn"] = causal_conv1d_fn
+    return _LOADED["fn"]
 
 
-@functools.lru_cache(maxsize=None)
+@backends.cached_check
 def _cuda_unavailable() -> Optional[str]:
     if not torch.cuda.is_available():
         return "CUDA is not available"

@@ -22,7 +22,6 @@ Backends (registry op ``"rmsnorm"``, see :mod:`dartmamba.backends`; env ``DARTMA
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Union
 
 import torch
@@ -105,14 +104,18 @@ def rms_norm_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, res
 # ----------------------------------------------------------------------------------------------------------------
 # mamba-ssm's Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_LOADED: dict = {}
+
+
 def _triton_kernels():
     """mamba-ssm's (_layer_norm_fwd, _layer_norm_bwd), imported on first use."""
-    from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd, _layer_norm_fwd  # noqa: PLC0415
-    return _layer_norm_fwd, _layer_norm_bwd
+    if "kernels" not in _LOADED:
+        from mamba_ssm.ops.triton.layer_norm import _layer_norm_bwd, _layer_norm_fwd  # noqa: PLC0415
+        _LOADED["kernels"] = (_layer_norm_fwd, _layer_norm_bwd)
+    return _LOADED["kernels"]
 
 
-@functools.lru_cache(maxsize=None)
+@backends.cached_check
 def _triton_unavailable() -> Optional[str]:
     if not torch.cuda.is_available():
         return "CUDA is not available"

@@ -33,7 +33,6 @@ stable as the sequential reference for any sequence length and any decay in [0, 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -385,16 +384,18 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # ----------------------------------------------------------------------------------------------------------------
 # mamba-ssm's kernel keeps one checkpoint of the state every 2048 steps: x is (batch, dim, n_chunks, 2N) float32.
 _MAMBA_CHUNK = 2048
+_LOADED: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
 def _mamba_extension():
     """mamba-ssm's compiled extension module ``selective_scan_cuda`` (imported on first use)."""
-    import selective_scan_cuda  # noqa: PLC0415  (only importable where mamba-ssm is built)
-    return selective_scan_cuda
+    if "ext" not in _LOADED:
+        import selective_scan_cuda  # noqa: PLC0415  (only importable where mamba-ssm is built)
+        _LOADED["ext"] = selective_scan_cuda
+    return _LOADED["ext"]
 
 
-@functools.lru_cache(maxsize=None)
+@backends.cached_check
 def _mamba_unavailable() -> Optional[str]:
     if not torch.cuda.is_available():
         return "CUDA is not available"

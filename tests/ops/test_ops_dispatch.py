@@ -92,4 +92,4 @@ def test_availability_checks_are_cached_and_never_import_at_module_import():
     for name in ("selective_scan_cuda", "causal_conv1d", "mamba_ssm"):
         if name in sys.modules and not torch.cuda.is_available():
             pytest.fail(f"{name} imported on a machine without CUDA")
-    assert ss._mamba_unavailable() is ss._mamba_unavailable()  # lru_cache: one import attempt
+    assert ss._mamba_unavailable() is ss._mamba_unavailable()  # cached: one import attempt

@@ -1,4 +1,6 @@
 """torch.compile: the ops trace with zero graph breaks, forward and backward, and compiled gradients match eager."""
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
@@ -54,3 +56,17 @@ def test_compiled_gradients_match_eager():
     want = torch.autograd.grad(block(*args), args)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_choice_for_cuda_traces_without_breaks(monkeypatch):
+    """Choosing for a CUDA device probes the optional extensions (and may warn): the probes are not traced."""
+    from dartmamba import backends
+    monkeypatch.setattr(backends, "_WARNED", set())
+
+    def pick(x):
+        names = (backends.choose("scan", "cuda"), backends.choose("conv1d", "cuda"), backends.choose("rmsnorm", "cuda"))
+        return x * 2 if "cuda" in names or "triton" in names else x + 1
+
+    with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        explanation = torch._dynamo.explain(pick)(torch.ones(3))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
