@@ -48,8 +48,16 @@ class DartTokenizer(nn.Module):
         in_chans, embed_dim: patch embedding Conv2d(in_chans, embed_dim, p, p).
         trunk, head, score_norm, scorer_input_size, trunk_weights: see :class:`DartScorer`.
         sampling: ``"paper"`` (official sample points) or ``"center"``.
-        resample_backend: ``None`` (automatic), ``"torch"`` or ``"triton"``.
+        resample_backend, partition_backend, posembed_backend: ``None`` (automatic: the Triton kernels for CUDA
+            tensors when importable, torch otherwise), ``"torch"`` or ``"triton"``, per stage.
         uniform_scores: ignore the scorer and use constant scores (a regular grid when N = Gh * Gw).
+        scorer_channels_last: run the scorer trunk in channels-last memory format.
+        scorer_dtype: run the scorer trunk under autocast to this dtype (e.g. ``"bfloat16"``); ``None`` follows the
+            ambient precision.
+
+    Inference with one CUDA graph: :meth:`capture` (see :class:`~dartmamba.tokenizer.capture.CapturedTokenizer`).
+    The forward has no host synchronisation and static shapes, so ``torch.compile(fullgraph=True)`` traces it (and
+    the models around it) without graph breaks, for training and inference.
 
     Paper mode (448, p=16, G=14) computes the geometry at half resolution: ``img_size / (grid_size * patch_size)``
     is the geometry scale (2 there), reported by :attr:`geometry_scale`.
@@ -59,7 +67,8 @@ class DartTokenizer(nn.Module):
                  num_rows: int | None = None, in_chans: int = 3, embed_dim: int = 768, trunk: str = "mobilenetv3_small",
                  head: str = "v2", score_norm: str = "sample", scorer_input_size=None,
                  trunk_weights: str | None = None, sampling: str = "paper", resample_backend: str | None = None,
-                 uniform_scores: bool = False, bias: bool = True):
+                 uniform_scores: bool = False, bias: bool = True, partition_backend: str | None = None,
+                 posembed_backend: str | None = None, scorer_channels_last: bool = False, scorer_dtype=None):
         super().__init__()
         self.img_size = as_pair(img_size, "img_size")
         self.grid_size = as_pair(grid_size, "grid_size")
@@ -73,11 +82,15 @@ class DartTokenizer(nn.Module):
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         self.sampling = sampling
         self.resample_backend = resample_backend
+        self.partition_backend = partition_backend
+        self.posembed_backend = posembed_backend
         self.uniform_scores = uniform_scores
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.scorer = DartScorer(self.grid_size, trunk=trunk, head=head, score_norm=score_norm,
-                                 input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights)
+                                 input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights,
+                                 channels_last=scorer_channels_last, trunk_dtype=scorer_dtype)
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+        self._captured = None   # a CapturedTokenizer after capture(); a plain attribute, not a submodule
 
     @property
     def geometry_scale(self) -> float:
@@ -111,7 +124,26 @@ class DartTokenizer(nn.Module):
 
     def geometry(self, images: Tensor, scores: Tensor | None = None) -> DartGeometry:
         scores = self.scores(images) if scores is None else scores
-        return partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False)
+        return partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False,
+                         backend=self.partition_backend)
+
+    def capture(self, batch_size: int, **options):
+        """Replay this tokenizer's inference forward from one CUDA graph for batches of ``batch_size``.
+
+        After this call, ``forward`` runs the captured graph whenever it can (eval mode, no gradient, same batch
+        shape / dtype / device, same autocast state, no explicit ``scores``) and the eager code otherwise.
+        ``options`` go to :class:`~dartmamba.tokenizer.capture.CapturedTokenizer` (``with_pos_embed``,
+        ``image_dtype``, ``compile``, ``warmup``). The outputs of a replay are static buffers, overwritten by the next
+        replay. Returns the :class:`~dartmamba.tokenizer.capture.CapturedTokenizer`; :meth:`release_capture` undoes.
+        """
+        from .capture import CapturedTokenizer
+
+        self._captured = CapturedTokenizer(self, batch_size, **options)
+        return self._captured
+
+    def release_capture(self) -> None:
+        """Drop the CUDA graph made by :meth:`capture` (and its memory pool)."""
+        self._captured = None
 
     def forward(self, images: Tensor, grid_pos_embed: Tensor | None = None, scores: Tensor | None = None) -> DartTokens:
         """
@@ -123,15 +155,27 @@ class DartTokenizer(nn.Module):
         Returns:
             :class:`DartTokens` with tokens (B, N, D), pos_embed (B, N, D) or None, geometry, scores.
         """
+        captured = self._captured
+        if (captured is not None and scores is None and not torch.compiler.is_compiling()
+                and captured.accepts(images, grid_pos_embed)):
+            return captured(images, grid_pos_embed)
+        return self.forward_eager(images, grid_pos_embed, scores)
+
+    def forward_eager(self, images: Tensor, grid_pos_embed: Tensor | None = None,
+                      scores: Tensor | None = None) -> DartTokens:
+        """:meth:`forward` without the captured graph (what the graph records)."""
         check_images(images, self.in_chans, self.img_size)
         if scores is None:
             scores = self.scores(images)
-            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False)
+            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False,
+                                 backend=self.partition_backend)
         else:
-            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=True)
+            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=True,
+                                 backend=self.partition_backend)
         patches = resample_patches(images, geometry, self.patch_size, self.sampling, self.resample_backend)
         if not torch.is_autocast_enabled(images.device.type):
             patches = patches.to(self.proj.weight.dtype)
         tokens = embed_patches(patches, self.proj.weight, self.proj.bias)
-        pos = None if grid_pos_embed is None else resample_pos_embed(grid_pos_embed, geometry)
+        pos = (None if grid_pos_embed is None
+               else resample_pos_embed(grid_pos_embed, geometry, backend=self.posembed_backend))
         return DartTokens(tokens, pos, geometry, scores)

@@ -5,12 +5,17 @@ host synchronisation (value checks are optional and skipped while tracing / capt
 
 Units. Band boundaries live on ``[0, Gh]`` (score-grid rows). Token edges live on ``[0, Gw * R]``: the ``R``
 bands laid side by side, each ``Gw`` score-grid columns long, read in raster order.
+
+Backends (op ``"partition"``, chosen once, in :func:`partition_scores`): ``"triton"`` (``dartmamba_kernels.geometry``:
+the whole partition of a batch in one fused launch, CUDA) and ``"torch"`` (the functions below, any device: the
+reference the kernel is tested against).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .. import backends
 from .geometry import DartGeometry
 from .validation import check_scores
 
@@ -112,12 +117,27 @@ def rebin_rows(grid: Tensor, band_bounds: Tensor) -> Tensor:
     return interval_means(grid, band_bounds)
 
 
+@backends.cached_check
+def geometry_kernels_unavailable() -> str | None:
+    """None when ``dartmamba_kernels.geometry`` (partition and positional-embedding kernels) imports, else why not."""
+    try:
+        import dartmamba_kernels.geometry  # noqa: F401
+    except Exception as exc:  # a missing or broken triton must not break the torch path
+        return f"cannot import the Triton geometry kernels ({type(exc).__name__}: {exc})"
+    return None
+
+
+backends.register_backend("partition", "triton", ("cuda",), geometry_kernels_unavailable)
+backends.register_backend("partition", "torch", ("cuda", "cpu", "mps", "xpu"))
+
+
 def partition_scores(
     scores: Tensor,
     num_tokens: int,
     num_rows: int | None = None,
     *,
     validate: bool = True,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Score map -> band boundaries and token edges (steps 2-5 of the method).
 
@@ -126,13 +146,31 @@ def partition_scores(
         num_tokens: N >= 1.
         num_rows: R, default ``round(sqrt(N))``; 1 <= R <= N.
         validate: check the score values (one host sync; skipped automatically while compiling or capturing).
+        backend: ``None``/``"auto"`` (the fused Triton kernel for CUDA tensors when available, torch otherwise),
+            ``"triton"`` or ``"torch"``; the global setting is ``dartmamba.backends.set_backend("partition", ...)``.
+            This is the one place the partition backend is chosen.
 
     Returns:
         band_bounds (B, R + 1) on [0, Gh] and token_edges (B, N + 1) on [0, Gw * R], both strictly increasing;
-        computed in float64, returned in float32 (float64 for float64 scores).
+        computed in float64, returned in float32 (float64 for float64 scores). Differentiable w.r.t. ``scores``
+        with either backend (same values and gradients).
     """
     num_rows = default_num_rows(num_tokens) if num_rows is None else num_rows
     check_scores(scores, num_tokens, num_rows, check_values=validate)
+    name = backends.choose("partition", scores.device, backend)
+    if name == "triton":
+        from dartmamba_kernels.geometry import partition_triton, supports_partition
+
+        reason = supports_partition((scores.shape[1], scores.shape[2]), num_tokens, num_rows)
+        if reason is None:
+            return partition_triton(scores, num_tokens, num_rows)
+        if backend not in (None, "auto") or backends.get_backend("partition") != "auto":
+            raise backends.BackendUnavailableError(f"partition backend 'triton' cannot run this shape: {reason}")
+    return partition_scores_torch(scores, num_tokens, num_rows)
+
+
+def partition_scores_torch(scores: Tensor, num_tokens: int, num_rows: int) -> tuple[Tensor, Tensor]:
+    """The torch backend (and reference) of :func:`partition_scores`; no argument checks."""
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     # The geometry is tiny (B x G^2); float64 makes constant scores land exactly on the integer grid after the
     # cast back, so the uniform case reproduces plain patchification bit for bit.
@@ -153,12 +191,13 @@ def partition(
     *,
     img_size: tuple[int, int] | int | None = None,
     validate: bool = True,
+    backend: str | None = None,
 ) -> DartGeometry:
     """Like :func:`partition_scores`, packed as a :class:`DartGeometry`.
 
     ``img_size`` (H, W) in pixels defaults to the score grid itself (one pixel per score cell).
     """
-    band_bounds, token_edges = partition_scores(scores, num_tokens, num_rows, validate=validate)
+    band_bounds, token_edges = partition_scores(scores, num_tokens, num_rows, validate=validate, backend=backend)
     grid_size = (scores.shape[1], scores.shape[2])
     if img_size is None:
         img_size = grid_size

@@ -20,6 +20,7 @@ starts random, which :class:`RandomTrunkWarning` says out loud.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -30,6 +31,19 @@ from torch import Tensor
 
 SCORE_NORMS = ("sample", "batch")
 HEADS = ("v1", "v2")
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(value, name: str = "scorer_dtype") -> torch.dtype | None:
+    """None, a torch floating dtype or its name ("bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32")."""
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[value.lower()]
+    raise ValueError(f"{name} must be None, a floating torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
+
+
 # trunk name -> (timm model, number of timm blocks kept after the stem counting each inverted-residual block and the
 # final 1x1 ConvBnAct as one, output channels)
 _MOBILENET_TRUNKS = {
@@ -261,12 +275,19 @@ class DartScorer(nn.Module):
             ``None`` keeps the full image.
         trunk_weights: local file with the trunk's timm weights.
         head_hidden: hidden width of the v2 gate MLP.
+        channels_last: keep the trunk's weights and feed its input in channels-last memory format (faster
+            convolutions on tensor-core GPUs).
+        trunk_dtype: run the trunk under autocast to this dtype (``torch.bfloat16`` / ``"bf16"``, ...); its features
+            go to the head in float32 unless an outer autocast is active. ``None``: whatever precision is ambient.
     """
 
     def __init__(self, grid_size: tuple[int, int], trunk: str = "mobilenetv3_small", head: str = "v2",
                  score_norm: str = "sample", input_size: int | tuple[int, int] | None = None, in_chans: int = 3,
-                 trunk_weights: str | None = None, head_hidden: int = 96):
+                 trunk_weights: str | None = None, head_hidden: int = 96, channels_last: bool = False,
+                 trunk_dtype=None):
         super().__init__()
+        self.trunk_dtype = resolve_dtype(trunk_dtype, "trunk_dtype")
+        self.channels_last = bool(channels_last)
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if score_norm not in SCORE_NORMS:
@@ -279,6 +300,8 @@ class DartScorer(nn.Module):
         if self.trunk_frozen:
             self.trunk.requires_grad_(False)
             self.trunk.eval()
+        if self.channels_last:
+            self.trunk.to(memory_format=torch.channels_last)
         chans = self.trunk.out_chans
         self.head_version = head
         self.head = ScoreHeadV1(chans) if head == "v1" else ScoreHeadV2(chans, head_hidden)
@@ -310,11 +333,24 @@ class DartScorer(nn.Module):
         x = images
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
-        if self.trunk_frozen:
-            with torch.no_grad():
-                features = self.trunk(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device_type = x.device.type
+        if self.trunk_dtype is None:
+            autocast = contextlib.nullcontext()
+        elif self.trunk_dtype == torch.float32:
+            autocast = torch.autocast(device_type, enabled=False)
+            x = x.float()
         else:
-            features = self.trunk(x)
+            autocast = torch.autocast(device_type, dtype=self.trunk_dtype)
+        with autocast:
+            if self.trunk_frozen:
+                with torch.no_grad():
+                    features = self.trunk(x)
+            else:
+                features = self.trunk(x)
+        if self.trunk_dtype is not None and not torch.is_autocast_enabled(device_type):
+            features = features.float()
         raw = self.head(features)
         if tuple(raw.shape[-2:]) != self.grid_size:
             raw = F.interpolate(raw[:, None], size=self.grid_size, mode="bilinear", align_corners=False)[:, 0]
