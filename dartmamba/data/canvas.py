@@ -69,8 +69,8 @@ class ClutteredCanvas(Dataset):
         background: (low, high) uniform background level.
         channels: output channels; grey sources are replicated, colour sources need ``channels == c``.
         tint: give the object and every fragment a random colour (channels == 3 only).
-        output_size: deliver the canvas at this side (area-averaged resize, as a fixed-grid model sees a lower
-            resolution); default ``canvas_size``.
+        output_size: deliver the canvas at this side (area-averaged: each output pixel is the mean of the canvas
+            pixels it covers), as a fixed-grid model sees a lower resolution; default ``canvas_size``.
         length: number of canvases (default M); canvas ``i`` shows source image ``i % M``.
         seed: base seed.
         resample_per_epoch: new placements every epoch (training) or the same canvases forever (evaluation).
@@ -111,7 +111,8 @@ class ClutteredCanvas(Dataset):
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         source_chans = images.shape[-1]
         if source_chans not in (1, channels):
-            raise ValueError(f"images have {source_chans} channels; channels={channels} needs 1 or {channels}")
+            allowed = " or ".join(str(c) for c in sorted({1, channels}))
+            raise ValueError(f"images have {source_chans} channels; channels={channels} takes sources with {allowed}")
         if tint and channels != 3:
             raise ValueError(f"tint=True needs channels=3, got channels={channels}")
         output_size = canvas_size if output_size is None else output_size
@@ -206,8 +207,7 @@ class ClutteredCanvas(Dataset):
         image = torch.from_numpy(canvas)
         box = (float(left), float(top), float(left + ow), float(top + oh))
         if self.output_size != size:
-            image = F.interpolate(image[None], size=(self.output_size, self.output_size), mode="bilinear",
-                                  align_corners=False, antialias=True).clamp_(0, 1)[0]
+            image = F.interpolate(image[None], size=(self.output_size, self.output_size), mode="area")[0]
             ratio = self.output_size / size
             box = tuple(v * ratio for v in box)
         return CanvasSample(image.contiguous(), int(self.labels[source_index]), box, source_index)

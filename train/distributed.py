@@ -1,0 +1,121 @@
+"""Process-group setup for one process without a launcher, or many under ``deepspeed`` / ``torchrun``.
+
+The DeepSpeed launcher (and torchrun) export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT and pass
+``--local_rank=N``. A plain ``python train/train.py`` gets single-process defaults (rank 0 of 1 on 127.0.0.1 and a
+free port), so DeepSpeed never falls back to MPI discovery.
+
+On CPU the process group is gloo, and DeepSpeed's shared-memory all-reduce op (a ~100 s JIT build on first use)
+is switched off before the engine is created; everything else is DeepSpeed's own code path.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DistInfo", "apply_env_defaults", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def apply_env_defaults(local_rank: int | None = None) -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for a single process where unset.
+
+    ``local_rank`` is the launcher's ``--local_rank`` argument (it wins over a missing LOCAL_RANK). A multi-process
+    world (WORLD_SIZE > 1) must come with MASTER_ADDR and MASTER_PORT from its launcher.
+    """
+    if local_rank is not None and local_rank >= 0:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    world = os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if _env_int("WORLD_SIZE") > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start several processes with "
+                               f"the deepspeed launcher (deepspeed train/train.py ...) or torchrun")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if not 0 <= rank < size:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={size})")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _disable_cpu_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory comm op on CPU (~100 s on 2 cores); gloo is used."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
+def init_distributed(local_rank: int | None = None) -> DistInfo:
+    """Join (or create) the process group through DeepSpeed and pick this process's device."""
+    apply_env_defaults(local_rank)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        _disable_cpu_shm_comm()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = _env_int("LOCAL_RANK")
+    if accelerator.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accelerator.set_device(local)
+        device = torch.device(accelerator.device_name(local))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; identity without a process group)."""
+    out = tensor.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    out = all_reduce_sum(tensor)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out /= torch.distributed.get_world_size()
+    return out

@@ -1,0 +1,171 @@
+"""What a run reports: a tqdm progress bar with interval log lines above it (rank 0), ``steps.csv`` (one row per
+log interval), ``summary.csv`` (one row per epoch), optional TensorBoard, and optional per-rank files.
+
+On resume, ``steps.csv`` keeps only the rows up to the checkpoint's update count and ``summary.csv`` is rewritten
+from the checkpoint's history, so the files read as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+
+from .atomic import atomic_write_text
+
+__all__ = ["RunLogger", "format_seconds", "read_csv"]
+
+# epochs are counted from 1 in the files; "step" is the number of optimizer updates done
+STEP_FIELDS = ["epoch", "step", "loss", "lr", "img_per_s", "data_ms"]
+SUMMARY_FIELDS = ["epoch", "step", "train_loss", "lr", "val_loss", "top1", "top5", "ema_top1", "ema_top5",
+                  "epoch_time_s", "img_per_s"]
+RANK_FIELDS = ["epoch", "step", "local_loss", "loss"]
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def read_csv(path: str) -> list[dict]:
+    """Complete rows of a CSV file (a line cut short by a kill is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        text = handle.read()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return [r for r in rows if None not in r.values() and None not in r]
+
+
+def _csv_text(fields: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+class RunLogger:
+    """Rank 0 writes the shared files and shows progress; with ``rank_log`` every rank also writes its own CSV."""
+
+    def __init__(self, out_dir: str, rank: int, *, progress_bar: bool, tensorboard: bool, rank_log: bool,
+                 resume_step: int | None = None, history: list | None = None):
+        self.out_dir, self.rank, self.is_main = out_dir, rank, rank == 0
+        self.steps_path = os.path.join(out_dir, "steps.csv")
+        self.summary_path = os.path.join(out_dir, "summary.csv")
+        self.rank_path = os.path.join(out_dir, "ranks", f"rank{rank}.csv") if rank_log else None
+        self.progress_bar, self._bar, self._writer = progress_bar, None, None
+        if self.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            self._restart_csv(self.steps_path, STEP_FIELDS, resume_step)
+            atomic_write_text(self.summary_path, _csv_text(SUMMARY_FIELDS, [
+                {k: _fmt(v) for k, v in row.items()} for row in (history or [])]))
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as err:
+                    raise ImportError("output.tensorboard=true needs the tensorboard package "
+                                      "(pip install 'dartmamba[tensorboard]')") from err
+                self._writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if self.rank_path is not None:
+            os.makedirs(os.path.dirname(self.rank_path), exist_ok=True)
+            self._restart_csv(self.rank_path, RANK_FIELDS, resume_step)
+
+    @staticmethod
+    def _restart_csv(path: str, fields: list[str], resume_step: int | None) -> None:
+        """A fresh file, or on resume the rows up to ``resume_step`` (rewritten atomically)."""
+        rows = [] if resume_step is None else [r for r in read_csv(path) if int(r["step"]) <= resume_step]
+        atomic_write_text(path, _csv_text(fields, rows))
+
+    @staticmethod
+    def _append(path: str, fields: list[str], row: dict) -> None:
+        with open(path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n").writerow(
+                {k: _fmt(v) for k, v in row.items()})
+            handle.flush()
+
+    # -- progress ------------------------------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, total_steps: int) -> None:
+        if self.is_main and self.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                             dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- records ---------------------------------------------------------------------------------------------------
+    def interval(self, *, epoch: int, epochs: int, step: int, step_in_epoch: int, steps_in_epoch: int, loss: float,
+                 local_loss: float, lr: float, img_per_s: float, data_ms: float, eta_s: float) -> None:
+        """One log interval: a line above the bar, a ``steps.csv`` row, TensorBoard scalars."""
+        if self.rank_path is not None:
+            self._append(self.rank_path, RANK_FIELDS, dict(epoch=epoch + 1, step=step, local_loss=local_loss, loss=loss))
+        if not self.is_main:
+            return
+        self.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_in_epoch} (update {step})  "
+                  f"loss {loss:.4f}  lr {lr:.3e}  {img_per_s:.0f} img/s  data {data_ms:.1f} ms/step  "
+                  f"ETA {format_seconds(eta_s)}")
+        self._append(self.steps_path, STEP_FIELDS, dict(epoch=epoch + 1, step=step, loss=loss, lr=lr,
+                                                        img_per_s=img_per_s, data_ms=data_ms))
+        if self._writer is not None:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/lr", lr, step)
+            self._writer.add_scalar("train/img_per_s", img_per_s, step)
+
+    def epoch_summary(self, history: list[dict]) -> None:
+        """Rewrite ``summary.csv`` from the run's history (atomic) and print the last row."""
+        if not self.is_main:
+            return
+        atomic_write_text(self.summary_path, _csv_text(SUMMARY_FIELDS, [
+            {k: _fmt(v) for k, v in row.items()} for row in history]))
+        row = history[-1]
+        parts = [f"epoch {row['epoch']} done in {format_seconds(row['epoch_time_s'])}",
+                 f"train loss {row['train_loss']:.4f}"]
+        if row.get("top1") is not None:
+            parts.append(f"val loss {row['val_loss']:.4f} top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}")
+        if row.get("ema_top1") is not None:
+            parts.append(f"EMA top-1 {row['ema_top1']:.2f}")
+        self.info("  ".join(parts))
+        if self._writer is not None:
+            for key in ("val_loss", "top1", "top5", "ema_top1", "ema_top5"):
+                if row.get(key) is not None:
+                    self._writer.add_scalar(f"val/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
