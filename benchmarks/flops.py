@@ -11,7 +11,7 @@ Examples:
   python -m benchmarks.flops                                   # Ti/S/B x fixed/DART x Vim/DeiT at 196 tokens
   python -m benchmarks.flops --families vim --sizes s --tokens 196 392 784 1568
   python -m benchmarks.flops --model vim_small_dart --model-kwargs '{"num_tokens": 392}'
-  python -m benchmarks.flops --dart-kwargs '{"dart_cfg": {"scorer_input_size": 224}}'   # the official scorer input
+  python -m benchmarks.flops --dart-kwargs '{"dart_cfg": {"scorer_input_size": 448}}'   # scorer on the full input
 """
 from __future__ import annotations
 

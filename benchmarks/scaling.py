@@ -549,7 +549,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-kwargs", default=None, help="JSON kwargs for every cell's model")
     parser.add_argument("--fixed-kwargs", default=None, help="JSON kwargs for fixed-grid cells only")
     parser.add_argument("--dart-kwargs", default=None,
-                        help="JSON kwargs for DART cells only, e.g. '{\"dart_cfg\": {\"scorer_input_size\": 224}}'")
+                        help="JSON kwargs for DART cells only, e.g. '{\"dart_cfg\": {\"scorer_input_size\": 448}}'")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"])

@@ -107,11 +107,22 @@ def _clear_leftovers(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _save_safetensors(state: dict, path: str) -> None:
+def _model_metadata(parts: EngineParts) -> dict:
+    """safetensors metadata: the model's timm name and kwargs (``dartmamba.load_model`` reads them) when it is one
+    of dartmamba's models."""
+    import json
+
+    from dartmamba.models.checkpoints import CONFIG_KEY
+
+    config = getattr(parts.engine.module, CONFIG_KEY, None)
+    return {"format": "pt", **({CONFIG_KEY: json.dumps(config)} if config is not None else {})}
+
+
+def _save_safetensors(state: dict, path: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata or {"format": "pt"})
 
 
 def _publish(src: str, dst: str) -> None:
@@ -147,10 +158,11 @@ def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, 
     parts.engine.save_checkpoint(staging_root, tag=tag, client_state={}, save_latest=False)
     model_state = consolidated_state_dict(parts)
     if dist.is_main:
-        _save_safetensors(model_state, os.path.join(staging, MODEL_FILE))
+        metadata = _model_metadata(parts)
+        _save_safetensors(model_state, os.path.join(staging, MODEL_FILE), metadata)
         if ema is not None:
             _save_safetensors({k: v.detach().float().cpu() for k, v in ema.module.state_dict().items()},
-                              os.path.join(staging, EMA_FILE))
+                              os.path.join(staging, EMA_FILE), metadata)
         atomic_write_text(os.path.join(staging, STATE_FILE), state.to_json())
         fsync_dir(staging)
     barrier()

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["CanvasSample", "ClutteredCanvas", "digits_source"]
+__all__ = ["CanvasSample", "ClutteredCanvas", "digits_source", "MASK_THRESHOLD"]
+
+MASK_THRESHOLD = 0.25       # object ink level (before tinting) from which a pixel belongs to the object's mask
 
 
 def _as_range(value, name: str, kind=float) -> tuple:
@@ -45,12 +47,16 @@ class CanvasSample:
     label: class index of the object.
     box: (x0, y0, x1, y1) of the object in output pixels (x1, y1 exclusive).
     source_index: which source image the object is.
+    mask: (S, S) float32 in [0, 1], the object's segmentation: 1 on canvas pixels where the object's own ink is at
+        least ``MASK_THRESHOLD`` of full strength (clutter never counts), area-averaged to ``output_size`` (so a
+        soft coverage fraction at a lower resolution).
     """
 
     image: Tensor
     label: int
     box: tuple[float, float, float, float]
     source_index: int
+    mask: Tensor | None = None
 
 
 class ClutteredCanvas(Dataset):
@@ -196,21 +202,27 @@ class ClutteredCanvas(Dataset):
                                                                  * self._colour(rng))
             self._paste(canvas, fragment, int(rng.integers(size - ch + 1)), int(rng.integers(size - cw + 1)))
 
-        obj = self.scaled_sources(self._draw_size(rng))[source_index] * self._colour(rng)
+        ink = self.scaled_sources(self._draw_size(rng))[source_index]
+        obj = ink * self._colour(rng)
         oh, ow = obj.shape[-2:]
         top, left = int(rng.integers(size - oh + 1)), int(rng.integers(size - ow + 1))
         self._paste(canvas, obj, top, left)
+        mask = np.zeros((1, size, size), dtype=np.float32)
+        mask[0, top:top + oh, left:left + ow] = ink.max(axis=0) >= MASK_THRESHOLD
 
         if self.noise_std > 0:
             canvas += self.noise_std * rng.standard_normal(canvas.shape, dtype=np.float32)
             np.clip(canvas, 0, 1, out=canvas)
-        image = torch.from_numpy(canvas)
+        image, mask_t = torch.from_numpy(canvas), torch.from_numpy(mask)
         box = (float(left), float(top), float(left + ow), float(top + oh))
         if self.output_size != size:
-            image = F.interpolate(image[None], size=(self.output_size, self.output_size), mode="area")[0]
+            out = (self.output_size, self.output_size)
+            image = F.interpolate(image[None], size=out, mode="area")[0]
+            mask_t = F.interpolate(mask_t[None], size=out, mode="area")[0]
             ratio = self.output_size / size
             box = tuple(v * ratio for v in box)
-        return CanvasSample(image.contiguous(), int(self.labels[source_index]), box, source_index)
+        return CanvasSample(image.contiguous(), int(self.labels[source_index]), box, source_index,
+                            mask_t[0].contiguous())
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """-> (image (C, S, S) float32, normalised if mean/std were given; label)."""

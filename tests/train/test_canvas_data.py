@@ -129,3 +129,31 @@ def test_bad_sources_and_indices(digits):
     assert sample.image.shape == (3, 16, 16) and sample.image.max() <= 1.0
     with pytest.raises(ValueError, match="images have 3 channels; channels=1 takes sources with 1"):
         ClutteredCanvas(rgb, np.arange(4), canvas_size=16, object_size=6, channels=1)
+
+
+def test_mask_is_the_objects_own_ink_inside_its_box(digits):
+    from dartmamba.data import MASK_THRESHOLD
+
+    clean = make(digits, num_distractors=0, noise_std=0.0, background=0.0, seed=5)
+    cluttered = make(digits, num_distractors=(6, 8), noise_std=0.0, background=0.0, seed=5)
+    for index in (3, 40):
+        sample = clean.render(index)
+        x0, y0, x1, y1 = (int(v) for v in sample.box)
+        assert sample.mask.shape == sample.image.shape[1:] and sample.mask.dtype == torch.float32
+        assert set(sample.mask.unique().tolist()) == {0.0, 1.0}
+        inside = torch.zeros_like(sample.mask, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert sample.mask[~inside].sum() == 0 and sample.mask.sum() > 10
+        # without clutter, the mask is exactly where the object's ink reaches the threshold
+        torch.testing.assert_close(sample.mask, (sample.image[0] >= MASK_THRESHOLD).float(), rtol=0, atol=0)
+        # clutter adds ink but never mask: every masked pixel still shows the object's ink
+        other = cluttered.render(index)
+        assert (other.image[0][other.mask > 0] >= MASK_THRESHOLD).all()
+        assert ((other.image[0] >= MASK_THRESHOLD) & (other.mask == 0)).sum() > 0
+
+
+def test_mask_is_area_averaged_with_the_image(digits):
+    full = make(digits, seed=2).render(7)
+    half = make(digits, seed=2, output_size=24).render(7)
+    torch.testing.assert_close(half.mask, full.mask.reshape(24, 2, 24, 2).mean(dim=(1, 3)))
+    assert ((half.mask > 0) & (half.mask < 1)).any()           # a soft coverage fraction at the edges

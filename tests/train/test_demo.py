@@ -5,6 +5,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import dartmamba
 
 from dartmamba.tokenizer import DartTokenizer
 
@@ -35,8 +38,13 @@ def test_demo_trains_both_models_and_reports(tmp_path, capsys):
         assert run["tokens"] == 16 and run["out_dir"] == str(out / folder)
         rows = read_csv(str(out / folder / "summary.csv"))
         assert len(rows) == 1 and float(rows[0]["top1"]) == run["top1"]
-        assert (out / folder / "last.safetensors").is_file()
         assert (out / folder / "checkpoints" / "last").read_text() == "epoch0001"
+        # the consolidated weights carry the model config: one line back to the trained model
+        weights = load_file(str(out / folder / "last.safetensors"))
+        model = dartmamba.load_model(str(out / folder / "last.safetensors"))
+        assert model.num_classes == 10 and model.num_tokens == 16
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
     # the figure's models are the saved weights: they reproduce the accuracies the runs reported
     assert summary["dart_top1"] == pytest.approx(summary["runs"]["dart"]["top1"], abs=1e-4)
     assert summary["fixed_top1"] == pytest.approx(summary["runs"]["fixed"]["top1"], abs=1e-4)
