@@ -31,8 +31,15 @@ VARIANTS = {
     "fixed64": ("vim_fixed", 64, ["model.kwargs.img_size=64", "data.canvas.output_size=64"]),
     # control: the DART model with constant scores, i.e. a regular 4x4 grid point-sampled from the 64x64 canvas
     "uniform16": ("vim_dart", 16, ["model.kwargs.dart_cfg.uniform_scores=true"]),
+    # scorer variants (the tokenizer-speed issue's accuracy column): the demo's scorer is tiny_cnn + head v2 at 64 px
+    "dart16_scorer32": ("vim_dart", 16, ["model.kwargs.dart_cfg.scorer_input_size=32"]),
+    "dart16_headv1": ("vim_dart", 16, ["model.kwargs.dart_cfg.head=v1"]),
+    "dart16_mnv3small": ("vim_dart", 16, ["model.kwargs.dart_cfg.trunk=mobilenetv3_small",
+                                          "model.kwargs.dart_cfg.scorer_input_size=64"]),
 }
-LABELS = {"dart": "Vim-DART", "fixed": "Vim, fixed grid", "uniform": "Vim-DART, constant scores (control)"}
+LABELS = {"dart": "Vim-DART", "fixed": "Vim, fixed grid", "uniform": "Vim-DART, constant scores (control)",
+          "dart16_scorer32": "Vim-DART, scorer input 32x32 (half)", "dart16_headv1": "Vim-DART, scorer head v1",
+          "dart16_mnv3small": "Vim-DART, frozen random-init MobileNetV3-small trunk (no pretrained weights here)"}
 
 
 def final_row(out_dir: str, epochs: int) -> dict | None:
@@ -73,10 +80,11 @@ def table(results: list[dict]) -> str:
         rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
         if not rows:
             continue
-        kind = "".join(c for c in name if c.isalpha())
+        kind = name if name in LABELS else "".join(c for c in name if c.isalpha())
         tokens = rows[0]["tokens"]
         side = int(round(tokens ** 0.5)) * 8
-        view = views.get(kind, f"{side}x{side} " + ("(area-averaged)" if side < 64 else "(the canvas itself)"))
+        view = views.get(kind.split("16")[0], f"{side}x{side} " + ("(area-averaged)" if side < 64 else
+                                                                   "(the canvas itself)"))
         accs = [r["top1"] for r in rows]
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         per_seed = ", ".join(f"{a:.1f} (s{r['seed']})" for a, r in zip(accs, rows))

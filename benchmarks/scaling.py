@@ -381,7 +381,7 @@ def summary_markdown(rows: list[dict]) -> str:
     device = next((r.get("infer_device") or r.get("train_device") for r in rows
                    if r.get("infer_device") or r.get("train_device")), None)
     table_cols = [("family", "family", ""), ("size", "size", ""), ("tokenizer", "tok.", ""), ("tokens", "tokens", "d"),
-                  ("gflops", "GFLOPs", ".2f"), ("gflops_scorer_trunk", "scorer GF", ".3f"),
+                  ("gflops", "GFLOPs", ".4g"), ("gflops_scorer_trunk", "scorer GF", ".3g"),
                   ("infer_img_per_s", "infer img/s", ",.0f"), ("infer_peak_mem_mib", "infer MiB", ",.0f"),
                   ("train_img_per_s", "train img/s", ",.0f"), ("train_peak_mem_mib", "train MiB", ",.0f"),
                   ("accuracy", "acc. %", ".2f")]
