@@ -84,6 +84,48 @@ def test_load_official_dart_vim_checkpoint(tmp_path, seed):
     assert torch.isfinite(logits).all()
 
 
+def official_dart_deit_state_dict(dim, depth, heads, num_classes):
+    """A darvit_sm-style state dict: timm DeiT (VisionTransformer) keys with pos_embed (1, 197, D), and the scorer
+    under patch_embed.spn.spn.spn.: torchvision MobileNetV3-large features[:15] (160 ch, the v1 cut) and the v1
+    head mlp.net.{0,2} (160 -> 160 -> 1)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    deit = VisionTransformer(img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                             num_classes=num_classes)
+    state = {k: torch.randn_like(v) for k, v in deit.state_dict().items()}
+    trunk = torchvision.models.mobilenet_v3_large().features[:15]
+    for module in trunk.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    prefix = "patch_embed.spn.spn.spn."
+    for key, value in trunk.state_dict().items():
+        state[prefix + "features." + key] = value.clone()
+    for key, shape in (("mlp.net.0.weight", (160, 160)), ("mlp.net.0.bias", (160,)), ("mlp.net.2.weight", (1, 160)),
+                       ("mlp.net.2.bias", (1,))):
+        state[prefix + key] = torch.randn(shape) * 0.05
+    return state, trunk
+
+
+def test_load_official_dart_deit_checkpoint(tmp_path, seed):
+    state, trunk = official_dart_deit_state_dict(dim=32, depth=2, heads=2, num_classes=10)
+    path = tmp_path / "darvit_sm.pth"
+    torch.save({"model": state}, str(path))
+    model = timm.create_model("deit_small_dart", embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    report = load_official_checkpoint(model, str(path))
+    assert report.missing == [] and report.unexpected == [] and report.resized == [], report
+    assert model.patch_embed.scorer.score_norm == "batch"
+    own = model.state_dict()
+    assert torch.equal(own["patch_embed.scorer.head.fc2.weight"], state["patch_embed.spn.spn.spn.mlp.net.2.weight"])
+    for key in ("blocks.1.attn.qkv.weight", "pos_embed", "cls_token", "patch_embed.proj.weight", "head.bias"):
+        assert torch.equal(own[key], state[key]), key
+    images = torch.randn(2, 3, 224, 224)       # the trunk sees the 224 resize of the 448 input
+    with torch.no_grad():
+        torch.testing.assert_close(model.patch_embed.scorer.trunk(images), trunk.eval()(images), rtol=1e-5, atol=1e-5)
+        logits = model.eval()(torch.randn(2, 3, 448, 448))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
 def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     state = hustvl_vim_state_dict(dim=32, depth=2, num_classes=10)
     state["layers.1.mixer.x_proj_b.weight"] = torch.randn(5, 64)
