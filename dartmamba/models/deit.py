@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..tokenizer import DartTokenizer, DartTokens
 from ._features import package_intermediates
+from ._dart_cfg import dart_scorer_cfg
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["DartVisionTransformer"]
@@ -146,12 +147,8 @@ _DART_TRUNK = {"tiny": "mobilenetv3_small_v1", "small": "mobilenetv3_large_v1", 
 
 def _create(size: str, pretrained: bool, kwargs: dict) -> DartVisionTransformer:
     name, user_kwargs = f"deit_{size}_dart", dict(kwargs)
-    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v1", **(kwargs.pop("dart_cfg", None) or {})}
-    if dart_cfg["trunk"].startswith("mobilenetv3"):
-        # The paper's scorer sees the image at half resolution (224 for 448): its published FLOPs count that.
-        img_size = kwargs.get("img_size", 448)
-        half = img_size // 2 if isinstance(img_size, int) else tuple(side // 2 for side in img_size)
-        dart_cfg.setdefault("scorer_input_size", half)
+    dart_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v1"}, kwargs.pop("dart_cfg", None),
+                               kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, **_SIZES[size])
     out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(DartVisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

@@ -25,6 +25,7 @@ from ..modules.bimamba import BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import DartTokenizer, DartTokens
 from ._features import package_intermediates
+from ._dart_cfg import dart_scorer_cfg
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["VisionMamba"]
@@ -294,12 +295,8 @@ def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
 
 def _dart_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
     name, user_kwargs = f"vim_{size}_dart", dict(kwargs)
-    dart_cfg = {"trunk": _DART_TRUNK[size], "head": "v2", **(kwargs.pop("dart_cfg", None) or {})}
-    if dart_cfg["trunk"].startswith("mobilenetv3"):
-        # The paper's scorer sees the image at half resolution (224 for 448): its published FLOPs count that.
-        img_size = kwargs.get("img_size", 448)
-        half = img_size // 2 if isinstance(img_size, int) else tuple(side // 2 for side in img_size)
-        dart_cfg.setdefault("scorer_input_size", half)
+    dart_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v2"}, kwargs.pop("dart_cfg", None),
+                               kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
     model = _create_vim(name, pretrained, dart_cfg=dart_cfg, **{**args, **kwargs})
     return record_config(model, name, user_kwargs)

@@ -47,21 +47,26 @@ def test_load_hustvl_vim_checkpoint(tmp_path, seed):
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def official_dart_vim_state_dict(dim, depth, num_classes):
-    """A darvim_tiny-style state dict: Vim layers + tokenizer under patch_embed (torchvision MobileNetV3-small
-    features[:13] trunk under patch_embed.spn.spn.spn.features, head v2 MLP 576 -> 96 -> 576 under mlp.net)."""
-    state = hustvl_vim_state_dict(dim, depth, num_classes)
-    trunk = torchvision.models.mobilenet_v3_small().features[:13]
+def official_scorer_state(trunk: torch.nn.Module, head_shapes: dict) -> dict:
+    """The official scorer's tensors under patch_embed.spn.spn.spn.: a torchvision MobileNetV3 ``features[:k]``
+    trunk (BatchNorm statistics randomised) as ``features.*`` and the head's ``mlp.net.*`` tensors."""
     for module in trunk.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
     prefix = "patch_embed.spn.spn.spn."
-    for key, value in trunk.state_dict().items():
-        state[prefix + "features." + key] = value.clone()
-    for key, shape in (("mlp.net.0.weight", (96, 576)), ("mlp.net.0.bias", (96,)), ("mlp.net.2.weight", (576, 96)),
-                       ("mlp.net.2.bias", (576,))):
-        state[prefix + key] = torch.randn(shape) * 0.05
+    state = {prefix + "features." + key: value.clone() for key, value in trunk.state_dict().items()}
+    state.update({prefix + key: torch.randn(shape) * 0.05 for key, shape in head_shapes.items()})
+    return state
+
+
+def official_dart_vim_state_dict(dim, depth, num_classes):
+    """A darvim_tiny-style state dict: Vim layers + tokenizer under patch_embed (torchvision MobileNetV3-small
+    features[:13] trunk under patch_embed.spn.spn.spn.features, head v2 MLP 576 -> 96 -> 576 under mlp.net)."""
+    state = hustvl_vim_state_dict(dim, depth, num_classes)
+    trunk = torchvision.models.mobilenet_v3_small().features[:13]
+    state.update(official_scorer_state(trunk, {"mlp.net.0.weight": (96, 576), "mlp.net.0.bias": (96,),
+                                               "mlp.net.2.weight": (576, 96), "mlp.net.2.bias": (576,)}))
     return state, trunk
 
 
@@ -94,16 +99,8 @@ def official_dart_deit_state_dict(dim, depth, heads, num_classes):
                              num_classes=num_classes)
     state = {k: torch.randn_like(v) for k, v in deit.state_dict().items()}
     trunk = torchvision.models.mobilenet_v3_large().features[:15]
-    for module in trunk.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-    prefix = "patch_embed.spn.spn.spn."
-    for key, value in trunk.state_dict().items():
-        state[prefix + "features." + key] = value.clone()
-    for key, shape in (("mlp.net.0.weight", (160, 160)), ("mlp.net.0.bias", (160,)), ("mlp.net.2.weight", (1, 160)),
-                       ("mlp.net.2.bias", (1,))):
-        state[prefix + key] = torch.randn(shape) * 0.05
+    state.update(official_scorer_state(trunk, {"mlp.net.0.weight": (160, 160), "mlp.net.0.bias": (160,),
+                                               "mlp.net.2.weight": (1, 160), "mlp.net.2.bias": (1,)}))
     return state, trunk
 
 
