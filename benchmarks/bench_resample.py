@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+if __package__ in (None, ""):      # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import median_ms  # noqa: E402
 
 TARGET_FWD, TARGET_FWD_BWD, TARGET_BW = 10.0, 5.0, 0.60
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,29 +92,9 @@ def main(argv=None) -> int:
     labels = {"reference": "(a) official (grid_sample loop)", "torch": "(b) torch gathers",
               "triton": "(c) triton kernel", "triton-det": "(c') triton, deterministic bwd"}
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def timed(fn) -> float:
         """Median milliseconds of fn() over the repeats, after warm-up."""
-        for _ in range(args.warmup):
-            fn()
-        sync()
-        times = []
-        for _ in range(args.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, args.repeats, args.warmup, cuda)
 
     # device-to-device copy bandwidth (read + write)
     numel = args.copy_mib * 2**20 // 4

@@ -37,13 +37,17 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 import warnings
 
 import torch
+
+if __package__ in (None, ""):      # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import median_ms  # noqa: E402
 
 TARGET_DEIT_SHARE, TARGET_VIM_SHARE, TARGET_SPEEDUP = 0.10, 0.05, 2.0
 SECTIONS = ("parts", "tokenizer", "models", "scorers", "compile")
@@ -106,23 +110,7 @@ class Bench:
 
     def time_ms(self, fn) -> float:
         """Median milliseconds of fn() after warm-up (CUDA events on the GPU, perf_counter on CPU)."""
-        for _ in range(self.args.warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(self.args.repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, self.args.repeats, self.args.warmup, self.cuda)
 
     def record(self, section: str, name: str, ms: float | None = None, **extra) -> dict:
         row = dict(section=section, name=name, ms=ms, **extra)
@@ -393,7 +381,7 @@ def section_scorers(bench: Bench, cfg: dict, images, amp):
                                         channels_last=channels_last).to(bench.device).eval()
                 layout = "channels_last" if channels_last else "NCHW"
                 label = f"{trunk} (head {head}) @ {size}, {layout}"
-                extra = dict(trunk=trunk, input=size, layout=layout, accuracy="pending (train/ canvas study)")
+                extra = dict(trunk=trunk, input=size, layout=layout, accuracy="canvas: docs/tokenizer_speed.md")
                 with torch.no_grad(), amp():
                     row = bench.run(s, f"{label}: eager", lambda: scorer(images), mode="eager", **extra)
                     if bench.cuda and channels_last:
@@ -684,7 +672,7 @@ def compile_scorers(bench: Bench, cfg: dict, images, amp):
             scorer = DartScorer((cfg["grid"], cfg["grid"]), trunk=trunk, head=head, input_size=size,
                                 channels_last=True).to(bench.device).eval()
         kwargs = _compile_kwargs(bench.args, fullgraph=True)
-        extra = dict(trunk=trunk, input=size, layout="channels_last", accuracy="pending (train/ canvas study)")
+        extra = dict(trunk=trunk, input=size, layout="channels_last", accuracy="canvas: docs/tokenizer_speed.md")
         try:
             fn = torch.compile(scorer, **kwargs)
             with torch.no_grad(), amp():

@@ -115,6 +115,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_ms(fn, repeats: int, warmup: int = 0, cuda: bool = False) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls: CUDA events around each call on
+    the GPU (``cuda=True``; the current device), ``time.perf_counter`` on the CPU."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def backend_choices(device: torch.device) -> dict:
     """Which implementation each dartmamba op runs on ``device`` (or why none can)."""
     from dartmamba import backends
