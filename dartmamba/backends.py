@@ -58,6 +58,24 @@ def cached_check(check: Callable[[], str | None]) -> Callable[[], str | None]:
     return torch.compiler.assume_constant_result(cached)
 
 
+def cuda_extension_check(load: Callable[[], object], what: str, package: str) -> Callable[[], str | None]:
+    """A :func:`cached_check` for an optional CUDA extension: ``None`` when CUDA is available and ``load()`` imports
+    the extension, else the reason, naming ``what`` failed and the pip ``package`` of the ``cuda`` extra."""
+
+    def check() -> str | None:
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        try:
+            load()
+        except Exception as exc:  # a missing or mismatched build (undefined symbols) must not break the other paths
+            return (f"cannot import {what} ({type(exc).__name__}: {exc}); install the `cuda` extra "
+                    f"(pip install {package})")
+        return None
+
+    check.__name__ = f"{package.replace('-', '_')}_unavailable"
+    return cached_check(check)
+
+
 def register_backend(op: str, name: str, devices: tuple[str, ...], available: Callable[[], str | None] = lambda: None,
                      fallback_warning: str | None = None) -> None:
     """Register a backend; registration order is the preference order for "auto"."""

@@ -97,16 +97,7 @@ def _conv_fn():
     return _LOADED["fn"]
 
 
-@backends.cached_check
-def _cuda_unavailable() -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        _conv_fn()
-    except Exception as exc:  # a missing or mismatched build must not break the torch path
-        return (f"cannot import causal-conv1d ({type(exc).__name__}: {exc}); "
-                f"install the `cuda` extra (pip install causal-conv1d)")
-    return None
+_cuda_unavailable = backends.cuda_extension_check(_conv_fn, "causal-conv1d", "causal-conv1d")
 
 
 def _cuda_unsupported(x: Tensor, weight: Tensor) -> Optional[str]:

@@ -115,16 +115,7 @@ def _triton_kernels():
     return _LOADED["kernels"]
 
 
-@backends.cached_check
-def _triton_unavailable() -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        _triton_kernels()
-    except Exception as exc:  # a missing or mismatched build must not break the torch path
-        return (f"cannot import mamba-ssm's Triton layer norm ({type(exc).__name__}: {exc}); "
-                f"install the `cuda` extra (pip install mamba-ssm)")
-    return None
+_triton_unavailable = backends.cuda_extension_check(_triton_kernels, "mamba-ssm's Triton layer norm", "mamba-ssm")
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -395,16 +395,8 @@ def _mamba_extension():
     return _LOADED["ext"]
 
 
-@backends.cached_check
-def _mamba_unavailable() -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        _mamba_extension()
-    except Exception as exc:  # a missing or mismatched build (undefined symbols) must not break the other paths
-        return (f"cannot import mamba-ssm's CUDA extension selective_scan_cuda ({type(exc).__name__}: {exc}); "
-                f"install the `cuda` extra (pip install mamba-ssm)")
-    return None
+_mamba_unavailable = backends.cuda_extension_check(
+    _mamba_extension, "mamba-ssm's CUDA extension selective_scan_cuda", "mamba-ssm")
 
 
 def _call_mamba(fn, *args):

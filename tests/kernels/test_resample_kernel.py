@@ -5,9 +5,6 @@ compile for sm_90 (real Triton compiler + ptxas, no GPU needed).
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py). The ``gpu`` tests need the compiled kernels:
 run them on a CUDA machine with ``TRITON_INTERPRET=0 pytest -m gpu tests/kernels``.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -265,14 +262,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernels_compile_for_sm90_offline():
+def test_kernels_compile_for_sm90_offline(compile_offline_for_sm90):
     """The real Triton compiler (TTIR -> PTX -> cubin with the bundled ptxas) accepts every kernel variant: catches
     what the interpreter lets through. No GPU needed."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # pragma: no cover - non-NVIDIA triton builds
-        pytest.skip(f"no NVIDIA backend in this triton: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    compile_offline_for_sm90(_COMPILE_SCRIPT)
