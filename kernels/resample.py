@@ -147,10 +147,18 @@ def _rows(bb, band, step_a, H, OFF: tl.constexpr, WORK_F64: tl.constexpr, CLAMP_
 
 
 @triton.jit
-def _resample_fwd_kernel(img_ptr, bb_ptr, te_ptr, out_ptr, N, H, W, R,
-                         C: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                         PAPER: tl.constexpr, GEOM_F64: tl.constexpr, WORK_F64: tl.constexpr,
-                         CLAMP_LO_INCL: tl.constexpr):
+def _sample_tile(bb_ptr, te_ptr, N, H, W, R, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PAPER: tl.constexpr, GEOM_F64: tl.constexpr, WORK_F64: tl.constexpr, CLAMP_LO_INCL: tl.constexpr):
+    """The sample points of this program's tile: tokens ``offs_t`` of image ``program_id(1)``, lines a x columns b.
+
+    Shared by the forward and backward kernels (the backward recomputes the points instead of saving them), so
+    both sample exactly the same pixels. Returns, in order: ``offs_t`` [T], ``offs_p`` [B], ``tmask``, ``pmask``,
+    ``step`` [B] (line / column fractions), ``omask`` [T, A, B] (valid outputs), ``m0`` / ``m1`` (valid outputs
+    whose column tap 0 / 1 lies in the strip), pixel offsets ``o00 o01 o10 o11`` and bilinear weights
+    ``w00 w01 w10 w11`` of the four taps (column tap, row tap), and for the geometry gradient: column weights
+    ``wx0 wx1`` and in-strip masks ``in0 in1`` [T, B], row fractions ``ty0 ty1`` [T, A, B], tap bands
+    ``band0 band1`` [T, B], row clamp masks ``dm0 dm1`` [T, A, B], ``dxdu`` [T, B] (see ``_columns``).
+    """
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1)
     OFF: tl.constexpr = 0.0 if PAPER else 0.5
@@ -174,6 +182,7 @@ def _resample_fwd_kernel(img_ptr, bb_ptr, te_ptr, out_ptr, N, H, W, R,
         r10 = r00
         r11 = r01
         ty1 = ty0
+        dm1 = dm0
 
     omask = tmask[:, None, None] & pmask[None, :, None] & pmask[None, None, :]
     m0 = omask & in0[:, None, :]
@@ -186,6 +195,19 @@ def _resample_fwd_kernel(img_ptr, bb_ptr, te_ptr, out_ptr, N, H, W, R,
     o01 = r01 * W + x0[:, None, :]
     o10 = r10 * W + x1[:, None, :]
     o11 = r11 * W + x1[:, None, :]
+    return (offs_t, offs_p, tmask, pmask, step, omask, m0, m1, o00, o01, o10, o11, w00, w01, w10, w11,
+            wx0, wx1, ty0, ty1, in0, in1, band0, band1, dm0, dm1, dxdu)
+
+
+@triton.jit
+def _resample_fwd_kernel(img_ptr, bb_ptr, te_ptr, out_ptr, N, H, W, R,
+                         C: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                         PAPER: tl.constexpr, GEOM_F64: tl.constexpr, WORK_F64: tl.constexpr,
+                         CLAMP_LO_INCL: tl.constexpr):
+    offs_t, offs_p, tmask, pmask, step, omask, m0, m1, o00, o01, o10, o11, w00, w01, w10, w11, \
+        wx0, wx1, ty0, ty1, in0, in1, band0, band1, dm0, dm1, dxdu = _sample_tile(
+            bb_ptr, te_ptr, N, H, W, R, P, BLOCK_T, BLOCK_P, PAPER, GEOM_F64, WORK_F64, CLAMP_LO_INCL)
+    pid_b = tl.program_id(1)
 
     hw = H * W
     img_b = img_ptr + pid_b.to(tl.int64) * C * hw
@@ -225,44 +247,13 @@ def _resample_bwd_kernel(go_ptr, img_ptr, bb_ptr, te_ptr, gimg_ptr, gbb_ptr, glo
                          PAPER: tl.constexpr, GEOM_F64: tl.constexpr, WORK_F64: tl.constexpr,
                          CLAMP_LO_INCL: tl.constexpr, NEED_IMG: tl.constexpr, NEED_GEOM: tl.constexpr,
                          FIXED: tl.constexpr):
-    pid_t = tl.program_id(0)
+    offs_t, offs_p, tmask, pmask, step, omask, m0, m1, o00, o01, o10, o11, w00, w01, w10, w11, \
+        wx0, wx1, ty0, ty1, in0, in1, band0, band1, dm0, dm1, dxdu = _sample_tile(
+            bb_ptr, te_ptr, N, H, W, R, P, BLOCK_T, BLOCK_P, PAPER, GEOM_F64, WORK_F64, CLAMP_LO_INCL)
     pid_b = tl.program_id(1)
-    OFF: tl.constexpr = 0.0 if PAPER else 0.5
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    tmask = offs_t < N
-    pmask = offs_p < P
-    step = _steps(offs_p, P, OFF, GEOM_F64)
-
-    bb = bb_ptr + pid_b * (R + 1)
-    te = te_ptr + pid_b * (N + 1)
-    e0 = tl.load(te + offs_t, mask=tmask, other=0.0)[:, None]
-    e1 = tl.load(te + offs_t + 1, mask=tmask, other=0.0)[:, None]
-    band0, x0, wx0, in0, band1, x1, wx1, in1, dxdu = _columns(e0, e1, step[None, :], W, R, PAPER, WORK_F64,
-                                                              CLAMP_LO_INCL)
     step_a = step[None, :, None]
-    r00, r01, ty0, dm0 = _rows(bb, band0[:, None, :], step_a, H, OFF, WORK_F64, CLAMP_LO_INCL)
-    if PAPER:
-        r10, r11, ty1, dm1 = _rows(bb, band1[:, None, :], step_a, H, OFF, WORK_F64, CLAMP_LO_INCL)
-    else:
-        r10 = r00
-        r11 = r01
-        ty1 = ty0
-        dm1 = dm0
-
-    omask = tmask[:, None, None] & pmask[None, :, None] & pmask[None, None, :]
-    m0 = omask & in0[:, None, :]
-    m1 = omask & in1[:, None, :]
     wx0e = wx0[:, None, :]
     wx1e = wx1[:, None, :]
-    w00 = wx0e * (1.0 - ty0)
-    w01 = wx0e * ty0
-    w10 = wx1e * (1.0 - ty1)
-    w11 = wx1e * ty1
-    o00 = r00 * W + x0[:, None, :]
-    o01 = r01 * W + x0[:, None, :]
-    o10 = r10 * W + x1[:, None, :]
-    o11 = r11 * W + x1[:, None, :]
     if FIXED:
         scale_img = tl.load(scale_ptr)
         scale_geom = tl.load(scale_ptr + 1)
