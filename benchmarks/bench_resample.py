@@ -55,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the device copy for the bandwidth")
+    parser.add_argument("--embed-dim", type=int, default=384,
+                        help="width D of the patch-embedding GEMM timed for the fusion bound (384: DeiT-S / Vim-S)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--smoke", action="store_true",
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)                      # small CPU tensors (scores)
     dev_gen = torch.Generator(device=device).manual_seed(args.seed)     # big tensors, made on the device
     size, p = args.img_size, args.patch_size
-    rows = []
+    rows, fusion = [], []
     for num_tokens in args.tokens:
         scores = torch.exp(args.skew * torch.rand(args.batch, args.grid_size, args.grid_size, generator=gen))
         geometry = partition(scores.to(device), num_tokens, img_size=size, validate=False)
@@ -152,12 +154,15 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"N={num_tokens} {dtype_name} {labels[impl]:32s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fb_ms:8.3f} ms"
                       f"  fwd {gbs:8.1f} GB/s ({100 * gbs / copy_gbs:5.1f}% of copy)")
+            if "triton" in results:
+                fusion.append(fusion_bound(args, images, geometry, num_tokens, dtype_name, results["triton"][0],
+                                           timed))
             del images, images_grad, grad_out
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=name, torch=torch.__version__, copy_gbs=copy_gbs, args=vars(args), rows=rows), fh,
-                      indent=2)
+            json.dump(dict(device=name, torch=torch.__version__, copy_gbs=copy_gbs, args=vars(args), rows=rows,
+                           embed_fusion_bound=fusion), fh, indent=2)
 
     def fmt(x, spec):
         return "-" if x != x else format(x, spec)
@@ -182,7 +187,36 @@ def main(argv=None) -> int:
         print(f"| {r['tokens']} | {r['dtype']} | {r['label']} | {fmt(r['fwd_ms'], '.3f')} | {r['fwd_bwd_ms']:.3f} "
               f"| {fmt(r['fwd_speedup'], '.1f')} | {fmt(r['fwd_bwd_speedup'], '.1f')} | {fmt(r['fwd_gbs'], ',.0f')} "
               f"| {fmt(100 * r['fwd_bw_frac'], '.0f')} | {target} |")
+    if fusion:
+        print()
+        print(f"**Fusing the patch embedding (D={args.embed_dim}) into the kernel: the most it can save** is the "
+              "patches' round trip (written by the kernel, read by the GEMM), timed here as a copy of that tensor.")
+        print()
+        print("| N | dtype | resample fwd ms | embed GEMM ms | patches round trip ms | max saving, % of resample + GEMM |")
+        print("|---|---|---|---|---|---|")
+        for r in fusion:
+            print(f"| {r['tokens']} | {r['dtype']} | {r['resample_ms']:.3f} | {r['gemm_ms']:.3f} "
+                  f"| {r['round_trip_ms']:.3f} | {r['max_saving_pct']:.1f} |")
     return 0
+
+
+def fusion_bound(args, images, geometry, num_tokens, dtype_name, resample_ms, timed) -> dict:
+    """What fusing the patch-embedding GEMM into the resample kernel could save at most: the (B, N, C p^2)
+    patches are then neither written nor read back, and nothing else changes (the gathers and the GEMM's FLOPs
+    stay). That round trip is timed as a device copy of the patches tensor (one read + one write of it)."""
+    from dartmamba_kernels.resample import resample_triton
+
+    p = args.patch_size
+    with torch.no_grad():
+        patches = resample_triton(images, geometry, p, args.sampling).flatten(2)      # (B, N, C p^2)
+        weight = torch.randn(args.embed_dim, patches.shape[-1], device=images.device, dtype=images.dtype) * 0.02
+        bias = torch.zeros(args.embed_dim, device=images.device, dtype=images.dtype)
+        copy = torch.empty_like(patches)
+        gemm_ms = timed(lambda: torch.nn.functional.linear(patches, weight, bias))
+        round_trip_ms = timed(lambda: copy.copy_(patches))
+    return dict(tokens=num_tokens, dtype=dtype_name, embed_dim=args.embed_dim, resample_ms=resample_ms,
+                gemm_ms=gemm_ms, round_trip_ms=round_trip_ms,
+                max_saving_pct=100 * round_trip_ms / (resample_ms + gemm_ms))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,17 @@ Gradients reach ``images``, ``geometry.band_bounds`` and ``geometry.token_edges`
 scaling, which stays in torch). Entry point: :func:`resample_triton`. The ops are ``torch.library`` custom ops
 with a fake implementation and registered autograd, so ``torch.compile`` traces them without graph breaks.
 
-Not done here, on purpose: fusing the patch-embedding GEMM (K = C p^2 = 768, D = 192..768) into this kernel.
-The resample is memory-bound and writes B N C p^2 values once; the fused version would save that round trip
-(~1/3 of the forward traffic) but would put a ``tl.dot`` with a register-resident weight tile behind the gathers,
-and whether that beats "resample kernel + cuBLAS GEMM" depends on occupancy and tile sizes we can only pick with
-GPU timings. Deferred until benchmarks/bench_resample.py has numbers from a GPU.
+Not fused, on purpose: the patch-embedding GEMM (K = C p^2 = 768, D = 192..768) stays a separate cuBLAS call.
+ * Training: the GEMM's weight gradient needs the patches (grad W = grad_tokens^T @ patches), so they are written
+   either way (or recomputed, i.e. a second gather pass in the backward): fusion saves nothing there.
+ * Inference: fusion saves at most the patches' round trip, one write + one read of B N C p^2 values. At the paper
+   shape (B 256, N 196, bf16) that is 2 x 77 MB = 154 MB, ~36 us at the 4.3 TB/s an H200 copies at (N 392: ~72
+   us; fp32 twice that): 0.27% of the 13.1 ms DeiT-S step, 3% of the ~1.1 ms the whole tokenizer may take for
+   DeiT-S-DART >= 2x DeiT-B. Reaching even that bound needs a gather-fed ``tl.dot`` as fast as cuBLAS's
+   TMA/wgmma GEMM (~30 GFLOP here), with the 590 KB bf16 weight streamed from L2 per token block.
+``benchmarks/bench_resample.py`` measures the bound on the device (resample time, GEMM time, and a copy of the
+patches tensor) and prints it with the kernel table: the decision is revisited if it shows more than a few percent
+of a backbone step.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Importing this module needs
 triton, not CUDA.
