@@ -73,6 +73,10 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if cfg.deepspeed.stage is not None:
         zero["stage"] = cfg.deepspeed.stage
     zero.setdefault("stage", 0)
+    # ZeRO-3's "memory-efficient linear" replaces torch.nn.functional.linear for the whole process, for good (every
+    # model built afterwards uses it), and with torch 2.11 its autograd.Function loses the gradients of everything
+    # inside a torch.compile'd region (weights get only their weight decay). Off unless the JSON asks for it.
+    zero.setdefault("memory_efficient_linear", False)
     ds["zero_optimization"] = zero
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.batch_size

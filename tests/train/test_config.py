@@ -134,6 +134,14 @@ def test_deepspeed_config_is_filled_from_the_run(tiny_recipe, stage):
     assert ds["gradient_clipping"] == 0.0
 
 
+def test_zero3_memory_efficient_linear_is_off_unless_asked(tiny_recipe):
+    cfg = load_config(tiny_recipe, ["deepspeed.config=deepspeed/zero3.json"])
+    assert build_deepspeed_config(cfg, 1)["zero_optimization"]["memory_efficient_linear"] is False
+    cfg = load_config(tiny_recipe, ["deepspeed.config=deepspeed/zero3.json",
+                                    "deepspeed.overrides={zero_optimization: {memory_efficient_linear: true}}"])
+    assert build_deepspeed_config(cfg, 1)["zero_optimization"]["memory_efficient_linear"] is True
+
+
 @pytest.mark.parametrize("content, message", [
     ({"optimizer": {"type": "Adam"}}, "declares an 'optimizer'; remove it"),
     ({"train_batch_size": 64}, "sets train_batch_size=64; batch sizes come from train.batch_size"),

@@ -117,6 +117,16 @@ def test_compiled_and_eager_steps_agree(tmp_path, dist_group, batch, stage, scop
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_zero3_engine_leaves_torch_linear_alone(tmp_path, dist_group):
+    """DeepSpeed's ZeRO-3 "memory-efficient linear" would replace torch.nn.functional.linear process-wide (and with
+    torch 2.11 lose the gradients inside compiled regions); the engine turns it off, so the builtin stays."""
+    builtin = torch._C._nn.linear
+    assert torch.nn.functional.linear is builtin
+    cfg, parts = make_engine(tmp_path, ["deepspeed.stage=3", "model.kwargs.depth=1"])
+    assert parts.zero_stage == 3
+    assert torch.nn.functional.linear is builtin
+
+
 def test_whole_model_compile_is_refused_under_zero3(tmp_path, dist_group):
     from dartmamba_train.config import ConfigError
 
