@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install dartmamba with the extras the demo and the tests
 # need. Usage: source-free, `bash scripts/setup_env.sh [venv-dir]`; prints the venv's python path last.
-# DARTMAMBA_VENV overrides the location (default: .venv in the repository).
+# DARTMAMBA_VENV overrides the location (default: .venv in the repository). DARTMAMBA_PINS overrides the pinned
+# packages (default: torch==2.14.1 torchvision==0.29.1; scripts/test_device_stack.sh pins the GPU machine's).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-${DARTMAMBA_VENV:-$repo/.venv}}"
@@ -16,8 +17,9 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   "$py" -m pip install -q --upgrade pip >&2
   # torch 2.14.1 + torchvision 0.29.1 is a pair that imports together (timm needs torchvision); on the project's
   # CPU machines both lie on local disk. DeepSpeed's ops are JIT-built when used, so nothing is compiled here.
-  "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" >&2
-  DS_BUILD_OPS=0 "$py" -m pip install -q -e "$repo[test,train]" >&2
+  read -r -a pins <<< "${DARTMAMBA_PINS:-torch==2.14.1 torchvision==0.29.1}"
+  "$py" -m pip install -q "${pins[@]}" >&2
+  DS_BUILD_OPS=0 "$py" -m pip install -q -e "$repo[test,train]" "${pins[@]}" >&2
   touch "$stamp"
 fi
 echo "$py"

@@ -7,19 +7,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo/.venv-device-stack}"
 [ $# -gt 0 ] && shift
-python_bin="${PYTHON:-python3}"
-pins=("torch==2.11.0" "torchvision==0.26.0" "timm==1.0.29")
-if [ ! -x "$venv/bin/python" ]; then
-  "$python_bin" -m venv "$venv" >&2
-fi
-py="$venv/bin/python"
-stamp="$venv/.dartmamba-installed"
-if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-  "$py" -m pip install -q --upgrade pip >&2
-  "$py" -m pip install -q "${pins[@]}" >&2
-  DS_BUILD_OPS=0 "$py" -m pip install -q -e "$repo[test,train]" "${pins[@]}" >&2
-  touch "$stamp"
-fi
+py="$(DARTMAMBA_PINS="torch==2.11.0 torchvision==0.26.0 timm==1.0.29" bash "$repo/scripts/setup_env.sh" "$venv")"
 "$py" - <<'PY'
 import timm, torch, triton
 got = (torch.__version__.split("+")[0], triton.__version__, timm.__version__)
