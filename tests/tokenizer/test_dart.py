@@ -44,9 +44,15 @@ def test_gradients_reach_every_trainable_scorer_parameter(head, seed):
     named = dict(tokenizer.named_parameters())
     scorer_params = {k: v for k, v in named.items() if k.startswith("scorer.") and v.requires_grad}
     assert len(scorer_params) >= 4
+    # v1's last bias shifts every raw score by the same amount, which standardisation removes: its gradient is zero
+    # in exact arithmetic (rounding noise at most), every other parameter's is not
+    shift_only = {"scorer.head.fc2.bias"} if head == "v1" else set()
     for name, param in scorer_params.items():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
-        assert param.grad.abs().sum() > 0, f"zero gradient on {name} (seed={seed})"
+        if name in shift_only:
+            assert param.grad.abs().sum() <= 1e-5 * named["scorer.head.fc2.weight"].grad.abs().sum(), name
+        else:
+            assert param.grad.abs().sum() > 0, f"zero gradient on {name} (seed={seed})"
     assert pos.grad.abs().sum() > 0
 
 
