@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dartmamba.ops.selective_scan import selective_scan_cpu, selective_scan_reference
+from dartmamba.ops.scan import selective_scan_cpu, selective_scan_reference
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -9,18 +9,41 @@ import math
 import os
 import platform
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-FAMILIES = ("vim", "deit")
-SIZES = ("tiny", "small", "base")
-SIZE_ALIASES = {"ti": "tiny", "t": "tiny", "tiny": "tiny", "s": "small", "small": "small", "b": "base", "base": "base"}
 TOKENIZERS = ("fixed", "dart")
+
+
+# Nothing here imports dartmamba at import time: a script may have to set TRITON_INTERPRET before anything imports
+# triton (bench_tokenizer.py --smoke does). The family lists come from dartmamba's registry on first use.
+def _families() -> dict:
+    from dartmamba.models import FAMILIES as registered     # importing the models registers them
+
+    return registered
+
+
+def __getattr__(name: str):
+    """``FAMILIES`` (the registered model families: vim, deit, ...), ``SIZES`` and ``SIZE_ALIASES`` (``ti``,
+    ``s``, ...), read from dartmamba's registry."""
+    if name == "FAMILIES":
+        return tuple(_families())
+    if name == "SIZES":
+        return tuple(dict.fromkeys(size for family in _families().values() for size in family.sizes))
+    if name == "SIZE_ALIASES":
+        sizes = __getattr__("SIZES")
+        return {**{size: size for size in sizes},
+                **{alias: size for size in sizes for alias in (size[0], size[:2]) if alias not in sizes}}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """dartmamba's atomic writer (:func:`dartmamba.files.atomic_write_text`)."""
+    from dartmamba.files import atomic_write_text as write
+
+    write(path, text)
 SCALING_TOKENS = (121, 196, 392, 784, 1568)
 
 
@@ -50,11 +73,13 @@ def cell_model(family: str, size: str, tokenizer: str, num_tokens: int, patch_si
     ``num_tokens = N``. ``overrides`` (e.g. ``depth``, ``embed_dim``, ``img_size`` and ``dart_cfg`` for tiny test
     models) are applied on top; a ``patch_size`` in it also sets the fixed grid's patch.
     """
-    family, size = family.lower(), SIZE_ALIASES.get(size.lower(), size.lower())
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES} (or ti/s/b), got {size!r}")
+    families, aliases = _families(), __getattr__("SIZE_ALIASES")
+    family, size = family.lower(), aliases.get(size.lower(), size.lower())
+    if family not in families:
+        raise ValueError(f"family must be one of {tuple(families)}, got {family!r}")
+    sizes = families[family].sizes
+    if size not in sizes:
+        raise ValueError(f"size must be one of {sizes} (or an abbreviation: {sorted(aliases)}), got {size!r}")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
     overrides = dict(overrides or {})
@@ -66,10 +91,9 @@ def cell_model(family: str, size: str, tokenizer: str, num_tokens: int, patch_si
         overrides.pop("img_size", None)            # the token count decides the image size of a fixed grid
         overrides.pop("dart_cfg", None)
         overrides.pop("grid_size", None)
-        name = f"{family}_{size}_patch16_224"
     else:
         kwargs = {"num_tokens": int(num_tokens)}
-        name = f"{family}_{size}_dart"
+    name = families[family].model_name(size, tokenizer)
     kwargs.update(overrides)
     return name, kwargs
 
@@ -233,29 +257,6 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename over it: readers see the old or the new file, never a
-    half-written one (an interrupted run leaves the previous version)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
     if columns is None:
         columns = []
@@ -295,9 +296,3 @@ def parse_json_arg(text: str | None, what: str = "--model-kwargs") -> dict:
     if not isinstance(value, dict):
         raise SystemExit(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
-
-
-def ensure_repo_on_path() -> None:
-    """Let ``python benchmarks/x.py`` import ``benchmarks.*`` like ``python -m benchmarks.x`` does."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))

@@ -1,20 +1,20 @@
 """FLOP counting for dartmamba models, tokenizer included, per part.
 
-``torch.utils.flop_counter.FlopCounterMode`` counts matmuls, convolutions and attention from their shapes, but it
-cannot see our custom ops (the selective scan, the Triton resampler) nor the gather-based resampling, and nothing
-counts ``grid_sample``. This module
+``torch.utils.flop_counter.FlopCounterMode`` counts matmuls, convolutions and attention from their shapes; every
+custom op registers its own formula beside its fake implementation (``dartmamba.ops`` and ``dartmamba_kernels``,
+through ``torch.utils.flop_counter.register_flop_formula``), tagged with the part of a report its work belongs to
+(the formula's ``flop_part`` attribute: ``"scan"``, ``"resample"``, ``"posembed"``, or none). This module
 
-- registers FLOP formulas for our custom ops (:func:`register_flop_formulas`, run on import and again before every
-  count, so ops registered later, such as the Triton resampler's, are picked up):
-  ``dartmamba::selective_scan_{cpu,cuda}_{fwd,bwd}`` and ``dartmamba::resample_patches_triton{,_backward,_out}``;
+- counts a model on fake tensors, and makes a custom op **without** a formula an error naming it (a new op must
+  say what it costs, even if that is 0), instead of a silent 0;
 - adds, for the duration of a count only, formulas for ``aten.grid_sampler_2d`` / ``aten.upsample_bilinear2d``
   (4 taps per output element) and CPU flash attention (``aten._scaled_dot_product_flash_attention_for_cpu``, which
   torch's table lacks; its CUDA siblings are in it);
-- counts analytically what no op shows: the gather-based bilinear resampling (4 taps per output element) and the
-  re-binning of the positional embeddings;
-- splits the count into parts: ``scorer_trunk``, ``scorer_head`` (head, score standardisation and any resize),
-  ``resample``, ``posembed``, ``embed`` (patch projection), ``backbone`` (blocks and final norm; the scan's share
-  is reported separately as ``scan``) and ``head`` (classifier).
+- asks the model's tokenizer to split its own share into parts (``flop_parts``, see
+  :class:`dartmamba.tokenizer.Tokenizer`): for DART ``scorer_trunk``, ``scorer_head`` (head, score standardisation
+  and any resize), ``resample``, ``posembed`` (analytic where no op shows the work: the gather-based bilinear
+  resampling and the running-sum re-binning) and ``embed`` (patch projection); then ``backbone`` (blocks and final
+  norm; the scan's share is reported separately as ``scan``) and ``head`` (classifier).
 
 Convention. Numbers are **multiply-adds** (MACs): one multiply-add, or one lone multiply, counts 1. This is fvcore's
 convention and the one behind published "GFLOPs" (DeiT-S: 4.6 at 224), i.e. half of what ``FlopCounterMode``
@@ -35,12 +35,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from .ops.scan import scan_backward_macs, scan_forward_macs
+from .tokenizer.posembed import posembed_macs
+from .tokenizer.resample import resample_macs
 
 __all__ = [
-    "FlopReport", "PARTS", "count_flops", "count_model_flops", "fit_exponent", "register_flop_formulas",
+    "FlopReport", "PARTS", "count_flops", "count_model_flops", "fit_exponent", "custom_op_formulas",
     "scan_forward_macs", "scan_backward_macs", "resample_macs", "posembed_macs", "model_input_size",
-    "model_num_tokens",
+    "model_num_tokens", "MissingFlopFormulaError",
 ]
 
 # Parts of a report, in display order. ``scan`` is informational: it is already inside ``backbone``.
@@ -49,118 +53,44 @@ TOKENIZER_PARTS = ("scorer_trunk", "scorer_head", "resample", "posembed", "embed
 DART_EXTRA_PARTS = ("scorer_trunk", "scorer_head", "resample", "posembed")   # what a fixed grid does not have
 
 _TAPS = 4   # bilinear interpolation: 4 multiply-adds per output element
+# namespaces of torch's own operators; any other op that runs during a count is a custom op and needs a formula
+_TORCH_NAMESPACES = {"aten", "prim", "prims", "higher_order", "c10d", "_c10d_functional", "profiler", "inductor",
+                     "debugprims", "rngprims", "quantized", "_quantized"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Analytic counts (multiply-adds)
-# ----------------------------------------------------------------------------------------------------------------
-def scan_forward_macs(batch: int, dim: int, length: int, dstate: int, has_D: bool = True, has_z: bool = True) -> int:
-    """Multiply-adds of one selective-scan forward (u, delta, z: (batch, dim, L); A: (dim, N)).
-
-    Per (batch, dim, step, state): ``dt*A``, ``(dt*u)*B``, ``exp(dt*A)*h + drive``, ``C*h`` (accumulated) = 4.
-    Per (batch, dim, step): ``dt*u``, and ``+ D*u`` and ``* silu(z)`` when present. exp/softplus/silu: not counted.
-    """
-    return batch * dim * length * (4 * dstate + 1 + int(has_D) + int(has_z))
+class MissingFlopFormulaError(RuntimeError):
+    """A custom op ran during a FLOP count and has no FLOP formula."""
 
 
-def scan_backward_macs(batch: int, dim: int, length: int, dstate: int, has_D: bool = True,
-                       has_z: bool = True) -> int:
-    """Multiply-adds of an exact selective-scan backward (the state recomputed from chunk checkpoints).
-
-    Per (batch, dim, step, state): recompute ``dt*A``, ``(dt*u)*B`` and the state (3), the output ``C*h`` again
-    when gated (1), the adjoint ``C*g`` and ``exp(dt*A)*g_next`` (2), ``dC``, ``d(dt*u)``, ``dB`` (3) and the
-    decay chain ``g*exp(dt*A)*h_prev`` times ``A`` and times ``dt`` (4). Per (batch, dim, step): the split of
-    ``d(dt*u)`` (2), ``dD`` and ``du`` from the skip (2), the gate's gradient (2).
-    """
-    per_state = 12 + int(has_z)
-    return batch * dim * length * (dstate * per_state + 2 + 2 * int(has_D) + 2 * int(has_z))
-
-
-def resample_macs(batch: int, num_tokens: int, chans: int, patch_size: int) -> int:
-    """Bilinear resampling to (B, N, C, p, p): 4 taps (multiply-adds) per output element."""
-    return _TAPS * batch * num_tokens * chans * patch_size * patch_size
-
-
-def posembed_macs(batch: int, num_rows: int, grid_w: int, num_tokens: int, dim: int) -> int:
-    """Re-binning the grid positional embeddings onto the bands, then onto the tokens (running-integral form).
-
-    Rows: (R + 1) interpolated integrals per grid column and channel, then R * Gw divisions; tokens: (N + 1)
-    interpolated integrals and N divisions per channel.
-    """
-    return batch * dim * ((2 * num_rows + 1) * grid_w + 2 * num_tokens + 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOP formulas (torch's FlopCounterMode convention: 2 FLOPs per multiply-add)
-# ----------------------------------------------------------------------------------------------------------------
 def _numel(shape) -> int:
     return math.prod(shape) if shape is not None else 0
 
 
-def _scan_fwd_formula(u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
-    batch, dim, length = u
-    return 2 * scan_forward_macs(batch, dim, length, A[1], D is not None and _numel(D) > 0,
-                                 z is not None and _numel(z) > 0)
+def _op_name(op) -> str:
+    return str(op).replace("aten.", "").replace("dartmamba.", "")
 
 
-def _scan_bwd_formula(dout, u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
-    batch, dim, length = u
-    return 2 * scan_backward_macs(batch, dim, length, A[1], D is not None and _numel(D) > 0,
-                                  z is not None and _numel(z) > 0)
+def _namespace(op) -> str | None:
+    name = getattr(op, "_qualified_op_name", None) or getattr(op, "name", lambda: "")()
+    return name.split("::", 1)[0] if isinstance(name, str) and "::" in name else None
 
 
-def _resample_fwd_formula(images, band_bounds, token_edges, patch_size, *args, out_shape=None, **kwargs) -> int:
-    batch, chans = images[0], images[1]
-    return 2 * resample_macs(batch, token_edges[1] - 1, chans, patch_size)
-
-
-def _resample_bwd_formula(grad, images, band_bounds, token_edges, patch_size, paper, deterministic, need_image,
-                          need_geometry, *args, out_shape=None, **kwargs) -> int:
-    """Image gradient: 4 scatter multiply-adds per output element; geometry gradient: the 4 taps' differences
-    weighted by the incoming gradient (another 4)."""
-    per = resample_macs(grad[0], grad[1], grad[2], patch_size)
-    return 2 * per * (int(bool(need_image)) + int(bool(need_geometry)))
-
-
-_CUSTOM_FORMULAS = {
-    "selective_scan_cpu_fwd": _scan_fwd_formula,
-    "selective_scan_cuda_fwd": _scan_fwd_formula,
-    "selective_scan_cpu_bwd": _scan_bwd_formula,
-    "selective_scan_cuda_bwd": _scan_bwd_formula,
-    "resample_patches_triton": _resample_fwd_formula,
-    "resample_patches_triton_out": _resample_fwd_formula,
-    "resample_patches_triton_backward": _resample_bwd_formula,
-}
-_SCAN_OPS = ("selective_scan_cpu_fwd", "selective_scan_cuda_fwd", "selective_scan_cpu_bwd", "selective_scan_cuda_bwd")
-_RESAMPLE_OPS = ("resample_patches_triton", "resample_patches_triton_out", "resample_patches_triton_backward")
-
-
-def _custom_op(name: str):
-    """``torch.ops.dartmamba.<name>`` when that op is registered (its module imported), else None."""
-    try:
-        return getattr(torch.ops.dartmamba, name)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def register_flop_formulas() -> list[str]:
-    """Register FLOP formulas for every dartmamba custom op that exists now; idempotent. Returns the op names that
-    have a formula. (The Triton resampler's ops exist once ``dartmamba_kernels.resample`` is imported.)"""
-    import dartmamba.ops  # noqa: F401  (registers the scan ops)
-    done = []
-    for name, formula in _CUSTOM_FORMULAS.items():
-        op = _custom_op(name)
-        if op is None:
-            continue
-        if op not in flop_registry:
-            register_flop_formula(op)(formula)
-        done.append(name)
-    return done
+def custom_op_formulas() -> list[str]:
+    """The ``dartmamba::`` custom ops registered so far that have a FLOP formula (each registers its own beside its
+    fake implementation; the Triton kernels' ops exist once ``dartmamba_kernels`` is imported)."""
+    return sorted(_op_name(op) for op in flop_registry if _namespace(op) == "dartmamba")
 
 
 def _taps_formula(*args, out_shape=None, **kwargs) -> int:
     """Bilinear sampling or resize: 4 multiply-adds (8 FLOPs) per output element."""
     return 2 * _TAPS * _numel(out_shape)
+
+
+def _grid_sample_formula(*args, out_shape=None, **kwargs) -> int:
+    return _taps_formula(out_shape=out_shape)
+
+
+_grid_sample_formula.flop_part = "resample"     # the literal reference resampler's work
 
 
 def _cpu_attention_formula(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -174,14 +104,31 @@ def _cpu_attention_formula(query, key, value, *args, out_shape=None, **kwargs) -
 def _extra_aten_formulas() -> dict:
     """Formulas added for one count only (torch's global table stays untouched)."""
     aten = torch.ops.aten
-    extra = {aten.grid_sampler_2d: _taps_formula, aten.upsample_bilinear2d: _taps_formula}
+    extra = {aten.grid_sampler_2d: _grid_sample_formula, aten.upsample_bilinear2d: _taps_formula}
     cpu_attention = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_attention is not None and cpu_attention not in flop_registry:
         extra[cpu_attention] = _cpu_attention_formula
     return extra
 
 
-register_flop_formulas()
+class _Counter(FlopCounterMode):
+    """FlopCounterMode that records custom ops without a formula, and picks up formulas registered after it began
+    (an op whose module is imported lazily, during the count, registers its formula then)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.missing: set = set()
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if func_packet not in self.flop_registry:
+            if func_packet in flop_registry:
+                self.flop_registry[func_packet] = flop_registry[func_packet]
+            elif _namespace(func_packet) not in (None, *_TORCH_NAMESPACES):
+                self.missing.add(func_packet)
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+    def part_of(self, op) -> str | None:
+        return getattr(self.flop_registry.get(op), "flop_part", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,13 +197,6 @@ def model_num_tokens(model: nn.Module) -> int | None:
     return None
 
 
-def _find(model: nn.Module, kind) -> tuple[str, nn.Module] | tuple[None, None]:
-    for name, module in model.named_modules():
-        if isinstance(module, kind):
-            return name, module
-    return None, None
-
-
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -266,8 +206,16 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
-def _op_name(op) -> str:
-    return str(op).replace("aten.", "").replace("dartmamba.", "")
+def _tokenizer(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """The model's tokenizer (the first module implementing :class:`dartmamba.tokenizer.Tokenizer`, usually
+    ``patch_embed``), or a plain patch embedding (a timm model's ``PatchEmbed``), with its path."""
+    from .tokenizer import Tokenizer
+
+    for name, module in model.named_modules():
+        if isinstance(module, Tokenizer):
+            return name, module
+    embed = getattr(model, "patch_embed", None)
+    return _module_name(model, embed), embed
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None, batch_size: int = 1,
@@ -283,27 +231,22 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
 
     Returns:
         A :class:`FlopReport`.
+
+    Raises:
+        MissingFlopFormulaError: a custom op ran that has no FLOP formula.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .tokenizer import DartTokenizer
-
-    register_flop_formulas()
     input_size = tuple(input_size) if input_size is not None else model_input_size(model)
     root = type(model).__name__
-    tok_name, tokenizer = _find(model, DartTokenizer)
-    analytic = {"resample": 0, "posembed": 0}
+    tok_path, tokenizer = _tokenizer(model)
+    calls = []
 
-    def on_tokenizer(module, args, kwargs, out):
-        images = args[0]
-        grid_pos_embed = args[1] if len(args) > 1 else kwargs.get("grid_pos_embed")
-        batch, chans = images.shape[:2]
-        analytic["resample"] += resample_macs(batch, module.num_tokens, chans, module.patch_size)
-        if grid_pos_embed is not None:
-            analytic["posembed"] += posembed_macs(batch, module.num_rows, module.grid_size[1], module.num_tokens,
-                                                  grid_pos_embed.shape[-1])
+    def record_call(module, args, kwargs, out):
+        calls.append((args, kwargs))
 
-    hook = tokenizer.register_forward_hook(on_tokenizer, with_kwargs=True) if tokenizer is not None else None
+    hook = (tokenizer.register_forward_hook(record_call, with_kwargs=True)
+            if tokenizer is not None and hasattr(tokenizer, "flop_parts") else None)
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -314,53 +257,54 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
                 images = torch.empty(batch_size, *input_size, device=device)
                 # grad mode stays on: under no_grad, the module tracker trips on views of parameters (fake tensors
                 # that require grad but have no grad_fn); the forward is counted either way
-                with FlopCounterMode(display=False, custom_mapping=_extra_aten_formulas()) as counter:
+                with _Counter(display=False, custom_mapping=_extra_aten_formulas()) as counter:
                     model(images)
     finally:
         if hook is not None:
             hook.remove()
         model.train(was_training)
+    if counter.missing:
+        names = ", ".join(sorted(str(op) for op in counter.missing))
+        raise MissingFlopFormulaError(
+            f"custom op(s) without a FLOP formula ran while counting {name or root}: {names}; register one beside the "
+            f"op's fake implementation (torch.utils.flop_counter.register_flop_formula, or "
+            f"dartmamba.ops._common.register_flops; 0 for work the convention leaves out)")
 
     counts = counter.get_flop_counts()
 
-    def module_total(path: str | None, ops=None) -> int:
-        if path is None:
-            return 0
-        key = root if path == "" else f"{root}.{path}"
+    def counted(path: str | None = None, part: str | None = None) -> int:
+        """Multiply-adds inside module ``path`` (None: the whole model) by ops tagged ``part`` (None: all)."""
+        key = root if not path else f"{root}.{path}"
         per_op = counts.get(key, {})
-        return sum(v for op, v in per_op.items() if ops is None or _op_name(op) in ops)
+        return sum(v for op, v in per_op.items() if part is None or counter.part_of(op) == part) // 2
 
-    raw_total = sum(counts.get("Global", {}).values())
     by_op: dict[str, int] = {}
+    scan = 0
     for op, v in counts.get("Global", {}).items():
-        by_op[_op_name(op)] = by_op.get(_op_name(op), 0) + v
-    scan_raw = sum(v for op, v in by_op.items() if op in _SCAN_OPS)
+        by_op[_op_name(op)] = by_op.get(_op_name(op), 0) + v // 2
+        if counter.part_of(op) == "scan":
+            scan += v // 2
 
     parts = dict.fromkeys(PARTS, 0)
     head_path = _module_name(model, model.get_classifier()) if hasattr(model, "get_classifier") else None
-    parts["head"] = module_total(head_path)
-    embed_path = tok_name if tokenizer is not None else _module_name(model, getattr(model, "patch_embed", None))
-    if tokenizer is not None:
-        trunk = module_total(f"{tok_name}.scorer.trunk")
-        scorer = module_total(f"{tok_name}.scorer")
-        counted_resample = module_total(tok_name, ops={*_RESAMPLE_OPS, "grid_sampler_2d"})
-        tokenizer_raw = module_total(tok_name)
-        parts["scorer_trunk"] = trunk // 2
-        parts["scorer_head"] = (scorer - trunk) // 2
-        parts["embed"] = (tokenizer_raw - scorer - counted_resample) // 2
-        # the Triton op or grid_sample shows in the counter; the gather path does not: count it analytically
-        parts["resample"] = counted_resample // 2 if counted_resample else analytic["resample"]
-        parts["posembed"] = analytic["posembed"]
-        embed_raw = tokenizer_raw
+    parts["head"] = counted(head_path) if head_path is not None else 0
+    if hook is not None and calls:
+        prefix = f"{tok_path}." if tok_path else ""
+        tokenizer_parts = tokenizer.flop_parts(
+            calls[0], lambda submodule=None, part=None: counted(prefix + submodule if submodule else tok_path, part))
+        unknown = sorted(set(tokenizer_parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"{type(tokenizer).__name__}.flop_parts returned unknown parts {unknown}; parts: {PARTS}")
+        parts.update(tokenizer_parts)
+        tokenizer_total = counted(tok_path)
     else:
-        embed_raw = module_total(embed_path)
-        parts["embed"] = embed_raw // 2
-    parts["backbone"] = (raw_total - embed_raw - parts["head"]) // 2
-    parts["head"] //= 2
+        tokenizer_total = counted(tok_path) if tok_path is not None else 0
+        parts["embed"] = tokenizer_total
+    parts["backbone"] = counted() - tokenizer_total - parts["head"]
     per_image = {p: v // batch_size for p, v in parts.items()}
     return FlopReport(model=name or root, input_size=tuple(int(s) for s in input_size),
-                      num_tokens=model_num_tokens(model), parts=per_image, scan=scan_raw // 2 // batch_size,
-                      by_op={op: v // 2 // batch_size for op, v in by_op.items()})
+                      num_tokens=model_num_tokens(model), parts=per_image, scan=scan // batch_size,
+                      by_op={op: v // batch_size for op, v in by_op.items()})
 
 
 def count_model_flops(model_name: str, batch_size: int = 1, input_size=None, **kwargs) -> FlopReport:

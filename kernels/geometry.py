@@ -39,13 +39,14 @@ required the dispatcher runs the torch path.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Importing this module needs
 triton, not CUDA. Written for triton 3.6 - 3.9 (no block pointers, while loops instead of ranges over tensors).
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import check_device, clamp_passes, device_guard, is_interpreted, register_flops
 
 __all__ = ["partition_triton", "resample_pos_embed_triton", "interpreted", "supports_partition"]
 
@@ -218,19 +219,11 @@ def _pos_embed_fwd_kernel(pe_ptr, bb_ptr, te_ptr, out_ptr, N, D, pe_batch_stride
 # ----------------------------------------------------------------------------------------------------------------
 def interpreted() -> bool:
     """Whether the kernels were defined under ``TRITON_INTERPRET=1`` (then they run on CPU tensors)."""
-    return type(_partition_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _device_guard(t: Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    return is_interpreted(_partition_fwd_kernel)
 
 
 def _check_device(t: Tensor, what: str) -> None:
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreted()):
-        raise RuntimeError(f"{what} runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                           f"dartmamba_kernels.geometry is imported); got a {t.device.type} tensor")
+    check_device(t, what, "dartmamba_kernels.geometry", interpreted())
 
 
 def _partition_blocks(grid_h: int, grid_w: int, num_tokens: int, num_rows: int) -> dict:
@@ -273,24 +266,16 @@ def _partition_forward(scores: Tensor, num_tokens: int, num_rows: int):
     dummy = torch.empty(1, device=dev, dtype=torch.int32) if row_bins.numel() == 0 or token_bins.numel() == 0 else None
     rbin_arg = row_bins if row_bins.numel() else dummy
     tbin_arg = token_bins if token_bins.numel() else dummy
-    with _device_guard(scores):
+    with device_guard(scores):
         _partition_fwd_kernel[(batch,)](scores, band_bounds, token_edges, bounds64, flow, cdf, rbin_arg, tbin_arg,
                                         GH=grid_h, GW=grid_w, R=num_rows, N=num_tokens, num_warps=warps, **blocks)
     return band_bounds, token_edges, bounds64, flow, row_bins, token_bins
 
 
 # --- clamp conventions of the installed torch (they changed between releases); the backward mirrors them ---------
-def _clamp_passes(value: float, lo: float, hi: float | None) -> bool:
-    x = torch.tensor(value, dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        y = x.clamp_min(lo) if hi is None else x.clamp(lo, hi)
-        (grad,) = torch.autograd.grad(y, x)
-    return bool(grad.item() != 0.0)
-
-
-_CLAMP_LO_INCL = _clamp_passes(0.0, 0.0, 1.0)
-_CLAMP_HI_INCL = _clamp_passes(1.0, 0.0, 1.0)
-_CLAMP_MIN_INCL = _clamp_passes(1.0, 1.0, None)
+_CLAMP_LO_INCL = clamp_passes(0.0, 0.0, 1.0)
+_CLAMP_HI_INCL = clamp_passes(1.0, 0.0, 1.0)
+_CLAMP_MIN_INCL = clamp_passes(1.0, 1.0, None)
 
 
 def _pass_between(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -384,6 +369,14 @@ def _(scores, num_tokens, num_rows):
             new(batch, num_rows - 1, dtype=torch.int32), new(batch, num_tokens - 1, dtype=torch.int32))
 
 
+def _zero_flops(*args, out_shape=None, **kwargs) -> int:
+    return 0
+
+
+# the partition is a few hundred operations per score cell, which the FLOP convention leaves out (as fvcore does)
+register_flops(torch.ops.dartmamba.partition_triton, _zero_flops)
+
+
 def _partition_setup_context(ctx, inputs, output):
     scores, num_tokens, num_rows = inputs
     _, _, bounds64, flow, row_bins, token_bins = output
@@ -449,7 +442,7 @@ def _pos_embed_op(grid_pos_embed: Tensor, band_bounds: Tensor, token_edges: Tens
     grid = (triton.cdiv(num_tokens, block_t), batch, triton.cdiv(dim, block_d))
     # The interpreter rounds fp32 -> bf16 by truncation (compiled Triton: round to nearest even, like torch).
     target = out.new_empty(out.shape, dtype=torch.float32) if interpreted() and out.dtype == torch.bfloat16 else out
-    with _device_guard(pe):
+    with device_guard(pe):
         _pos_embed_fwd_kernel[grid](pe, band_bounds.contiguous(), token_edges.contiguous(), target, num_tokens, dim,
                                     0 if pe.shape[0] == 1 else grid_h * grid_w * dim,
                                     GH=grid_h, GW=grid_w, R=num_rows, BLOCK_T=block_t, BLOCK_D=block_d,
@@ -462,6 +455,16 @@ def _pos_embed_op(grid_pos_embed: Tensor, band_bounds: Tensor, token_edges: Tens
 @_pos_embed_op.register_fake
 def _(grid_pos_embed, band_bounds, token_edges, grid_h, grid_w):
     return grid_pos_embed.new_empty(token_edges.shape[0], token_edges.shape[1] - 1, grid_pos_embed.shape[-1])
+
+
+def _pos_embed_flops(grid_pos_embed, band_bounds, token_edges, grid_h, grid_w, *args, out_shape=None, **kwargs) -> int:
+    """The re-binning in running-integral form, as the torch path counts it: per channel, (R + 1) interpolated
+    integrals per grid column and R * Gw divisions, then (N + 1) integrals and N divisions (2 FLOPs each)."""
+    batch, num_rows, num_tokens = token_edges[0], band_bounds[1] - 1, token_edges[1] - 1
+    return 2 * batch * grid_pos_embed[-1] * ((2 * num_rows + 1) * grid_w + 2 * num_tokens + 1)
+
+
+register_flops(torch.ops.dartmamba.resample_pos_embed_triton, _pos_embed_flops, part="posembed")
 
 
 def resample_pos_embed_triton(grid_pos_embed: Tensor, geometry) -> Tensor:

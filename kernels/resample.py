@@ -45,14 +45,14 @@ of a backbone step.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Importing this module needs
 triton, not CUDA.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["resample_triton", "SAMPLING_MODES", "interpreted"]
+from ._launch import check_device, clamp_passes, device_guard, is_interpreted, register_flops
+
+__all__ = ["resample_triton", "SAMPLING_MODES", "interpreted", "supports"]
 
 SAMPLING_MODES = ("paper", "center")
 _IMAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -339,19 +339,11 @@ def _resample_bwd_kernel(go_ptr, img_ptr, bb_ptr, te_ptr, gimg_ptr, gbb_ptr, glo
 # ----------------------------------------------------------------------------------------------------------------
 def interpreted() -> bool:
     """Whether the kernels were defined under ``TRITON_INTERPRET=1`` (then they run on CPU tensors)."""
-    return type(_resample_fwd_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_resample_fwd_kernel)
 
 
-def _clamp_lower_bound_passes_gradient() -> bool:
-    """Autograd's convention for ``x.clamp(lo, hi)`` at ``x == lo`` (it changed between torch releases); the
-    kernel follows the torch path's, whatever the installed torch does."""
-    x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(x.clamp(0.0, 1.0).sum(), x)
-    return bool(grad.item() != 0.0)
-
-
-_CLAMP_LO_INCL = _clamp_lower_bound_passes_gradient()
+# autograd's convention for ``x.clamp(lo, hi)`` at ``x == lo``: the kernel follows the torch path's
+_CLAMP_LO_INCL = clamp_passes(0.0, 0.0, 1.0)
 
 
 def _blocks(num_tokens: int, patch_size: int, backward: bool = False) -> tuple[int, int, int]:
@@ -371,12 +363,6 @@ def _launch_opts() -> dict:
     return {"enable_fp_fusion": False}
 
 
-def _device_guard(t: Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _forward_into(out: Tensor, images: Tensor, bounds: Tensor, edges: Tensor, patch_size: int, paper: bool):
     batch, chans, height, width = images.shape
     num_rows, num_tokens = bounds.shape[1] - 1, edges.shape[1] - 1
@@ -384,7 +370,7 @@ def _forward_into(out: Tensor, images: Tensor, bounds: Tensor, edges: Tensor, pa
     grid = (triton.cdiv(num_tokens, block_t), batch)
     # The interpreter rounds fp32 -> bf16 by truncation (compiled Triton: round to nearest even, like torch).
     target = out.new_empty(out.shape, dtype=torch.float32) if interpreted() and out.dtype == torch.bfloat16 else out
-    with _device_guard(images):
+    with device_guard(images):
         _resample_fwd_kernel[grid](
             images, bounds, edges, target, num_tokens, height, width, num_rows,
             C=chans, P=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, PAPER=paper,
@@ -430,7 +416,7 @@ def _backward(grad: Tensor, images: Tensor, bounds: Tensor, edges: Tensor, patch
         scales = torch.ones(2, dtype=work, device=grad.device)
     block_t, block_p, warps = _blocks(num_tokens, patch_size, backward=True)
     grid = (triton.cdiv(num_tokens, block_t), batch)
-    with _device_guard(images):
+    with device_guard(images):
         _resample_bwd_kernel[grid](
             grad, images, bounds, edges, gimg, gbb, glo, ghi, scales, num_tokens, height, width, num_rows,
             C=chans, P=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, PAPER=paper,
@@ -487,6 +473,26 @@ def _(grad, images, band_bounds_px, token_edges_px, patch_size, paper, determini
     return gimg, gbb, gte
 
 
+def _resample_macs(batch: int, num_tokens: int, chans: int, patch_size: int) -> int:
+    return 4 * batch * num_tokens * chans * patch_size * patch_size      # 4 bilinear taps per output element
+
+
+def _forward_flops(images, band_bounds_px, token_edges_px, patch_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _resample_macs(images[0], token_edges_px[1] - 1, images[1], patch_size)
+
+
+def _backward_flops(grad, images, band_bounds_px, token_edges_px, patch_size, paper, deterministic, need_image,
+                    need_geometry, *args, out_shape=None, **kwargs) -> int:
+    """Image gradient: 4 scatter multiply-adds per output element; geometry gradient: the 4 taps' differences
+    weighted by the incoming gradient (another 4)."""
+    per = _resample_macs(grad[0], grad[1], grad[2], patch_size)
+    return 2 * per * (int(bool(need_image)) + int(bool(need_geometry)))
+
+
+register_flops(torch.ops.dartmamba.resample_patches_triton, _forward_flops, part="resample")
+register_flops(torch.ops.dartmamba.resample_patches_triton_backward, _backward_flops, part="resample")
+
+
 def _setup_context(ctx, inputs, output):
     images, bounds, edges, patch_size, paper, deterministic = inputs
     ctx.save_for_backward(images, bounds, edges)
@@ -517,21 +523,35 @@ def _(images, band_bounds_px, token_edges_px, patch_size, paper, out):
     return None
 
 
+register_flops(torch.ops.dartmamba.resample_patches_triton_out, _forward_flops, part="resample")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------------
+def supports(images: Tensor, geometry, patch_size: int) -> str | None:
+    """None when the kernel takes these inputs, else why not (read from metadata only: dtype and sizes)."""
+    if images.dtype not in _IMAGE_DTYPES:
+        return f"images dtype must be one of {_IMAGE_DTYPES}, got {images.dtype}"
+    if images.dim() == 4:
+        chans, height, width = images.shape[1:]
+        if chans * height * width >= 2**31 or geometry.num_tokens * chans * patch_size**2 >= 2**31:
+            return "per-image sizes of 2^31 elements or more are not supported (32-bit offsets)"
+    return None
+
+
 def _check(images: Tensor, geometry, patch_size: int, sampling: str) -> None:
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if images.dtype not in _IMAGE_DTYPES:
-        raise TypeError(f"images dtype must be one of {_IMAGE_DTYPES}, got {images.dtype}")
     if not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    batch, chans, height, width = images.shape
-    if chans * height * width >= 2**31 or geometry.num_tokens * chans * patch_size**2 >= 2**31:
-        raise ValueError("per-image sizes of 2^31 elements or more are not supported (32-bit offsets)")
+    if images.dtype not in _IMAGE_DTYPES:
+        raise TypeError(f"images dtype must be one of {_IMAGE_DTYPES}, got {images.dtype}")
+    reason = supports(images, geometry, patch_size)
+    if reason is not None:
+        raise ValueError(reason)
     if geometry.batch_size != images.shape[0]:
         raise ValueError(f"geometry has batch {geometry.batch_size}, images {images.shape[0]}")
     if tuple(geometry.img_size) != tuple(images.shape[-2:]):
@@ -542,9 +562,7 @@ def _check(images: Tensor, geometry, patch_size: int, sampling: str) -> None:
             raise ValueError(f"geometry.{name} is on {tensor.device}, images on {images.device}")
         if not tensor.is_floating_point():
             raise TypeError(f"geometry.{name} must be floating point, got {tensor.dtype}")
-    if images.device.type != "cuda" and not (images.device.type == "cpu" and interpreted()):
-        raise RuntimeError(f"resample_triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                           f"dartmamba_kernels.resample is imported); got a {images.device.type} tensor")
+    check_device(images, "resample_triton", "dartmamba_kernels.resample", interpreted())
 
 
 def resample_triton(images: Tensor, geometry, patch_size: int, sampling: str = "paper", deterministic: bool = False,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .atomic import atomic_path, atomic_write_text, fsync_dir
+from dartmamba.files import atomic_write_text, fsync_dir, write_safetensors
 from .distributed import DistInfo, barrier
 from .engine import EngineParts, consolidated_state_dict
 
@@ -107,22 +107,12 @@ def _clear_leftovers(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _model_metadata(parts: EngineParts) -> dict:
-    """safetensors metadata: the model's timm name and kwargs (``dartmamba.load_model`` reads them) when it is one
-    of dartmamba's models."""
-    import json
+def _model_config(parts: EngineParts) -> dict | None:
+    """The model's timm name and kwargs (``dartmamba.load_model`` reads them from the files) when it is one of
+    dartmamba's models."""
+    from dartmamba.files import CONFIG_KEY
 
-    from dartmamba.models.checkpoints import CONFIG_KEY
-
-    config = getattr(parts.engine.module, CONFIG_KEY, None)
-    return {"format": "pt", **({CONFIG_KEY: json.dumps(config)} if config is not None else {})}
-
-
-def _save_safetensors(state: dict, path: str, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata or {"format": "pt"})
+    return getattr(parts.engine.module, CONFIG_KEY, None)
 
 
 def _publish(src: str, dst: str) -> None:
@@ -158,11 +148,11 @@ def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, 
     parts.engine.save_checkpoint(staging_root, tag=tag, client_state={}, save_latest=False)
     model_state = consolidated_state_dict(parts)
     if dist.is_main:
-        metadata = _model_metadata(parts)
-        _save_safetensors(model_state, os.path.join(staging, MODEL_FILE), metadata)
+        config = _model_config(parts)
+        write_safetensors(model_state, os.path.join(staging, MODEL_FILE), config=config)
         if ema is not None:
-            _save_safetensors({k: v.detach().float().cpu() for k, v in ema.module.state_dict().items()},
-                              os.path.join(staging, EMA_FILE), metadata)
+            write_safetensors({k: v.detach().float() for k, v in ema.module.state_dict().items()},
+                              os.path.join(staging, EMA_FILE), config=config)
         atomic_write_text(os.path.join(staging, STATE_FILE), state.to_json())
         fsync_dir(staging)
     barrier()

@@ -405,11 +405,12 @@ def validate(cfg: RunConfig) -> RunConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides, saving
 # ---------------------------------------------------------------------------------------------------------------
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """``base`` updated by ``update``, recursively for nested mappings (neither argument is changed)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -437,8 +438,8 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     _check_keys(data, RunConfig, "", path)
     merged: dict = {}
     for base in bases:
-        merged = _deep_merge(merged, _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,)))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,)))
+    return deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -512,6 +513,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write the resolved config as YAML, atomically (a temp file in the same folder, then ``os.replace``)."""
-    from .atomic import atomic_write_text
+    from dartmamba.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))

@@ -139,7 +139,7 @@ def draw_tokens_figure(dart_dir: str, fixed_dir: str, path: str, count: int = 6)
 
     from dartmamba.tokenizer import resample_patches
     from dartmamba.viz import draw_tokens
-    from dartmamba_train.atomic import atomic_path
+    from dartmamba.files import atomic_path
     from dartmamba_train.data import build_data, model_data_config
 
     dart_cfg, dart = _load_model(dart_dir)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"train_seconds": train_seconds, "total_seconds": total, "figure": figure,
                "runs": {r.key: {"label": r.label, "tokens": r.tokens, "top1": r.top1, "seconds": r.seconds,
                                 "out_dir": r.out_dir} for r in runs}, **measured}
-    from dartmamba_train.atomic import atomic_write_text
+    from dartmamba.files import atomic_write_text
     from dartmamba_train.logs import format_seconds
 
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))

@@ -18,7 +18,6 @@ region (patch embedding, each block), see :func:`resolve_compile_scope`. The los
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, deep_merge
 
 __all__ = ["EngineParts", "build_deepspeed_config", "create_model", "create_optimizer", "create_scheduler",
            "create_losses", "initialize_engine", "train_micro_step", "consolidated_state_dict", "gathered_params",
@@ -57,7 +56,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
             ds = json.load(handle)
         except json.JSONDecodeError as err:
             raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
-    ds = _merge(ds, cfg.deepspeed.overrides)
+    ds = deep_merge(ds, cfg.deepspeed.overrides)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"deepspeed.config: {path} declares an {key!r}; remove it: the {key} comes from the "
@@ -93,13 +92,6 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 2**31 - 1)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,17 +209,21 @@ class EngineParts:
 
 def compile_regions(model: nn.Module) -> list[nn.Module]:
     """The modules compiled one by one under ``compile_scope: blocks``: the patch embedding (fixed grid or DART)
-    and every block of the repeated stack (``layers`` for Vim, ``blocks`` for timm ViTs)."""
+    and every block of the repeated stack, as the model's timm ``feature_info`` names them (``layers.i`` for Vim,
+    ``blocks.i`` for timm ViTs)."""
     regions = []
     if isinstance(getattr(model, "patch_embed", None), nn.Module):
         regions.append(model.patch_embed)
-    for name in ("layers", "blocks"):
-        stack = getattr(model, name, None)
-        if isinstance(stack, (nn.ModuleList, nn.Sequential)):
-            regions.extend(stack)
-            break
-    if not regions:
-        raise ConfigError(f"train.compile_scope: {type(model).__name__} has no patch_embed / layers / blocks to "
+    for info in getattr(model, "feature_info", None) or []:
+        name = info.get("module") if isinstance(info, dict) else None
+        try:
+            block = model.get_submodule(name) if name else None
+        except AttributeError:
+            block = None
+        if block is not None and block not in regions:
+            regions.append(block)
+    if len(regions) < 2:
+        raise ConfigError(f"train.compile_scope: {type(model).__name__} names no blocks in its feature_info to "
                           f"compile one by one; use train.compile_scope=model (ZeRO 0-2) or train.compile=false")
     return regions
 

@@ -11,9 +11,8 @@ import io
 import math
 import os
 import sys
-import time
 
-from .atomic import atomic_write_text
+from dartmamba.files import atomic_write_text
 
 __all__ = ["RunLogger", "format_seconds", "read_csv"]
 
@@ -161,11 +160,3 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

@@ -8,12 +8,12 @@ what the partition does: more, smaller regions where there is detail, every regi
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from ..files import atomic_path
 
 
 def load_photos(size: int) -> torch.Tensor:
@@ -65,12 +65,8 @@ def main(argv=None) -> dict:
         axes[i, 2].set_xticks([])
         axes[i, 2].set_yticks([])
     fig.tight_layout()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, args.out)  # never leave a half-written PNG behind
+    with atomic_path(args.out) as tmp:      # never leave a half-written PNG behind
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     widths = geometry.token_extents()["width"]
     summary = {"out": args.out, "tokens": args.num_tokens, "rows": geometry.num_rows,

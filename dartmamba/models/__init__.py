@@ -1,5 +1,6 @@
-"""Model families, registered with timm on import."""
+"""Model families, registered with timm on import (``FAMILIES``: each family's sizes and model names)."""
+from ._common import FAMILIES, ModelFamily, register_family
 from .deit import DartVisionTransformer
 from .vim import VisionMamba
 
-__all__ = ["DartVisionTransformer", "VisionMamba"]
+__all__ = ["DartVisionTransformer", "VisionMamba", "FAMILIES", "ModelFamily", "register_family"]

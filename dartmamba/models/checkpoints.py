@@ -1,11 +1,14 @@
-"""Checkpoint maps, in one place: unwrapping files, fixed-grid -> DART weight transfer."""
+"""Checkpoint maps, in one place: official checkpoints, fixed-grid -> DART weight transfer, our own files."""
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+
+from ..files import CONFIG_KEY, read_state_dict, unwrap_state_dict, write_safetensors
 
 
 class TransferReport(NamedTuple):
@@ -20,14 +23,6 @@ class TransferReport(NamedTuple):
         return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing[:8]}"
                 f"{'...' if len(self.missing) > 8 else ''}; unexpected {len(self.unexpected)}: {self.unexpected[:8]}"
                 f"{'...' if len(self.unexpected) > 8 else ''}; resized: {self.resized}")
-
-
-def unwrap_state_dict(state_dict: dict) -> dict:
-    """``{"model": ...}`` (hustvl/Vim, DeiT), ``{"state_dict": ...}``, ``{"module": ...}`` -> the tensors."""
-    for key in ("model", "state_dict", "module", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
@@ -86,68 +81,40 @@ def _resize_pos_embed(source: torch.Tensor, target: torch.Tensor, source_cls: in
 # ---------------------------------------------------------------------------------------------------------------
 # Official checkpoints (hustvl/Vim, DART) from local files
 # ---------------------------------------------------------------------------------------------------------------
-_OFFICIAL_SCORER = "patch_embed.spn.spn.spn."
-_OFFICIAL_HEAD = {"mlp.net.0.": "fc1.", "mlp.net.2.": "fc2."}
+def _tokenizer(model: nn.Module):
+    """The model's tokenizer when it implements :class:`dartmamba.tokenizer.Tokenizer` (a timm model's plain
+    ``PatchEmbed`` does not), else None."""
+    from ..tokenizer import Tokenizer
 
-
-def convert_official_dart_state_dict(state_dict: dict, model: nn.Module, source: str = "checkpoint") -> dict:
-    """Official DART names -> ours: the scorer under ``patch_embed.spn.spn.spn.`` (torchvision MobileNetV3 trunk
-    ``features.*`` and head ``mlp.net.{0,2}``) becomes ``patch_embed.scorer.{trunk,head}.*``; the rest (timm DeiT
-    blocks, Vim layers, ``patch_embed.proj``, ``pos_embed``, ``cls_token``, ``head``) already matches."""
-    converted, trunk_state = {}, {}
-    for key, value in state_dict.items():
-        if not key.startswith(_OFFICIAL_SCORER):
-            converted[key] = value
-            continue
-        rest = key[len(_OFFICIAL_SCORER):]
-        if rest.startswith("features."):
-            trunk_state[rest[len("features."):]] = value
-            continue
-        for theirs, ours in _OFFICIAL_HEAD.items():
-            if rest.startswith(theirs):
-                converted["patch_embed.scorer.head." + ours + rest[len(theirs):]] = value
-                break
-        else:
-            converted[key] = value          # reported as unexpected
-    if trunk_state:
-        trunk = model.patch_embed.scorer.trunk
-        key_map = trunk.torchvision_key_map(list(trunk_state), f"{source} (scorer trunk)")
-        for theirs, ours in key_map.items():
-            converted["patch_embed.scorer.trunk." + ours] = trunk_state[theirs]
-    return converted
+    embed = getattr(model, "patch_embed", None)
+    return embed if isinstance(embed, Tokenizer) else None
 
 
 def load_official_checkpoint(model: nn.Module, path: str) -> TransferReport:
     """Load a hustvl/Vim or official DART (``darvit_*`` / ``darvim_*``) checkpoint from a local file.
 
-    Renames keys (:func:`convert_official_dart_state_dict`), resizes ``pos_embed`` when the grid differs, and for
-    DART models switches the scorer to what the checkpoint was trained with: batch-global score standardisation
-    and torchvision's BatchNorm eps (1e-3) in the trunk. Shape mismatches are a ``ValueError`` naming the file and
-    the first bad key; missing/unexpected keys are reported (an official DART checkpoint fills every tensor).
+    The model's tokenizer renames its tensors (DART: the scorer under ``patch_embed.spn.spn.spn.``), ``pos_embed``
+    is resized when the grid differs, and the tokenizer then adopts the settings the checkpoint was trained with
+    (DART: batch-global score standardisation, torchvision's BatchNorm eps 1e-3 in the trunk). Shape mismatches are
+    a ``ValueError`` naming the file and the first bad key; missing/unexpected keys are reported (an official DART
+    checkpoint fills every tensor).
     """
-    from ..tokenizer import DartTokenizer
-    from ..tokenizer.scorer import read_state_dict
-
     state = read_state_dict(path)
-    is_dart = isinstance(getattr(model, "patch_embed", None), DartTokenizer)
-    if is_dart:
-        state = convert_official_dart_state_dict(state, model, f"checkpoint {path}")
+    tokenizer = _tokenizer(model)
+    if tokenizer is not None:
+        state = tokenizer.convert_official_state_dict(state, "patch_embed.", f"checkpoint {path}")
     try:
         report = transfer_fixed_grid_weights(model, state, source_cls_pos_index=_cls_pos_index(model))
     except ValueError as exc:
         raise ValueError(f"checkpoint {path}: {exc}") from exc
-    if is_dart:
-        scorer = model.patch_embed.scorer
-        scorer.score_norm = "batch"
-        if hasattr(scorer.trunk, "set_bn_eps") and any(k.startswith("patch_embed.scorer.trunk.") for k in report.loaded):
-            scorer.trunk.set_bn_eps(1e-3)
+    if tokenizer is not None:
+        tokenizer.adopt_official_settings(report.loaded, "patch_embed.")
     return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Our own checkpoints: safetensors with the model config inside
 # ---------------------------------------------------------------------------------------------------------------
-CONFIG_KEY = "dartmamba_config"
 _NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "features_only", "out_indices", "checkpoint_path",
                      "cache_dir", "pretrained_strict", "feature_cfg"}
 
@@ -162,34 +129,15 @@ def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
 def save_model(model: nn.Module, path: str, extra_metadata: dict | None = None) -> None:
     """Write ``model``'s state dict to ``path`` (.safetensors) with its config (timm name + kwargs) inside, atomically:
     a killed process leaves the previous file intact, never a half-written one."""
-    import json
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
     config = getattr(model, CONFIG_KEY, None)
     if config is None:
         raise ValueError("model has no dartmamba_config (create it with timm.create_model(<a dartmamba model>))")
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"path must end with .safetensors, got {path!r}")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {CONFIG_KEY: json.dumps(config), **{k: str(v) for k, v in (extra_metadata or {}).items()}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(model.state_dict(), path, config=config, metadata=extra_metadata)
 
 
 def read_model_config(path: str) -> dict:
-    import json
-
     from safetensors import safe_open
 
     try:
@@ -206,8 +154,6 @@ def read_model_config(path: str) -> dict:
 def load_model(path: str, **overrides) -> nn.Module:
     """One line from a file to a model: ``model = dartmamba.load_model("run/model_best.safetensors")``."""
     import timm
-
-    from ..tokenizer.scorer import read_state_dict
 
     config = read_model_config(path)
     kwargs = {**config["kwargs"], **overrides}

@@ -11,57 +11,57 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from ..tokenizer import DartTokenizer, DartTokens
-from ._features import package_intermediates
-from ._dart_cfg import dart_scorer_cfg
+from ..tokenizer import Tokens
+from ._common import (ModelFamily, build_tokenizer, dart_scorer_cfg, model_cfg, package_intermediates,
+                      register_family, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["DartVisionTransformer"]
 
 
-def _dart_embed_layer(img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False, device=None,
-                      dtype=None, *, grid_size, num_tokens, dart_cfg):
+def _tokenizer_layer(img_size, patch_size, in_chans, embed_dim, bias=True, dynamic_img_pad=False, device=None,
+                     dtype=None, *, tokenizer, num_tokens, grid_size, options):
     """Factory with the signature timm's VisionTransformer calls its ``embed_layer`` with."""
     if dynamic_img_pad:
-        raise ValueError("dynamic_img_pad is not supported with the DART tokenizer")
-    tokenizer = DartTokenizer(img_size=img_size, patch_size=patch_size, grid_size=grid_size, num_tokens=num_tokens,
-                              in_chans=in_chans, embed_dim=embed_dim, bias=bias, **dart_cfg)
-    return tokenizer.to(device=device, dtype=dtype) if device is not None or dtype is not None else tokenizer
+        raise ValueError(f"dynamic_img_pad is not supported with the {tokenizer!r} tokenizer")
+    return build_tokenizer(tokenizer, options, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, num_tokens=num_tokens, grid_size=grid_size, bias=bias, device=device,
+                           dtype=dtype)
 
 
 class DartVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose patch embedding is a :class:`~dartmamba.tokenizer.DartTokenizer`.
+    """timm ``VisionTransformer`` whose patch embedding is any registered tokenizer (DART by default).
 
     Args (on top of timm's):
-        num_tokens: N DART tokens (default Gh * Gw).
-        grid_size: DART score grid (default ``img_size / (2 * patch_size)``, 14 for 448 / 16).
-        dart_cfg: other DartTokenizer options (trunk, head, score_norm, scorer_input_size, trunk_weights,
-            sampling, resample_backend, uniform_scores, num_rows).
+        tokenizer: a registered tokenizer name (default ``"dart"``) or a :class:`~dartmamba.tokenizer.Tokenizer`
+            class.
+        num_tokens: tokens of an adaptive tokenizer (DART: default Gh * Gw).
+        grid_size: the tokenizer's grid (DART: the score grid, default ``img_size / (2 * patch_size)``, 14 for
+            448 / 16).
+        tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
+            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
+            its older name.
     """
 
-    def __init__(self, img_size=448, patch_size: int = 16, num_tokens: int | None = None, grid_size=None,
-                 dart_cfg: dict | None = None, **kwargs):
+    def __init__(self, img_size=448, patch_size: int = 16, tokenizer="dart", num_tokens: int | None = None,
+                 grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None, **kwargs):
         for unsupported in ("dynamic_img_size", "no_embed_class", "reg_tokens"):
             if kwargs.get(unsupported):
-                raise ValueError(f"{unsupported} is not supported with the DART tokenizer")
+                raise ValueError(f"{unsupported} is not supported with the {tokenizer!r} tokenizer")
         if kwargs.get("class_token") is False:
-            raise ValueError("class_token=False is not supported with the DART tokenizer")
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if grid_size is None:
-            grid_size = (max(1, size[0] // (2 * patch_size)), max(1, size[1] // (2 * patch_size)))
-        grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-        num_tokens = grid[0] * grid[1] if num_tokens is None else num_tokens
-        embed_layer = partial(_dart_embed_layer, grid_size=grid, num_tokens=num_tokens, dart_cfg=dict(dart_cfg or {}))
+            raise ValueError(f"class_token=False is not supported with the {tokenizer!r} tokenizer")
+        embed_layer = partial(_tokenizer_layer, tokenizer=tokenizer, num_tokens=num_tokens, grid_size=grid_size,
+                              options=tokenizer_options(tokenizer_cfg, dart_cfg))
         super().__init__(img_size=img_size, patch_size=patch_size, embed_layer=embed_layer, **kwargs)
-        self.num_tokens = num_tokens
-        self.feature_grid = grid
+        self.num_tokens = self.patch_embed.num_tokens
+        self.feature_grid = self.patch_embed.feature_grid
 
     @torch.no_grad()
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
@@ -82,78 +82,77 @@ class DartVisionTransformer(VisionTransformer):
         if self.fix_init:
             self.fix_init_weight()
 
-    def embed(self, x: Tensor) -> tuple[Tensor, DartTokens]:
-        """Images (B, C, H, W) -> (class token + N DART tokens with positions (B, 1 + N, D), DART output)."""
-        dart = self.patch_embed(x, self.pos_embed[:, self.num_prefix_tokens:])
+    def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """Images (B, C, H, W) -> (class token + N tokens with positions (B, 1 + N, D), the tokenizer's output)."""
+        out = self.patch_embed(x, self.pos_embed[:, self.num_prefix_tokens:])
         cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, :1]
-        x = torch.cat([cls_token, dart.tokens + dart.pos_embed], dim=1)
-        return self.pos_drop(x), dart
+        x = torch.cat([cls_token, out.tokens + out.pos_embed], dim=1)
+        return self.pos_drop(x), out
 
-    def forward_tokens(self, x: Tensor) -> tuple[Tensor, DartTokens]:
-        """(B, C, H, W) -> (normed features (B, 1 + N, D), DART output with the geometry)."""
-        x, dart = self.embed(x)
+    def forward_tokens(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """(B, C, H, W) -> (normed features (B, 1 + N, D), the tokenizer's output, e.g. DART's with the geometry)."""
+        x, out = self.embed(x)
         x = self.norm_pre(self.patch_drop(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return self.norm(x), dart
+        return self.norm(x), out
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask / is_causal are not supported with the DART tokenizer")
+            raise ValueError("attn_mask / is_causal are not supported with an adaptive tokenizer")
         return self.forward_tokens(x)[0]
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False, output_dict: bool = False,
                               attn_mask: Tensor | None = None, is_causal: bool = False):
-        """timm's ``forward_intermediates``; NCHW maps scatter the DART tokens onto the score grid by area, and
-        ``output_dict=True`` adds the DART output (with the geometry) under ``"dart"``."""
+        """timm's ``forward_intermediates`` (gradient checkpointing honoured); NCHW maps are the tokenizer's (DART
+        tokens scattered onto the score grid by area), and ``output_dict=True`` adds the tokenizer's output under
+        its key (``"dart"``, with the geometry)."""
         if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask / is_causal are not supported with the DART tokenizer")
+            raise ValueError("attn_mask / is_causal are not supported with an adaptive tokenizer")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, dart = self.embed(x)
+        x, out = self.embed(x)
         x = self.norm_pre(self.patch_drop(x))
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, block in enumerate(blocks):
-            x = block(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         final = None if intermediates_only else self.norm(x)
-        return package_intermediates(final, intermediates, 0, dart, self.feature_grid, output_fmt,
-                                     intermediates_only, return_prefix_tokens, output_dict)
-
-
-def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 448, 448), "pool_size": None, "crop_pct": 448 / 512,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "apache-2.0", **kwargs}
+        return package_intermediates(final, intermediates, 0, self.patch_embed, out, output_fmt, intermediates_only,
+                                     return_prefix_tokens, output_dict)
 
 
 default_cfgs = generate_default_cfgs({
-    "deit_tiny_dart.in1k": _cfg(hf_hub_id="yinkx3/DART"),
-    "deit_small_dart.in1k": _cfg(hf_hub_id="yinkx3/DART"),
-    "deit_base_dart.untrained": _cfg(),
+    "deit_tiny_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "deit_small_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "deit_base_dart.untrained": model_cfg(448),
 })
 
 _SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6),
           "base": dict(embed_dim=768, depth=12, num_heads=12)}
 # The official DeiT-DART models use head v1 on the shallower cut (checkpoint totals 6.31 M / 24.11 M).
 _DART_TRUNK = {"tiny": "mobilenetv3_small_v1", "small": "mobilenetv3_large_v1", "base": "mobilenetv3_large_v1"}
+# fixed-grid DeiTs are timm's own
+register_family(ModelFamily("deit", tuple(_SIZES), grid="deit_{size}_patch16_224", dart="deit_{size}_dart"))
 
 
 def _create(size: str, pretrained: bool, kwargs: dict) -> DartVisionTransformer:
     name, user_kwargs = f"deit_{size}_dart", dict(kwargs)
-    dart_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v1"}, kwargs.pop("dart_cfg", None),
-                               kwargs.get("img_size", 448))
+    options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
+    tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v1"}, options, kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, **_SIZES[size])
     out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(DartVisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                 dart_cfg=dart_cfg, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                                 **{**args, **kwargs})
+                                 tokenizer_cfg=tokenizer_cfg,
+                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**args, **kwargs})
     return record_config(model, name, user_kwargs)
 
 

@@ -12,10 +12,10 @@ at the middle of the DART sequence.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor
@@ -23,9 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..modules.bimamba import BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
-from ..tokenizer import DartTokenizer, DartTokens
-from ._features import package_intermediates
-from ._dart_cfg import dart_scorer_cfg
+from ..tokenizer import Tokens
+from ._common import (ModelFamily, build_tokenizer, dart_scorer_cfg, model_cfg, package_intermediates,
+                      register_family, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["VisionMamba"]
@@ -44,53 +44,41 @@ class VisionMamba(nn.Module):
         img_size, patch_size, in_chans: input and patch geometry.
         num_classes: head outputs (0: no head, ``forward`` returns pooled features).
         embed_dim, depth, d_state, expand, d_conv: Mamba sizes (Tiny 192, Small 384, Base 768; depth 24).
-        tokenizer: ``"grid"`` (timm PatchEmbed, (img/p)^2 tokens) or ``"dart"``.
-        num_tokens: DART token count (default Gh * Gw).
-        grid_size: DART score grid (default ``img_size / (2 * patch_size)``: 14 for 448 / 16, the paper's
-            half-resolution geometry); the positional embedding has Gh * Gw + 1 entries for every token count.
-        dart_cfg: other :class:`~dartmamba.tokenizer.DartTokenizer` options (trunk, head, score_norm,
-            scorer_input_size, trunk_weights, sampling, resample_backend, uniform_scores, num_rows).
+        tokenizer: a registered tokenizer name (``"grid"``: timm's PatchEmbed, (img/p)^2 tokens; ``"dart"``; see
+            :func:`dartmamba.tokenizer.register_tokenizer`) or a :class:`~dartmamba.tokenizer.Tokenizer` class.
+        num_tokens: tokens of an adaptive tokenizer (DART: default Gh * Gw).
+        grid_size: the tokenizer's grid (DART: the score grid, default ``img_size / (2 * patch_size)``, 14 for
+            448 / 16, the paper's half-resolution geometry); the positional embedding has one entry per grid cell +
+            1 for every token count.
+        tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
+            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
+            its older name.
         global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
-                 residual_in_fp32: bool = True, tokenizer: str = "grid", num_tokens: int | None = None,
-                 grid_size=None, dart_cfg: dict | None = None, global_pool: str = "token"):
+                 residual_in_fp32: bool = True, tokenizer="grid", num_tokens: int | None = None,
+                 grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
+                 global_pool: str = "token"):
         super().__init__()
-        if tokenizer not in ("grid", "dart"):
-            raise ValueError(f"tokenizer must be 'grid' or 'dart', got {tokenizer!r}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.depth = depth
-        self.tokenizer_kind = tokenizer
         self.residual_in_fp32 = residual_in_fp32
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
-        if tokenizer == "grid":
-            if num_tokens is not None or dart_cfg:
-                raise ValueError("num_tokens and dart_cfg apply to tokenizer='dart' only")
-            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-            num_grid = self.patch_embed.num_patches
-            self.num_tokens = num_grid
-            self.feature_grid = self.patch_embed.grid_size
-        else:
-            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-            if grid_size is None:
-                grid_size = (max(1, size[0] // (2 * patch_size)), max(1, size[1] // (2 * patch_size)))
-            grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-            num_grid = grid[0] * grid[1]
-            self.num_tokens = num_grid if num_tokens is None else num_tokens
-            self.patch_embed = DartTokenizer(img_size=size, patch_size=patch_size, grid_size=grid,
-                                             num_tokens=self.num_tokens, in_chans=in_chans, embed_dim=embed_dim,
-                                             **(dart_cfg or {}))
-            self.feature_grid = grid
-        self.num_grid_patches = num_grid
+        self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
+                                           patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                           num_tokens=num_tokens, grid_size=grid_size)
+        num_grid = self.patch_embed.num_patches
+        self.num_tokens = self.patch_embed.num_tokens
+        self.feature_grid = self.patch_embed.feature_grid
         self.cls_pos_index = num_grid // 2            # where the class token's embedding sits in pos_embed
         self.cls_index = self.num_tokens // 2         # where the class token sits in the sequence
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -106,7 +94,7 @@ class VisionMamba(nn.Module):
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") else patch_size
+        reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.init_weights()
 
@@ -114,14 +102,14 @@ class VisionMamba(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Vim's init: trunc-normal(0.02) embeddings and head, out_proj rescaled by 1/sqrt(depth), Mamba's dt/A/D
-        init for both scan branches; the DART scorer's frozen trunk is never touched."""
+        init for both scan branches; the tokenizer re-initialises its own trainable parts (a frozen scorer trunk is
+        never touched)."""
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-        if isinstance(self.patch_embed, DartTokenizer):
-            self.patch_embed.init_weights()
+        self.patch_embed.init_weights()
         for layer in self.layers:
             mixer = layer.mixer
             nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
@@ -160,37 +148,49 @@ class VisionMamba(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def embed(self, x: Tensor) -> tuple[Tensor, DartTokens | None]:
-        """Images (B, C, H, W) -> (tokens with the class token at M // 2 and positions added (B, M + 1, D), the
-        DART output or None)."""
-        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
-        if isinstance(self.patch_embed, DartTokenizer):
-            ci = self.cls_pos_index
-            grid_pe = torch.cat([self.pos_embed[:, :ci], self.pos_embed[:, ci + 1:]], dim=1)
-            dart = self.patch_embed(x, grid_pe)
-            tokens = dart.tokens + dart.pos_embed
-            x = insert_middle(tokens, cls_token + self.pos_embed[:, ci:ci + 1])
-        else:
-            dart = None
-            x = insert_middle(self.patch_embed(x), cls_token) + self.pos_embed
-        return self.pos_drop(x), dart
+    def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """Images (B, C, H, W) -> (tokens with positions and the class token at M // 2 (B, M + 1, D), the
+        tokenizer's output).
 
-    def run_layers(self, x: Tensor) -> Tensor:
-        """Embedded tokens (B, L, D) -> final-normed features (B, L, D)."""
-        hidden, residual = x, None
-        for layer in self.layers:
+        The class token's positional embedding sits at the grid's middle index of ``pos_embed``; the tokenizer gets
+        the other (grid) embeddings and returns each token's (the grid's own for a fixed grid, re-binned for DART).
+        """
+        ci = self.cls_pos_index
+        grid_pe = torch.cat([self.pos_embed[:, :ci], self.pos_embed[:, ci + 1:]], dim=1)
+        out = self.patch_embed(x, grid_pe)
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, ci:ci + 1]
+        x = insert_middle(out.tokens + out.pos_embed, cls_token)
+        return self.pos_drop(x), out
+
+    def run_layers(self, x: Tensor, layers=None, take_indices=(), norm: bool = False
+                   ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """Embedded tokens (B, L, D) through ``layers`` (default: all) -> (hidden, residual, intermediates): the
+        residual stream after each layer in ``take_indices`` (final-normed when ``norm``)."""
+        hidden, residual, intermediates = x, None, []
+        for i, layer in enumerate(self.layers if layers is None else layers):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual)
+            if i in take_indices:
+                stream = residual.to(hidden.dtype) + hidden
+                intermediates.append(self.norm_f(stream) if norm else stream)
+        return hidden, residual, intermediates
+
+    def final_norm(self, hidden: Tensor, residual: Tensor | None) -> Tensor:
+        """The last residual add and the final RMSNorm, fused (B, L, D); without the norm after
+        ``prune_intermediate_layers(prune_norm=True)``."""
         update = self.final_drop_path(hidden) if residual is not None else hidden
+        if isinstance(self.norm_f, nn.Identity):
+            return update if residual is None else (residual + update).to(update.dtype)
         return rms_norm(update, self.norm_f.weight, residual=residual, eps=self.norm_f.eps, prenorm=False,
                         residual_in_fp32=self.residual_in_fp32)
 
-    def forward_tokens(self, x: Tensor) -> tuple[Tensor, DartTokens | None]:
-        """(B, C, H, W) -> (normed features (B, M + 1, D), DART output with the geometry, or None)."""
-        x, dart = self.embed(x)
-        return self.run_layers(x), dart
+    def forward_tokens(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """(B, C, H, W) -> (normed features (B, M + 1, D), the tokenizer's output, e.g. DART's with the geometry)."""
+        x, out = self.embed(x)
+        hidden, residual, _ = self.run_layers(x)
+        return self.final_norm(hidden, residual), out
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -200,34 +200,27 @@ class VisionMamba(nn.Module):
         Args:
             indices: last n layers if int, all if None, else the listed layer indices.
             norm: apply the final RMSNorm to every intermediate.
-            output_fmt: ``"NCHW"`` maps (DART tokens are scattered onto the score grid by area) or ``"NLC"`` tokens.
-            output_dict: return a dict (``image_intermediates``, ``image_features``, ``dart`` with the geometry).
+            output_fmt: ``"NCHW"`` maps (the tokenizer's; DART tokens are scattered onto the score grid by area) or
+                ``"NLC"`` tokens.
+            output_dict: return a dict (``image_intermediates``, ``image_features``, and the tokenizer's output
+                under its key, ``dart`` with the geometry for DART).
         """
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        x, dart = self.embed(x)
+        x, out = self.embed(x)
         layers = self.layers[:max_index + 1] if stop_early else self.layers
-        hidden, residual, intermediates = x, None, []
-        for i, layer in enumerate(layers):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
-            else:
-                hidden, residual = layer(hidden, residual)
-            if i in take_indices:
-                stream = residual.to(hidden.dtype) + hidden
-                intermediates.append(self.norm_f(stream) if norm else stream)
-        final = None
-        if not intermediates_only:
-            update = self.final_drop_path(hidden) if residual is not None else hidden
-            final = rms_norm(update, self.norm_f.weight, residual=residual, eps=self.norm_f.eps, prenorm=False,
-                             residual_in_fp32=self.residual_in_fp32)
-        return package_intermediates(final, intermediates, self.cls_index, dart, self.feature_grid, output_fmt,
+        hidden, residual, intermediates = self.run_layers(x, layers, take_indices, norm)
+        final = None if intermediates_only else self.final_norm(hidden, residual)
+        return package_intermediates(final, intermediates, self.cls_index, self.patch_embed, out, output_fmt,
                                      intermediates_only, return_prefix_tokens, output_dict)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the layers after the last requested intermediate (and the head); returns the kept indices."""
+        """Drop the layers after the last requested intermediate, the final norm when ``prune_norm`` and the head
+        when ``prune_head`` (timm's contract); returns the kept indices."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
         if prune_head:
             self.reset_classifier(0)
         return take_indices
@@ -254,24 +247,13 @@ class VisionMamba(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints, pretrained cfgs, registration
 # ---------------------------------------------------------------------------------------------------------------
-def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "apache-2.0", **kwargs}
-
-
-def _dart_cfg(**kwargs) -> dict:
-    return _cfg(input_size=(3, 448, 448), crop_pct=448 / 512, **kwargs)
-
-
 default_cfgs = generate_default_cfgs({
-    "vim_tiny_patch16_224.hustvl_in1k": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok"),
-    "vim_small_patch16_224.hustvl_in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok"),
-    "vim_base_patch16_224.hustvl_in1k": _cfg(hf_hub_id="hustvl/Vim-base-midclstok"),
-    "vim_tiny_dart.in1k": _dart_cfg(hf_hub_id="yinkx3/DART"),
-    "vim_small_dart.in1k": _dart_cfg(hf_hub_id="yinkx3/DART"),
-    "vim_base_dart.untrained": _dart_cfg(),
+    "vim_tiny_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-tiny-midclstok"),
+    "vim_small_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-small-midclstok"),
+    "vim_base_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-base-midclstok"),
+    "vim_tiny_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "vim_small_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "vim_base_dart.untrained": model_cfg(448),
 })
 
 
@@ -285,6 +267,7 @@ _SIZES = {"tiny": dict(embed_dim=192, depth=24), "small": dict(embed_dim=384, de
           "base": dict(embed_dim=768, depth=24)}
 # The scorer trunk DART pairs with each size (Tiny: MobileNetV3-small, Small/Base: MobileNetV3-large; head v2).
 _DART_TRUNK = {"tiny": "mobilenetv3_small", "small": "mobilenetv3_large", "base": "mobilenetv3_large"}
+register_family(ModelFamily("vim", tuple(_SIZES), grid="vim_{size}_patch16_224", dart="vim_{size}_dart"))
 
 
 def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
@@ -295,10 +278,10 @@ def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
 
 def _dart_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
     name, user_kwargs = f"vim_{size}_dart", dict(kwargs)
-    dart_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v2"}, kwargs.pop("dart_cfg", None),
-                               kwargs.get("img_size", 448))
+    options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
+    tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v2"}, options, kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
-    model = _create_vim(name, pretrained, dart_cfg=dart_cfg, **{**args, **kwargs})
+    model = _create_vim(name, pretrained, tokenizer_cfg=tokenizer_cfg, **{**args, **kwargs})
     return record_config(model, name, user_kwargs)
 
 

@@ -1,18 +1,19 @@
 """Op backends of the Vim encoder (mamba-ssm layout: the fused kernels and the references they are tested against).
 
-Each op has one dispatcher that picks its backend through :mod:`dartmamba.backends` (``backend=`` argument,
-``dartmamba.backends.set_backend(op, name)`` / ``use_backend``, or ``DARTMAMBA_<OP>_BACKEND``):
+Each op has one entry point that dispatches through the registry in :mod:`dartmamba.backends` (``backend=``
+argument, ``dartmamba.backends.set_backend(op, name)`` / ``use_backend``, or ``DARTMAMBA_<OP>_BACKEND``):
 
-- :func:`selective_scan` (op ``"scan"``): ``"cuda"`` (mamba-ssm), ``"cpu"`` (exact chunked scan, any device),
-  ``"reference"``.
-- :func:`causal_conv1d` (op ``"conv1d"``): ``"cuda"`` (causal-conv1d), ``"torch"``.
-- :func:`rms_norm` / :class:`RMSNorm` (op ``"rmsnorm"``): ``"triton"`` (mamba-ssm), ``"torch"``.
+- :func:`selective_scan` (op ``"scan"``, module :mod:`.scan`): ``"cuda"`` (mamba-ssm), ``"cpu"`` (exact chunked
+  scan, any device), ``"reference"``.
+- :func:`causal_conv1d` (op ``"conv1d"``, module :mod:`.conv1d`): ``"cuda"`` (causal-conv1d), ``"torch"``.
+- :func:`rms_norm` / :class:`RMSNorm` (op ``"rmsnorm"``, module :mod:`.rmsnorm`): ``"triton"`` (mamba-ssm),
+  ``"torch"``.
 
 Nothing here imports CUDA extensions, mamba-ssm, causal-conv1d or triton at import time.
 """
-from .causal_conv1d import causal_conv1d, causal_conv1d_reference
+from .conv1d import causal_conv1d, causal_conv1d_reference
 from .rmsnorm import RMSNorm, rms_norm, rms_norm_reference
-from .selective_scan import selective_scan, selective_scan_cpu, selective_scan_mamba_cuda, selective_scan_reference
+from .scan import selective_scan, selective_scan_cpu, selective_scan_mamba_cuda, selective_scan_reference
 
 __all__ = [
     "selective_scan",

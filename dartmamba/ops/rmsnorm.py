@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
+from ._common import compute_dtype, register_flops, zero_flops
 
 __all__ = ["rms_norm", "rms_norm_reference", "RMSNorm"]
 
@@ -55,10 +56,6 @@ def _residual_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: boo
     return torch.promote_types(base, torch.float32) if residual_in_fp32 else base
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def rms_norm_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
                        eps: float = 1e-5, prenorm: bool = False,
                        residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -73,7 +70,7 @@ def rms_norm_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         out (..., dim) in x.dtype, or (out, residual_out) when prenorm.
     """
     _check_args(x, weight, bias, residual)
-    cdt = _compute_dtype(x, weight, bias, residual)
+    cdt = compute_dtype(x, weight, bias, residual)
     total = x.to(cdt)
     if residual is not None:
         total = total + residual.to(cdt)
@@ -90,7 +87,7 @@ def rms_norm_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, res
                    residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """The ``"torch"`` backend (plain ops, any device). Arguments and result as :func:`rms_norm_reference`."""
     _check_args(x, weight, bias, residual)
-    cdt = _compute_dtype(x, weight, bias, residual)
+    cdt = compute_dtype(x, weight, bias, residual)
     total = x.to(cdt) if residual is None else x.to(cdt) + residual.to(cdt)
     out = total * torch.rsqrt(total.square().mean(dim=-1, keepdim=True) + eps) * weight.to(cdt)
     if bias is not None:
@@ -165,6 +162,11 @@ def _(dy, residual_out, weight, bias, rstd, dresidual, eps):
             bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0))
 
 
+# normalisation is elementwise work, which the FLOP convention (fvcore's) does not count
+register_flops(torch.ops.dartmamba.rms_norm_triton_fwd, zero_flops)
+register_flops(torch.ops.dartmamba.rms_norm_triton_bwd, zero_flops)
+
+
 def _triton_setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps, residual_dtype = inputs
     ctx.save_for_backward(weight, bias, output[1], output[2])
@@ -183,7 +185,8 @@ def _triton_autograd(ctx, grad_out, grad_residual_out, grad_rstd):
 _triton_fwd_op.register_autograd(_triton_autograd, setup_context=_triton_setup_context)
 
 
-def _triton_unsupported(x: Tensor, weight: Tensor, residual: Optional[Tensor]) -> Optional[str]:
+def _triton_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                        *args, **kwargs) -> Optional[str]:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             return f"its kernel supports float16/bfloat16/float32, got {name} {t.dtype}"
@@ -198,7 +201,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, re
     Arguments and result as :func:`rms_norm_reference`.
     """
     _check_args(x, weight, bias, residual)
-    reason = _triton_unavailable() or _triton_unsupported(x, weight, residual)
+    reason = _triton_unavailable() or _triton_unsupported(x, weight, bias, residual)
     if reason is not None:
         raise backends.BackendUnavailableError(f"rmsnorm backend 'triton' is not available: {reason}")
     shape = x.shape
@@ -211,17 +214,18 @@ def rms_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, re
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
-backends.register_backend(
-    "rmsnorm", "triton", ("cuda",), _triton_unavailable,
+backends.register(
+    "rmsnorm", "triton", rms_norm_triton, devices=("cuda",), available=_triton_unavailable,
+    supports=_triton_unsupported,
     fallback_warning="mamba-ssm's Triton RMSNorm is unavailable, so CUDA tensors use the plain torch RMSNorm; "
                      "install mamba-ssm (pip install 'dartmamba[cuda]')")
-backends.register_backend("rmsnorm", "torch", ("cpu", "cuda", "mps", "xpu"))
+backends.register("rmsnorm", "torch", rms_norm_torch, devices=backends.ANY_DEVICE)
 
 
 def rms_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
              eps: float = 1e-5, prenorm: bool = False, residual_in_fp32: bool = False,
              backend: Optional[str] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """RMSNorm with fused residual add; the one place its backend is chosen.
+    """RMSNorm with fused residual add, through the backend registry (op ``"rmsnorm"``).
 
     Args:
         x: (..., dim). weight: (dim,). bias: optional (dim,). residual: optional, x's shape.
@@ -235,12 +239,8 @@ def rms_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual:
         out (..., dim) in x.dtype, or (out, residual_out) when prenorm.
     """
     _check_args(x, weight, bias, residual)
-    name = backends.choose("rmsnorm", x.device, backend)
-    if name == "triton":
-        forced = backend not in (None, "auto") or backends.get_backend("rmsnorm") != "auto"
-        if forced or _triton_unsupported(x, weight, residual) is None:
-            return rms_norm_triton(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
-    return rms_norm_torch(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    return backends.dispatch("rmsnorm", x.device, x, weight, bias, residual, eps, prenorm, residual_in_fp32,
+                             backend=backend)
 
 
 class RMSNorm(nn.Module):

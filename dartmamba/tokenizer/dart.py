@@ -8,12 +8,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import Tokenizer, register_tokenizer
+from .dense import tokens_to_map
 from .geometry import DartGeometry
 from .partition import default_num_rows, partition
-from .posembed import resample_pos_embed
-from .resample import SAMPLING_MODES, resample_patches
+from .posembed import posembed_macs, resample_pos_embed
+from .resample import SAMPLING_MODES, resample_macs, resample_patches
 from .scorer import DartScorer
 from .validation import as_pair, check_images, check_token_counts
+
+# where the official DART code keeps its scorer (under the tokenizer's prefix), and its head's layer names
+_OFFICIAL_SCORER = "spn.spn.spn."
+_OFFICIAL_HEAD = {"mlp.net.0.": "fc1.", "mlp.net.2.": "fc2."}
 
 
 class DartTokens(NamedTuple):
@@ -36,14 +42,22 @@ def embed_patches(patches: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
     return F.linear(patches.flatten(2), weight.flatten(1), bias)
 
 
-class DartTokenizer(nn.Module):
+def default_grid_size(img_size, patch_size: int) -> tuple[int, int]:
+    """The score grid of the paper's half-resolution geometry: ``img_size / (2 * patch_size)`` per side (448 / 16
+    -> 14 x 14), at least 1."""
+    height, width = as_pair(img_size, "img_size")
+    return max(1, height // (2 * patch_size)), max(1, width // (2 * patch_size))
+
+
+@register_tokenizer("dart")
+class DartTokenizer(nn.Module, Tokenizer):
     """Differentiable Dynamic Adaptive Region Tokenizer.
 
     Args:
         img_size: input H, W (paper: 448).
         patch_size: p, side of every resampled patch (paper: 16).
-        grid_size: Gh, Gw of the score map (paper: 14).
-        num_tokens: N (paper: 196; 121 .. 1568 supported).
+        grid_size: Gh, Gw of the score map (default :func:`default_grid_size`: 14 for 448 / 16, the paper's).
+        num_tokens: N (default Gh * Gw; paper: 196; 121 .. 1568 supported).
         num_rows: R bands, default ``round(sqrt(N))``.
         in_chans, embed_dim: patch embedding Conv2d(in_chans, embed_dim, p, p).
         trunk, head, score_norm, scorer_input_size, trunk_weights: see :class:`DartScorer`.
@@ -63,18 +77,25 @@ class DartTokenizer(nn.Module):
     is the geometry scale (2 there), reported by :attr:`geometry_scale`.
     """
 
-    def __init__(self, img_size=448, patch_size: int = 16, grid_size=14, num_tokens: int = 196,
+    output_key = "dart"
+
+    def __init__(self, img_size=448, patch_size: int = 16, grid_size=None, num_tokens: int | None = None,
                  num_rows: int | None = None, in_chans: int = 3, embed_dim: int = 768, trunk: str = "mobilenetv3_small",
                  head: str = "v2", score_norm: str = "sample", scorer_input_size=None,
                  trunk_weights: str | None = None, sampling: str = "paper", resample_backend: str | None = None,
                  uniform_scores: bool = False, bias: bool = True, partition_backend: str | None = None,
-                 posembed_backend: str | None = None, scorer_channels_last: bool = False, scorer_dtype=None):
+                 posembed_backend: str | None = None, scorer_channels_last: bool = False, scorer_dtype=None,
+                 device=None, dtype=None):
         super().__init__()
         self.img_size = as_pair(img_size, "img_size")
-        self.grid_size = as_pair(grid_size, "grid_size")
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         self.patch_size = patch_size
+        self.grid_size = default_grid_size(img_size, patch_size) if grid_size is None else as_pair(grid_size,
+                                                                                                   "grid_size")
+        self.feature_grid = self.grid_size
+        if num_tokens is None:
+            num_tokens = self.grid_size[0] * self.grid_size[1]
         self.num_rows = default_num_rows(num_tokens) if num_rows is None else num_rows
         check_token_counts(num_tokens, self.num_rows)
         self.num_tokens = num_tokens
@@ -91,6 +112,8 @@ class DartTokenizer(nn.Module):
                                  channels_last=scorer_channels_last, trunk_dtype=scorer_dtype)
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
         self._captured = None   # a CapturedTokenizer after capture(); a plain attribute, not a submodule
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @property
     def geometry_scale(self) -> float:
@@ -105,6 +128,62 @@ class DartTokenizer(nn.Module):
         """Pixels per score-grid cell: the stride of the feature maps DART tokens are scattered onto."""
         ratio = (self.img_size[0] // self.grid_size[0], self.img_size[1] // self.grid_size[1])
         return max(ratio) if as_scalar else ratio
+
+    def to_feature_map(self, tokens: Tensor, output: "DartTokens") -> Tensor:
+        """Token features (B, N, D) scattered onto the score grid by area: (B, D, Gh, Gw) (see
+        :func:`~dartmamba.tokenizer.tokens_to_map`)."""
+        return tokens_to_map(tokens, output.geometry, self.feature_grid)
+
+    def flop_parts(self, call, counted) -> dict[str, int]:
+        """The scorer's trunk and head, the resampling and the positional-embedding re-binning (analytic where no op
+        shows them: the gather path and the running sums), and the patch projection."""
+        args, kwargs = call
+        images = args[0]
+        grid_pos_embed = args[1] if len(args) > 1 else kwargs.get("grid_pos_embed")
+        batch, chans = images.shape[:2]
+        trunk, scorer, total = counted("scorer.trunk"), counted("scorer"), counted()
+        resample_ops, posembed_ops = counted(part="resample"), counted(part="posembed")
+        posembed = posembed_ops
+        if not posembed and grid_pos_embed is not None:
+            posembed = posembed_macs(batch, self.num_rows, self.grid_size[1], self.num_tokens,
+                                     grid_pos_embed.shape[-1])
+        return {"scorer_trunk": trunk, "scorer_head": scorer - trunk,
+                "resample": resample_ops or resample_macs(batch, self.num_tokens, chans, self.patch_size),
+                "posembed": posembed, "embed": total - scorer - resample_ops - posembed_ops}
+
+    def convert_official_state_dict(self, state_dict: dict, prefix: str, source: str) -> dict:
+        """Official DART names -> ours: the scorer under ``<prefix>spn.spn.spn.`` (torchvision MobileNetV3 trunk
+        ``features.*`` and head ``mlp.net.{0,2}``) becomes ``<prefix>scorer.{trunk,head}.*``; everything else
+        (``<prefix>proj``, the backbone) passes through."""
+        official = prefix + _OFFICIAL_SCORER
+        converted, trunk_state = {}, {}
+        for key, value in state_dict.items():
+            if not key.startswith(official):
+                converted[key] = value
+                continue
+            rest = key[len(official):]
+            if rest.startswith("features."):
+                trunk_state[rest[len("features."):]] = value
+                continue
+            for theirs, ours in _OFFICIAL_HEAD.items():
+                if rest.startswith(theirs):
+                    converted[f"{prefix}scorer.head.{ours}{rest[len(theirs):]}"] = value
+                    break
+            else:
+                converted[key] = value          # reported as unexpected
+        if trunk_state:
+            key_map = self.scorer.trunk.torchvision_key_map(list(trunk_state), f"{source} (scorer trunk)")
+            for theirs, ours in key_map.items():
+                converted[f"{prefix}scorer.trunk.{ours}"] = trunk_state[theirs]
+        return converted
+
+    def adopt_official_settings(self, loaded: list[str], prefix: str) -> None:
+        """What the official models were trained with: batch-global score standardisation, and torchvision's
+        BatchNorm eps (1e-3) in a trunk loaded from the checkpoint."""
+        self.scorer.score_norm = "batch"
+        trunk = self.scorer.trunk
+        if hasattr(trunk, "set_bn_eps") and any(k.startswith(f"{prefix}scorer.trunk.") for k in loaded):
+            trunk.set_bn_eps(1e-3)
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, grid_size={self.grid_size}, "
@@ -123,8 +202,13 @@ class DartTokenizer(nn.Module):
         return self.scorer(images)
 
     def geometry(self, images: Tensor, scores: Tensor | None = None) -> DartGeometry:
-        scores = self.scores(images) if scores is None else scores
-        return partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False,
+        """The partition of a batch, from the scorer's scores or from ``scores`` (B, Gh, Gw) (then validated)."""
+        if scores is None:
+            return self._partition(self.scores(images), validate=False)
+        return self._partition(scores, validate=True)
+
+    def _partition(self, scores: Tensor, validate: bool) -> DartGeometry:
+        return partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=validate,
                          backend=self.partition_backend)
 
     def capture(self, batch_size: int, **options):
@@ -165,13 +249,10 @@ class DartTokenizer(nn.Module):
                       scores: Tensor | None = None) -> DartTokens:
         """:meth:`forward` without the captured graph (what the graph records)."""
         check_images(images, self.in_chans, self.img_size)
-        if scores is None:
+        given = scores is not None
+        if not given:
             scores = self.scores(images)
-            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=False,
-                                 backend=self.partition_backend)
-        else:
-            geometry = partition(scores, self.num_tokens, self.num_rows, img_size=self.img_size, validate=True,
-                                 backend=self.partition_backend)
+        geometry = self._partition(scores, validate=given)
         patches = resample_patches(images, geometry, self.patch_size, self.sampling, self.resample_backend)
         if not torch.is_autocast_enabled(images.device.type):
             patches = patches.to(self.proj.weight.dtype)

@@ -6,9 +6,9 @@ host synchronisation (value checks are optional and skipped while tracing / capt
 Units. Band boundaries live on ``[0, Gh]`` (score-grid rows). Token edges live on ``[0, Gw * R]``: the ``R``
 bands laid side by side, each ``Gw`` score-grid columns long, read in raster order.
 
-Backends (op ``"partition"``, chosen once, in :func:`partition_scores`): ``"triton"`` (``dartmamba_kernels.geometry``:
-the whole partition of a batch in one fused launch, CUDA) and ``"torch"`` (the functions below, any device: the
-reference the kernel is tested against).
+Backends (registry op ``"partition"``, dispatched in :func:`partition_scores`): ``"triton"``
+(``dartmamba_kernels.geometry``: the whole partition of a batch in one fused launch, CUDA) and ``"torch"`` (the
+functions below, any device: the reference the kernel is tested against).
 """
 from __future__ import annotations
 
@@ -117,18 +117,20 @@ def rebin_rows(grid: Tensor, band_bounds: Tensor) -> Tensor:
     return interval_means(grid, band_bounds)
 
 
-@backends.cached_check
-def geometry_kernels_unavailable() -> str | None:
-    """None when ``dartmamba_kernels.geometry`` (partition and positional-embedding kernels) imports, else why not."""
-    try:
-        import dartmamba_kernels.geometry  # noqa: F401
-    except Exception as exc:  # a missing or broken triton must not break the torch path
-        return f"cannot import the Triton geometry kernels ({type(exc).__name__}: {exc})"
-    return None
+geometry_kernels_unavailable = backends.module_check("dartmamba_kernels.geometry", "the Triton geometry kernels")
 
 
-backends.register_backend("partition", "triton", ("cuda",), geometry_kernels_unavailable)
-backends.register_backend("partition", "torch", ("cuda", "cpu", "mps", "xpu"))
+def _partition_triton(scores: Tensor, num_tokens: int, num_rows: int) -> tuple[Tensor, Tensor]:
+    """The ``"triton"`` backend: the whole partition of a batch in one fused launch (``dartmamba_kernels``)."""
+    from dartmamba_kernels.geometry import partition_triton
+
+    return partition_triton(scores, num_tokens, num_rows)
+
+
+def _partition_triton_supports(scores: Tensor, num_tokens: int, num_rows: int) -> str | None:
+    from dartmamba_kernels.geometry import supports_partition
+
+    return supports_partition((scores.shape[1], scores.shape[2]), num_tokens, num_rows)
 
 
 def partition_scores(
@@ -139,16 +141,16 @@ def partition_scores(
     validate: bool = True,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Score map -> band boundaries and token edges (steps 2-5 of the method).
+    """Score map -> band boundaries and token edges (steps 2-5 of the method), through the backend registry.
 
     Args:
         scores: (B, Gh, Gw) strictly positive, finite scores.
         num_tokens: N >= 1.
         num_rows: R, default ``round(sqrt(N))``; 1 <= R <= N.
         validate: check the score values (one host sync; skipped automatically while compiling or capturing).
-        backend: ``None``/``"auto"`` (the fused Triton kernel for CUDA tensors when available, torch otherwise),
-            ``"triton"`` or ``"torch"``; the global setting is ``dartmamba.backends.set_backend("partition", ...)``.
-            This is the one place the partition backend is chosen.
+        backend: ``None``/``"auto"`` (the fused Triton kernel for CUDA tensors when available and the shape fits
+            its tiles, torch otherwise), ``"triton"`` or ``"torch"``; the global setting is
+            ``dartmamba.backends.set_backend("partition", ...)``.
 
     Returns:
         band_bounds (B, R + 1) on [0, Gh] and token_edges (B, N + 1) on [0, Gw * R], both strictly increasing;
@@ -157,16 +159,7 @@ def partition_scores(
     """
     num_rows = default_num_rows(num_tokens) if num_rows is None else num_rows
     check_scores(scores, num_tokens, num_rows, check_values=validate)
-    name = backends.choose("partition", scores.device, backend)
-    if name == "triton":
-        from dartmamba_kernels.geometry import partition_triton, supports_partition
-
-        reason = supports_partition((scores.shape[1], scores.shape[2]), num_tokens, num_rows)
-        if reason is None:
-            return partition_triton(scores, num_tokens, num_rows)
-        if backend not in (None, "auto") or backends.get_backend("partition") != "auto":
-            raise backends.BackendUnavailableError(f"partition backend 'triton' cannot run this shape: {reason}")
-    return partition_scores_torch(scores, num_tokens, num_rows)
+    return backends.dispatch("partition", scores.device, scores, num_tokens, num_rows, backend=backend)
 
 
 def partition_scores_torch(scores: Tensor, num_tokens: int, num_rows: int) -> tuple[Tensor, Tensor]:
@@ -182,6 +175,11 @@ def partition_scores_torch(scores: Tensor, num_tokens: int, num_rows: int) -> tu
     flow = band_pdf.reshape(batch, num_rows * grid_w)
     token_edges = inverse_cdf_quantiles(flow, num_tokens)
     return band_bounds.to(out_dtype), token_edges.to(out_dtype)
+
+
+backends.register("partition", "triton", _partition_triton, devices=("cuda",), available=geometry_kernels_unavailable,
+                  supports=_partition_triton_supports)
+backends.register("partition", "torch", partition_scores_torch, devices=backends.ANY_DEVICE)
 
 
 def partition(

@@ -1,8 +1,9 @@
 """Positional embeddings that follow the tokens (step 7 of the method).
 
-Backends (op ``"posembed"``, chosen once, in :func:`resample_pos_embed`): ``"triton"``
+Backends (registry op ``"posembed"``, dispatched in :func:`resample_pos_embed`): ``"triton"``
 (``dartmamba_kernels.geometry``: one launch, inference only, CUDA) and ``"torch"`` (running sums in float64, any
-device, differentiable). Whenever a gradient is needed (training), the torch path runs whatever the setting.
+device, differentiable). The Triton kernel has no backward, so it does not take inputs that need a gradient:
+``"auto"`` runs the torch path then, and forcing ``"triton"`` is an error.
 :func:`resample_pos_embed_reference` is the slow literal version both are tested against.
 """
 from __future__ import annotations
@@ -15,8 +16,11 @@ from .geometry import DartGeometry
 from .partition import geometry_kernels_unavailable, interval_means, overlap_matrix, rebin_rows
 
 
-backends.register_backend("posembed", "triton", ("cuda",), geometry_kernels_unavailable)
-backends.register_backend("posembed", "torch", ("cuda", "cpu", "mps", "xpu"))
+def posembed_macs(batch: int, num_rows: int, grid_w: int, num_tokens: int, dim: int) -> int:
+    """Multiply-adds of re-binning the grid positional embeddings onto the bands, then onto the tokens
+    (running-integral form): per channel, (R + 1) interpolated integrals per grid column and R * Gw divisions, then
+    (N + 1) interpolated integrals and N divisions."""
+    return batch * dim * ((2 * num_rows + 1) * grid_w + 2 * num_tokens + 1)
 
 
 def resample_pos_embed(grid_pos_embed: Tensor, geometry: DartGeometry, backend: str | None = None) -> Tensor:
@@ -26,9 +30,8 @@ def resample_pos_embed(grid_pos_embed: Tensor, geometry: DartGeometry, backend: 
         grid_pos_embed: (1 or B, Gh * Gw, D) learnable embeddings of the score grid, row-major (no cls entry).
         geometry: partition of the batch (B samples, R bands, N tokens).
         backend: ``None``/``"auto"`` (the Triton kernel for CUDA tensors when no gradient is needed, torch
-            otherwise), ``"triton"`` or ``"torch"``; the global setting is
-            ``dartmamba.backends.set_backend("posembed", ...)``. The Triton kernel has no backward: when the
-            embeddings or the geometry require a gradient (and grad mode is on) the torch path runs.
+            otherwise), ``"triton"`` (inference only) or ``"torch"``; the global setting is
+            ``dartmamba.backends.set_backend("posembed", ...)``.
 
     Returns:
         (B, N, D): the grid re-binned onto the bands by row-overlap averages, then averaged over each token's
@@ -41,13 +44,7 @@ def resample_pos_embed(grid_pos_embed: Tensor, geometry: DartGeometry, backend: 
                          f"score grid, got {tuple(grid_pos_embed.shape)}")
     if grid_pos_embed.shape[0] not in (1, batch):
         raise ValueError(f"grid_pos_embed batch must be 1 or {batch}, got {grid_pos_embed.shape[0]}")
-    name = backends.choose("posembed", grid_pos_embed.device, backend)
-    needs_grad = torch.is_grad_enabled() and (grid_pos_embed.requires_grad or geometry.band_bounds.requires_grad
-                                              or geometry.token_edges.requires_grad)
-    if name == "triton" and not needs_grad:
-        from dartmamba_kernels.geometry import resample_pos_embed_triton
-        return resample_pos_embed_triton(grid_pos_embed, geometry)
-    return resample_pos_embed_torch(grid_pos_embed, geometry)
+    return backends.dispatch("posembed", grid_pos_embed.device, grid_pos_embed, geometry, backend=backend)
 
 
 def resample_pos_embed_torch(grid_pos_embed: Tensor, geometry: DartGeometry) -> Tensor:
@@ -60,6 +57,25 @@ def resample_pos_embed_torch(grid_pos_embed: Tensor, geometry: DartGeometry) -> 
     band_pe = rebin_rows(grid, geometry.band_bounds.to(torch.float64))            # (B, R, Gw, D)
     flow = band_pe.reshape(batch, geometry.num_rows * grid_w, dim)
     return interval_means(flow, geometry.token_edges.to(torch.float64)).to(grid_pos_embed.dtype)
+
+
+def _resample_pos_embed_triton(grid_pos_embed: Tensor, geometry: DartGeometry) -> Tensor:
+    """The ``"triton"`` backend: one launch, inference only (``dartmamba_kernels.geometry``)."""
+    from dartmamba_kernels.geometry import resample_pos_embed_triton
+
+    return resample_pos_embed_triton(grid_pos_embed, geometry)
+
+
+def _triton_supports(grid_pos_embed: Tensor, geometry: DartGeometry) -> str | None:
+    if torch.is_grad_enabled() and (grid_pos_embed.requires_grad or geometry.band_bounds.requires_grad
+                                    or geometry.token_edges.requires_grad):
+        return "the kernel is inference-only (no backward) and a gradient is required"
+    return None
+
+
+backends.register("posembed", "triton", _resample_pos_embed_triton, devices=("cuda",),
+                  available=geometry_kernels_unavailable, supports=_triton_supports)
+backends.register("posembed", "torch", resample_pos_embed_torch, devices=backends.ANY_DEVICE)
 
 
 def resample_pos_embed_reference(grid_pos_embed: Tensor, geometry: DartGeometry) -> Tensor:

@@ -13,13 +13,11 @@ next, as the official code does.
 coordinates, ``align_corners=False`` semantics, border clamping), and each point is read from the band its own
 column falls in, so no sample mixes the right edge of one band with the left edge of the next.
 
-Backends (chosen once, in :func:`resample_patches`): ``"torch"`` (gathers, below) on any device and
-``"triton"`` (``dartmamba_kernels``, CUDA). :func:`resample_reference` is the slow literal version the others are
+Backends (registry op ``"resample"``, dispatched in :func:`resample_patches`): ``"torch"`` (gathers, below) on any
+device and ``"triton"`` (``dartmamba_kernels``, CUDA). :func:`resample_reference` is the slow literal version the others are
 tested against.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,12 @@ from .. import backends
 from .geometry import DartGeometry
 
 SAMPLING_MODES = ("paper", "center")
+
+
+def resample_macs(batch: int, num_tokens: int, chans: int, patch_size: int) -> int:
+    """Multiply-adds of bilinear resampling to (B, N, C, p, p): 4 taps per output element (the FLOP counter's
+    count of the gather path, which no op shows)."""
+    return 4 * batch * num_tokens * chans * patch_size * patch_size
 
 
 def _check_sampling(sampling: str) -> None:
@@ -177,28 +181,32 @@ def resample_torch(images: Tensor, geometry: DartGeometry, patch_size: int, samp
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _triton_unavailable() -> str | None:
-    try:
-        import dartmamba_kernels.resample  # noqa: F401
-    except Exception as exc:  # a missing or broken triton must not break the torch path
-        return f"cannot import the Triton resampling kernel ({type(exc).__name__}: {exc})"
-    return None
+def _resample_triton(images: Tensor, geometry: DartGeometry, patch_size: int, sampling: str = "paper") -> Tensor:
+    """The ``"triton"`` backend: forward and backward fused in one launch each (``dartmamba_kernels.resample``)."""
+    from dartmamba_kernels.resample import resample_triton
+
+    return resample_triton(images, geometry, patch_size, sampling)
 
 
-backends.register_backend("resample", "triton", ("cuda",), _triton_unavailable)
-backends.register_backend("resample", "torch", ("cuda", "cpu", "mps", "xpu"))
+def _resample_triton_supports(images: Tensor, geometry: DartGeometry, patch_size: int,
+                              sampling: str = "paper") -> str | None:
+    from dartmamba_kernels.resample import supports
+
+    return supports(images, geometry, patch_size)
+
+
+backends.register("resample", "triton", _resample_triton, devices=("cuda",),
+                  available=backends.module_check("dartmamba_kernels.resample", "the Triton resampling kernel"),
+                  supports=_resample_triton_supports)
+backends.register("resample", "torch", resample_torch, devices=backends.ANY_DEVICE)
 
 
 def resample_patches(images: Tensor, geometry: DartGeometry, patch_size: int, sampling: str = "paper",
                      backend: str | None = None) -> Tensor:
-    """Patches (B, N, C, p, p) of every token; the one place the resampling backend is chosen.
+    """Patches (B, N, C, p, p) of every token, through the backend registry (op ``"resample"``).
 
-    ``backend``: ``None``/``"auto"`` (Triton for CUDA tensors when available, torch otherwise), ``"triton"`` or
-    ``"torch"``; the global setting is ``dartmamba.backends.set_backend("resample", ...)``.
+    ``backend``: ``None``/``"auto"`` (Triton for CUDA tensors when available and it takes the inputs, torch
+    otherwise), ``"triton"`` or ``"torch"``; the global setting is ``dartmamba.backends.set_backend("resample", ...)``.
     """
-    name = backends.choose("resample", images.device, backend)
-    if name == "triton":
-        from dartmamba_kernels.resample import resample_triton
-        return resample_triton(images, geometry, patch_size, sampling)
-    return resample_torch(images, geometry, patch_size, sampling)
+    _check_sampling(sampling)
+    return backends.dispatch("resample", images.device, images, geometry, patch_size, sampling, backend=backend)

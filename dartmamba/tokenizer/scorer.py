@@ -21,13 +21,14 @@ starts random, which :class:`RandomTrunkWarning` says out loud.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..files import read_state_dict
 
 SCORE_NORMS = ("sample", "batch")
 HEADS = ("v1", "v2")
@@ -138,28 +139,6 @@ class MobileNetV3Trunk(nn.Module):
 def _last_out_chans(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1].out_channels
-
-
-def read_state_dict(path: str, what: str = "checkpoint") -> dict:
-    """Tensors of a local ``.safetensors`` or torch file (unwrapping ``model`` / ``state_dict``), with a clear error
-    naming the file when it is missing, truncated or not a checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read {what} file {path}: it is truncated, corrupt or not a checkpoint "
-                         f"({type(exc).__name__}: {exc})") from exc
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{what} file {path} does not hold a state dict of tensors")
-    return state
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
@@ -324,9 +303,6 @@ class DartScorer(nn.Module):
             for module in self.trunk.modules():
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def trainable_parameters(self):
-        return (p for p in self.parameters() if p.requires_grad)
 
     def raw_scores(self, images: Tensor) -> Tensor:
         """Unsquashed head output resized to the grid. (B, C, H, W) -> (B, Gh, Gw)."""

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dartmamba.flops import (DART_EXTRA_PARTS, count_flops, count_model_flops, fit_exponent, register_flop_formulas,
-                             resample_macs, scan_backward_macs, scan_forward_macs)
+from dartmamba.flops import (DART_EXTRA_PARTS, MissingFlopFormulaError, count_flops, count_model_flops,
+                             custom_op_formulas, fit_exponent, resample_macs, scan_backward_macs, scan_forward_macs)
 from dartmamba.ops import selective_scan_cpu, selective_scan_reference
 
 DEPTH = dict(depth=4)   # token scaling of a 4-layer stack is the scaling of the 24-layer one, and 6x cheaper
@@ -81,9 +81,36 @@ def test_scan_formula_matches_an_analytic_count_of_the_reference():
 
 
 def test_custom_op_formulas_are_registered():
-    names = register_flop_formulas()
+    names = custom_op_formulas()
     assert {"selective_scan_cpu_fwd", "selective_scan_cuda_fwd", "selective_scan_cpu_bwd",
             "selective_scan_cuda_bwd"} <= set(names)
+
+
+def test_every_dartmamba_custom_op_has_a_formula():
+    """Each op registers its formula beside its fake implementation: none of ours is left without one."""
+    pytest.importorskip("triton")
+    import dartmamba_kernels.geometry  # noqa: F401  (registers the kernels' ops)
+    import dartmamba_kernels.resample  # noqa: F401
+
+    ours = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dartmamba::")}
+    assert ours and ours <= set(custom_op_formulas()), sorted(ours - set(custom_op_formulas()))
+
+
+def test_a_custom_op_without_a_formula_is_an_error():
+    @torch.library.custom_op("dartmamba_test::uncounted", mutates_args=())
+    def uncounted(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @uncounted.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class Model(nn.Module):
+        def forward(self, x):
+            return uncounted(x).sum()
+
+    with pytest.raises(MissingFlopFormulaError, match="dartmamba_test.uncounted"):
+        count_flops(Model(), input_size=(3, 4, 4))
 
 
 def test_triton_resampler_is_counted_once(monkeypatch):
@@ -92,7 +119,7 @@ def test_triton_resampler_is_counted_once(monkeypatch):
     from dartmamba_kernels.resample import interpreted, resample_triton   # registers the op
     if not interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 to take CPU tensors")
-    assert "resample_patches_triton" in register_flop_formulas()
+    assert "resample_patches_triton" in custom_op_formulas()
     import timm
 
     import dartmamba.models  # noqa: F401

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import dartmamba.models  # noqa: F401
-from dartmamba.models._features import split_prefix
+from dartmamba.models._common import split_prefix
 from dartmamba.models.checkpoints import transfer_fixed_grid_weights
 
 VIM_GRID = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_classes=5)

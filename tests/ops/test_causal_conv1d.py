@@ -1,13 +1,11 @@
 """Causal depthwise conv1d: the F.conv1d backend against the explicit tap loop, dtypes, argument checks."""
-import importlib
 
 import pytest
 import torch
 
 from dartmamba.backends import BackendUnavailableError
 from dartmamba.ops import causal_conv1d, causal_conv1d_reference
-
-cc = importlib.import_module("dartmamba.ops.causal_conv1d")  # the function of the same name shadows the module
+from dartmamba.ops import conv1d as cc
 
 
 def leaves(*tensors):

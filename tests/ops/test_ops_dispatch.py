@@ -1,15 +1,19 @@
-"""Backend choice for the scan, conv1d and rmsnorm ops: forcing, the environment, errors, CUDA fallback warnings."""
-import importlib
+"""The backend registry and its one dispatch rule: forcing (argument > set_backend > environment), "auto", input
+support checks, errors that name the op, the backend and the reason, CUDA fallback warnings. Every registered op is
+read from the registry, so a new op or backend is covered without editing this file."""
 import warnings
 
 import pytest
 import torch
 
+import dartmamba.tokenizer  # noqa: F401  (registers partition, resample, posembed)
 from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import causal_conv1d, rms_norm, selective_scan
+from dartmamba.ops import causal_conv1d, selective_scan
+from dartmamba.ops import scan as ss
 
-ss = importlib.import_module("dartmamba.ops.selective_scan")
+OPS = backends.ops()
+DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 def scan_inputs():
@@ -20,47 +24,113 @@ def scan_inputs():
     return u, delta, A, B, C
 
 
+@pytest.fixture
+def toy_op():
+    """A registered op "toy" with three backends: "fast" (CUDA only, missing here), "picky" (any device, refuses
+    inputs with a negative first value), "plain" (any device). Each returns its name and the arguments it got."""
+    def backend(name):
+        return lambda x, scale=1: (name, x, scale)
+
+    backends.register("toy", "fast", backend("fast"), devices=("cuda",), available=lambda: "not built here",
+                      fallback_warning="the fast toy is missing")
+    backends.register("toy", "picky", backend("picky"), devices=backends.ANY_DEVICE,
+                      supports=lambda x, scale=1: "negative input" if x < 0 else None)
+    backends.register("toy", "plain", backend("plain"), devices=backends.ANY_DEVICE)
+    yield "toy"
+    del backends._OPS["toy"]
+
+
+def test_registry_holds_every_op_and_its_implementations():
+    assert {"scan", "conv1d", "rmsnorm", "partition", "resample", "posembed"} <= set(OPS)
+    for op in OPS:
+        impls = backends.implementations(op)
+        assert impls and all(callable(b.fn) and b.op == op for b in impls), op
+        assert [b.name for b in impls] == backends.backend_names(op)
+        assert any("cpu" in b.devices for b in impls), f"{op} has no CPU backend"
+
+
+def test_auto_takes_the_first_backend_that_can_run(toy_op, restore_backends, monkeypatch):
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="the fast toy is missing \\(not built here\\)"):
+        assert backends.dispatch("toy", "cuda", 3, scale=2) == ("picky", 3, 2)     # fast: unavailable
+    assert backends.dispatch("toy", "cpu", 3) == ("picky", 3, 1)                   # fast: wrong device
+    assert backends.dispatch("toy", "cpu", -3) == ("plain", -3, 1)                 # picky: refuses the input
+    assert backends.resolve("toy", "cpu", -3).name == "plain"
+    assert backends.choose("toy", "cpu") == "picky"                                # inputs not considered
+
+
+def test_a_forced_backend_runs_or_raises_naming_op_backend_and_reason(toy_op, restore_backends, monkeypatch):
+    assert backends.dispatch("toy", "cpu", -3, backend="plain") == ("plain", -3, 1)
+    with pytest.raises(BackendUnavailableError, match="toy backend 'picky' cannot take these inputs: negative input"):
+        backends.dispatch("toy", "cpu", -3, backend="picky")
+    with pytest.raises(BackendUnavailableError, match="toy backend 'fast' runs on cuda tensors, got a cpu tensor"):
+        backends.dispatch("toy", "cpu", 3, backend="fast")
+    with pytest.raises(BackendUnavailableError, match="toy backend 'fast' is not available: not built here"):
+        backends.dispatch("toy", "cuda", 3, backend="fast")
+    # precedence: argument > set_backend > environment
+    monkeypatch.setenv("DARTMAMBA_TOY_BACKEND", "picky")
+    assert backends.dispatch("toy", "cpu", 3)[0] == "picky"
+    with backends.use_backend("toy", "plain"):
+        assert backends.dispatch("toy", "cpu", 3)[0] == "plain"
+        assert backends.dispatch("toy", "cpu", 3, backend="picky")[0] == "picky"
+    assert backends.get_backend("toy") == "picky"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_backend_of_every_op_refuses_devices_it_does_not_serve(op, restore_backends):
+    for backend in backends.implementations(op):
+        for device in DEVICES:
+            if device in backend.devices:
+                continue
+            with pytest.raises(BackendUnavailableError, match=f"{op} backend '{backend.name}' runs on "):
+                backends.resolve(op, device, backend=backend.name, check_inputs=False)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_on_cpu_is_the_first_available_cpu_backend(op, restore_backends):
+    cpu = [b for b in backends.implementations(op) if "cpu" in b.devices and b.available() is None]
+    assert backends.choose(op, "cpu") == cpu[0].name
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_backend_names_list_the_registered_ones(op, monkeypatch, restore_backends):
+    valid = str(["auto", *backends.backend_names(op)]).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=valid):
+        backends.resolve(op, "cpu", backend="bogus", check_inputs=False)
+    with pytest.raises(ValueError, match=valid):
+        backends.set_backend(op, "bogus")
+    monkeypatch.setenv(f"DARTMAMBA_{op.upper()}_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=f"DARTMAMBA_{op.upper()}_BACKEND must be one of {valid}"):
+        backends.resolve(op, "cpu", check_inputs=False)
+
+
+def test_entry_points_dispatch_through_the_registry(monkeypatch, restore_backends):
+    """The public ops call whatever the registry holds (a spy replaces the registered callable)."""
+    calls = []
+    for impl in backends.implementations("scan"):
+        monkeypatch.setattr(impl, "fn", lambda *a, _real=impl.fn, _name=impl.name, **k: calls.append(_name)
+                            or _real(*a, **k))
+    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "reference")
+    selective_scan(*scan_inputs())
+    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cpu")
+    selective_scan(*scan_inputs())
+    selective_scan(*scan_inputs(), backend="reference")        # the argument wins over the environment
+    assert calls == ["reference", "cpu", "reference"]
+    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="'cuda'"):
+        selective_scan(*scan_inputs())
+    monkeypatch.setenv("DARTMAMBA_CONV1D_BACKEND", "cuda")
+    causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), backend="torch")
+    with pytest.raises(BackendUnavailableError):
+        causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4))
+
+
 def test_forcing_cuda_on_cpu_tensors_names_the_backend(restore_backends):
     with pytest.raises(BackendUnavailableError, match=r"scan backend 'cuda' runs on cuda tensors, got a cpu tensor"):
         selective_scan(*scan_inputs(), backend="cuda")
     with backends.use_backend("scan", "cuda"):
         with pytest.raises(BackendUnavailableError, match="'cuda'"):
             selective_scan(*scan_inputs())
-
-
-def test_unknown_backend_lists_the_valid_ones(restore_backends):
-    with pytest.raises(ValueError, match=r"\['auto', 'cuda', 'cpu', 'reference'\]"):
-        selective_scan(*scan_inputs(), backend="triton")
-    with pytest.raises(ValueError, match=r"\['auto', 'cuda', 'torch'\]"):
-        causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), backend="cpu")
-    with pytest.raises(ValueError, match=r"\['auto', 'triton', 'torch'\]"):
-        rms_norm(torch.zeros(2, 4), torch.ones(4), backend="cuda")
-    with pytest.raises(ValueError, match="'reference'"):
-        backends.set_backend("scan", "fast")
-
-
-def test_environment_forces_a_backend(monkeypatch, restore_backends):
-    calls = []
-    real = ss.selective_scan_reference
-    monkeypatch.setattr(ss, "selective_scan_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "reference")
-    assert backends.choose("scan", "cpu") == "reference"
-    selective_scan(*scan_inputs())
-    assert calls == [1]
-    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cpu")
-    selective_scan(*scan_inputs())
-    assert calls == [1]
-    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cuda")
-    with pytest.raises(BackendUnavailableError, match="'cuda'"):
-        selective_scan(*scan_inputs())
-    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="DARTMAMBA_SCAN_BACKEND must be one of"):
-        selective_scan(*scan_inputs())
-    # an explicit argument wins over the environment
-    monkeypatch.setenv("DARTMAMBA_CONV1D_BACKEND", "cuda")
-    causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4), backend="torch")
-    with pytest.raises(BackendUnavailableError):
-        causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4))
 
 
 def test_cpu_tensors_default_to_the_portable_backends(restore_backends):
@@ -73,7 +143,7 @@ def test_cpu_tensors_default_to_the_portable_backends(restore_backends):
                                                    ("rmsnorm", "torch", "mamba-ssm")])
 def test_cuda_without_the_kernels_falls_back_with_one_warning(op, fallback, package, monkeypatch, restore_backends):
     """On a CUDA device whose extension does not import, "auto" takes the portable backend and warns once."""
-    kernel = backends._OPS[op].backends[0]
+    kernel = backends.implementations(op)[0]
     monkeypatch.setattr(kernel, "available", lambda: "cannot import it (ImportError: no module)")
     monkeypatch.setattr(backends, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
@@ -87,9 +157,25 @@ def test_cuda_without_the_kernels_falls_back_with_one_warning(op, fallback, pack
         backends.choose(op, "cuda", kernel.name)
 
 
+def test_cuda_kernels_that_refuse_an_input_fall_back_silently_or_raise_when_forced(monkeypatch, restore_backends):
+    """conv1d's kernel takes widths 2..4 only: "auto" passes it over for a width-5 weight, forcing it raises."""
+    kernel = backends.implementations("conv1d")[0]
+    monkeypatch.setattr(kernel, "available", lambda: None)
+    x, weight = torch.zeros(1, 2, 3), torch.zeros(2, 5)
+    assert backends.resolve("conv1d", "cuda", x, weight, None, "silu").name == "torch"
+    assert backends.resolve("conv1d", "cuda", x, torch.zeros(2, 4), None, "silu").name == "cuda"
+    with pytest.raises(BackendUnavailableError, match="conv1d backend 'cuda' cannot take these inputs: its kernel "
+                                                      "supports widths 2..4, got weight of width 5"):
+        backends.resolve("conv1d", "cuda", x, weight, None, "silu", backend="cuda")
+
+
 def test_availability_checks_are_cached_and_never_import_at_module_import():
     import sys
     for name in ("selective_scan_cuda", "causal_conv1d", "mamba_ssm"):
         if name in sys.modules and not torch.cuda.is_available():
             pytest.fail(f"{name} imported on a machine without CUDA")
     assert ss._mamba_unavailable() is ss._mamba_unavailable()  # cached: one import attempt
+    calls = []
+    check = backends.cached_check(lambda: calls.append(1))
+    assert check() is None and check() is None and calls == [1]
+    assert backends.cached_check(check) is check

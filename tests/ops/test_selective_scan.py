@@ -1,6 +1,5 @@
 """Selective scan: the chunked CPU scan against the sequential reference (forward and every input gradient),
 numerical stability, argument checks, and the mamba-ssm wrapper's plumbing against a stand-in extension."""
-import importlib
 import types
 
 import pytest
@@ -9,9 +8,7 @@ import torch.nn.functional as F
 
 from dartmamba.backends import BackendUnavailableError
 from dartmamba.ops import selective_scan, selective_scan_cpu, selective_scan_reference
-
-# the package exports the function `selective_scan`, which shadows the submodule of the same name as an attribute
-ss = importlib.import_module("dartmamba.ops.selective_scan")
+from dartmamba.ops import scan as ss
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -147,11 +144,20 @@ def test_non_contiguous_inputs(seeds):
     torch.testing.assert_close(selective_scan_cpu(*flipped, delta_softplus=True), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_dispatch_runs_each_backend(seeds, restore_backends):
+def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
+    """Each name runs its own implementation (spied in the registry), and every CPU backend gives the reference's
+    numbers."""
+    from dartmamba import backends
+
     inputs = make_inputs(2, 3, 9, 2, torch.float64, seeds[0])
     expected = selective_scan_reference(*inputs, delta_softplus=True)
-    for name in (None, "auto", "cpu", "reference"):
+    ran = []
+    for impl in backends.implementations("scan"):
+        monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name: ran.append(_name) or _fn(*a))
+    for name, runs in ((None, "cpu"), ("auto", "cpu"), ("cpu", "cpu"), ("reference", "reference")):
+        ran.clear()
         torch.testing.assert_close(selective_scan(*inputs, delta_softplus=True, backend=name), expected)
+        assert ran == [runs], (name, ran)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -6,6 +6,7 @@ the CUDA-graph capture (GPU tests; on CPU only its refusal is checked).
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py); the registry only offers them for CUDA
 tensors, so the ``triton_on_cpu`` fixture lets CPU tensors use them for the duration of a test.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -50,19 +51,16 @@ def triton_on_cpu():
     pytest.importorskip("dartmamba_kernels.resample")
     if not kernels.interpreted():
         pytest.skip("CPU tensors need TRITON_INTERPRET=1")
-    saved = {op: list(backends._OPS[op].backends) for op in OPS}
-    for op in OPS:
-        backends.register_backend(op, "triton", ("cuda", "cpu"), lambda: None)
-    try:
+    with contextlib.ExitStack() as offers:
+        for op in OPS:
+            offers.enter_context(backends.allow_device(op, "triton", "cpu"))
         yield
-    finally:
-        for op, entries in saved.items():
-            backends._OPS[op].backends = entries
 
 
 def fast(**overrides):
-    return small_tokenizer(partition_backend="triton", posembed_backend="triton", resample_backend="triton",
-                           **overrides)
+    """The fused kernels forced for the partition and the resampling; the positional embeddings on "auto", which
+    takes the inference-only kernel whenever no gradient is needed (forcing it in training is an error)."""
+    return small_tokenizer(partition_backend="triton", resample_backend="triton", **overrides)
 
 
 def loss_and_grads(tokenizer, images, pos):
@@ -125,16 +123,26 @@ def test_kernels_give_the_same_tokens_and_gradients_in_the_tokenizer(triton_on_c
     assert_grads_close(grads, grads_ref, msg=f"seed={seed}")
     # inference: all three kernels
     fused.eval(), reference.eval()
+    fused.posembed_backend = "triton"
     with torch.no_grad():
         a, b = fused(images, pos), reference(images, pos)
     torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.pos_embed, b.pos_embed, rtol=1e-5, atol=1e-6)
 
 
-def test_pos_embed_dispatch_falls_back_to_torch_when_a_gradient_is_needed(triton_on_cpu, seed):
+def test_pos_embed_kernel_refuses_inputs_that_need_a_gradient(triton_on_cpu, seed, monkeypatch):
+    """The kernel has no backward: forced, it is an error naming the reason; "auto" takes the torch path then, and
+    the kernel when no gradient is needed (same values)."""
     geometry = partition(torch.rand(2, 4, 4) + 0.1, 10)
     pe = torch.randn(1, 16, 5, requires_grad=True)
-    out = resample_pos_embed(pe, geometry, backend="triton")
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="posembed backend 'triton' cannot take these inputs: the kernel is inference-only"):
+        resample_pos_embed(pe, geometry, backend="triton")
+    with backends.allow_device("posembed", "triton", "cpu", prefer=True):
+        assert backends.resolve("posembed", "cpu", pe, geometry).name == "torch"
+        with torch.no_grad():
+            assert backends.resolve("posembed", "cpu", pe, geometry).name == "triton"
+        out = resample_pos_embed(pe, geometry)
     assert out.requires_grad
     (grad,) = torch.autograd.grad(out.sum(), pe)
     (want,) = torch.autograd.grad(resample_pos_embed_torch(pe, geometry).sum(), pe)
@@ -148,7 +156,8 @@ def test_uniform_identity_holds_with_the_kernels(triton_on_cpu):
     """Constant scores, paper geometry: the tokens are the patch embedding of the stride-2 image, the positions the
     grid embeddings, bit for bit in the geometry and the positions."""
     torch.manual_seed(0)
-    tokenizer = fast(img_size=128, patch_size=8, grid_size=8, num_tokens=64, uniform_scores=True).eval()
+    tokenizer = fast(img_size=128, patch_size=8, grid_size=8, num_tokens=64, uniform_scores=True,
+                     posembed_backend="triton").eval()
     images, pos = torch.randn(2, 3, 128, 128), torch.randn(1, 64, 32)
     with torch.no_grad():
         out = tokenizer(images, pos)
@@ -183,6 +192,8 @@ def test_compiled_tokenizer_equals_eager_training_and_inference(kernels, request
     assert_grads_close(grads, grads_eager, rtol=1e-5, msg=f"seed={seed}")
 
     tokenizer.eval()
+    if kernels:
+        tokenizer.posembed_backend = "triton"      # inference: the positional-embedding kernel too
     with torch.no_grad():
         out = torch.compile(tokenizer, backend="aot_eager", fullgraph=True)(images, pos)
         want = tokenizer(images, pos)
@@ -194,8 +205,7 @@ def test_compiled_tokenizer_equals_eager_training_and_inference(kernels, request
 @pytest.mark.parametrize("model_name", ["deit_tiny_dart"])   # Vim-DART: tests/models/test_vim.py (same tokenizer)
 def test_models_compile_fullgraph_with_the_fast_tokenizer(model_name, triton_on_cpu, seed):
     torch.manual_seed(seed)
-    dart_cfg = dict(trunk="tiny_cnn", partition_backend="triton", resample_backend="triton",
-                    posembed_backend="triton")
+    dart_cfg = dict(trunk="tiny_cnn", partition_backend="triton", resample_backend="triton")
     kwargs = dict(img_size=64, patch_size=8, grid_size=4, num_tokens=12, embed_dim=32, depth=1, num_classes=5,
                   dart_cfg=dart_cfg)
     if model_name.startswith("deit"):
@@ -213,6 +223,7 @@ def test_models_compile_fullgraph_with_the_fast_tokenizer(model_name, triton_on_
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
     assert_grads_close(grads, torch.autograd.grad(loss_eager, params), rtol=1e-4, msg=model_name)
     model.eval()
+    model.patch_embed.posembed_backend = "triton"    # inference: the positional-embedding kernel too
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(images), model(images),
                                    rtol=1e-5, atol=1e-5)

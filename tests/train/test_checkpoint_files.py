@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dartmamba_train.atomic import atomic_path, atomic_write_text
+from dartmamba.files import atomic_path, atomic_write_text
 from dartmamba_train.checkpoint import STATE_FILE, _prune, clear_checkpoints, find_checkpoint
 
 

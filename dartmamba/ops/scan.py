@@ -40,12 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
+from ._common import compute_dtype, register_flops
 
 __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_cpu",
     "selective_scan_mamba_cuda",
+    "scan_forward_macs",
+    "scan_backward_macs",
 ]
 
 
@@ -89,9 +92,42 @@ def _check_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
         raise ValueError(f"selective_scan: z must have u's shape (batch, dim, L) = {_shape(u)}, got {_shape(z)}")
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 when any input is float64, else float32 (half and bfloat16 inputs are upcast)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def scan_forward_macs(batch: int, dim: int, length: int, dstate: int, has_D: bool = True, has_z: bool = True) -> int:
+    """Multiply-adds of one selective-scan forward (u, delta, z: (batch, dim, L); A: (dim, N)).
+
+    Per (batch, dim, step, state): ``dt*A``, ``(dt*u)*B``, ``exp(dt*A)*h + drive``, ``C*h`` (accumulated) = 4.
+    Per (batch, dim, step): ``dt*u``, and ``+ D*u`` and ``* silu(z)`` when present. exp/softplus/silu: not counted.
+    """
+    return batch * dim * length * (4 * dstate + 1 + int(has_D) + int(has_z))
+
+
+def scan_backward_macs(batch: int, dim: int, length: int, dstate: int, has_D: bool = True,
+                       has_z: bool = True) -> int:
+    """Multiply-adds of an exact selective-scan backward (the state recomputed from chunk checkpoints).
+
+    Per (batch, dim, step, state): recompute ``dt*A``, ``(dt*u)*B`` and the state (3), the output ``C*h`` again
+    when gated (1), the adjoint ``C*g`` and ``exp(dt*A)*g_next`` (2), ``dC``, ``d(dt*u)``, ``dB`` (3) and the
+    decay chain ``g*exp(dt*A)*h_prev`` times ``A`` and times ``dt`` (4). Per (batch, dim, step): the split of
+    ``d(dt*u)`` (2), ``dD`` and ``du`` from the skip (2), the gate's gradient (2).
+    """
+    per_state = 12 + int(has_z)
+    return batch * dim * length * (dstate * per_state + 2 + 2 * int(has_D) + 2 * int(has_z))
+
+
+def _present(shape) -> bool:
+    return shape is not None and all(s > 0 for s in shape)
+
+
+def _scan_fwd_flops(u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
+    """FLOP formula of the scan's forward custom ops (input shapes in; 2 FLOPs per multiply-add)."""
+    batch, dim, length = u
+    return 2 * scan_forward_macs(batch, dim, length, A[1], _present(D), _present(z))
+
+
+def _scan_bwd_flops(dout, u, delta, A, B, C, D, z, delta_bias, *args, out_shape=None, **kwargs) -> int:
+    """FLOP formula of the scan's backward custom ops."""
+    batch, dim, length = u
+    return 2 * scan_backward_macs(batch, dim, length, A[1], _present(D), _present(z))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,7 +153,7 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
         (batch, dim, L) in ``u.dtype``. Internal math is float32 (float64 when any input is float64).
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
-    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     dt = delta.to(cdt)
     if delta_bias is not None:
         dt = dt + delta_bias.to(cdt)[:, None]
@@ -203,7 +239,7 @@ def _scan_cpu_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                       chunk: int) -> tuple[Tensor, Tensor]:
     """Returns out (batch, dim, L) in u.dtype and the states entering each chunk (n_chunks, batch, dim, N)."""
-    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     dstate = A.shape[1]
     n_chunks = -(-length // chunk)
@@ -236,7 +272,7 @@ def _scan_cpu_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Ten
 
     Absent optional inputs (D, z, delta_bias) get a 0-element placeholder.
     """
-    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     dstate = A.shape[1]
     n_chunks = chunk_states.shape[0]
@@ -317,7 +353,7 @@ def _scan_cpu_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
 @_scan_cpu_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     n_chunks = (length + chunk - 1) // chunk
     return torch.empty_like(u, memory_format=torch.contiguous_format), \
@@ -329,6 +365,10 @@ def _scan_cpu_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tenso
                      z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor, delta_softplus: bool,
                      chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _scan_cpu_backward(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk)
+
+
+register_flops(torch.ops.dartmamba.selective_scan_cpu_fwd, _scan_fwd_flops, part="scan")
+register_flops(torch.ops.dartmamba.selective_scan_cpu_bwd, _scan_bwd_flops, part="scan")
 
 
 def _grad_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
@@ -474,6 +514,10 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, x, out_before_gate, delta_softp
             _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
 
 
+register_flops(torch.ops.dartmamba.selective_scan_cuda_fwd, _scan_fwd_flops, part="scan")
+register_flops(torch.ops.dartmamba.selective_scan_cuda_bwd, _scan_bwd_flops, part="scan")
+
+
 def _scan_cuda_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
@@ -513,18 +557,18 @@ def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
-backends.register_backend(
-    "scan", "cuda", ("cuda",), _mamba_unavailable,
+backends.register(
+    "scan", "cuda", selective_scan_mamba_cuda, devices=("cuda",), available=_mamba_unavailable,
     fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's portable "
                      "chunked scan (much slower); install mamba-ssm (pip install 'dartmamba[cuda]')")
-backends.register_backend("scan", "cpu", ("cpu", "cuda", "mps", "xpu"))
-backends.register_backend("scan", "reference", ("cpu", "cuda", "mps", "xpu"))
+backends.register("scan", "cpu", selective_scan_cpu, devices=backends.ANY_DEVICE)
+backends.register("scan", "reference", selective_scan_reference, devices=backends.ANY_DEVICE)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    backend: Optional[str] = None) -> Tensor:
-    """Selective scan; the one place its backend is chosen.
+    """Selective scan through the backend registry (op ``"scan"``).
 
     Args:
         u: (batch, dim, L). delta: (batch, dim, L). A: (dim, N), real. B, C: (batch, N, L).
@@ -538,9 +582,4 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         (batch, dim, L) in ``u.dtype``.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
-    name = backends.choose("scan", u.device, backend)
-    if name == "cuda":
-        return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if name == "cpu":
-        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return backends.dispatch("scan", u.device, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
+from ._common import register_flops
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
@@ -94,13 +95,15 @@ def _conv_fn():
     if "fn" not in _LOADED:
         from causal_conv1d import causal_conv1d_fn  # noqa: PLC0415  (only importable where causal-conv1d is built)
         _LOADED["fn"] = causal_conv1d_fn
+        _register_package_flops()
     return _LOADED["fn"]
 
 
 _cuda_unavailable = backends.cuda_extension_check(_conv_fn, "causal-conv1d", "causal-conv1d")
 
 
-def _cuda_unsupported(x: Tensor, weight: Tensor) -> Optional[str]:
+def _cuda_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                      activation: Optional[str] = "silu") -> Optional[str]:
     """Why causal-conv1d's kernel cannot take these arguments (None when it can)."""
     if not 2 <= weight.shape[1] <= 4:
         return f"its kernel supports widths 2..4, got weight of width {weight.shape[1]}"
@@ -126,16 +129,34 @@ def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return _conv_fn()(x, weight, bias.to(weight.dtype), activation=activation)
 
 
-backends.register_backend(
-    "conv1d", "cuda", ("cuda",), _cuda_unavailable,
+def _register_package_flops() -> None:
+    """FLOP formulas for the custom ops causal-conv1d registers (their names differ between releases; those that
+    exist get one): a depthwise conv, K multiply-adds per output element."""
+    from torch.utils.flop_counter import flop_registry
+
+    def conv_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x[0] * x[1] * x[2] * weight[-1]
+
+    for namespace in ("mamba_causal_conv1d", "causal_conv1d"):
+        for name in ("causal_conv1d_fwd", "causal_conv1d_bwd"):
+            try:
+                op = getattr(getattr(torch.ops, namespace), name)
+            except (AttributeError, RuntimeError):
+                continue
+            if op not in flop_registry:
+                register_flops(op, conv_flops)
+
+
+backends.register(
+    "conv1d", "cuda", causal_conv1d_cuda, devices=("cuda",), available=_cuda_unavailable, supports=_cuda_unsupported,
     fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use F.conv1d; install "
                      "causal-conv1d (pip install 'dartmamba[cuda]')")
-backends.register_backend("conv1d", "torch", ("cpu", "cuda", "mps", "xpu"))
+backends.register("conv1d", "torch", causal_conv1d_torch, devices=backends.ANY_DEVICE)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
                   backend: Optional[str] = None) -> Tensor:
-    """Depthwise causal conv1d + optional SiLU; the one place its backend is chosen.
+    """Depthwise causal conv1d + optional SiLU, through the backend registry (op ``"conv1d"``).
 
     Args:
         x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
@@ -148,9 +169,4 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         (batch, dim, L) in ``x.dtype``.
     """
     _check_args(x, weight, bias, activation)
-    name = backends.choose("conv1d", x.device, backend)
-    if name == "cuda":
-        forced = backend not in (None, "auto") or backends.get_backend("conv1d") != "auto"
-        if forced or _cuda_unsupported(x, weight) is None:
-            return causal_conv1d_cuda(x, weight, bias, activation)
-    return causal_conv1d_torch(x, weight, bias, activation)
+    return backends.dispatch("conv1d", x.device, x, weight, bias, activation, backend=backend)

@@ -1,0 +1,118 @@
+"""What the model families share: the pretrained cfg, the tokenizer options, and ``forward_intermediates``'
+packaging (timm conventions)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+
+from ..tokenizer import Tokenizer, create_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family of registered models (for benchmarks and scaling studies): its sizes and the timm names of its
+    fixed-grid and DART models (``{size}`` stands for the size)."""
+
+    name: str
+    sizes: tuple[str, ...]
+    grid: str
+    dart: str
+
+    def model_name(self, size: str, tokenizer: str) -> str:
+        """The registered name of ``size`` with ``tokenizer`` (``"fixed"``/``"grid"`` or ``"dart"``)."""
+        if size not in self.sizes:
+            raise ValueError(f"{self.name}: size must be one of {self.sizes}, got {size!r}")
+        if tokenizer not in ("fixed", "grid", "dart"):
+            raise ValueError(f"tokenizer must be 'fixed' or 'dart', got {tokenizer!r}")
+        return (self.dart if tokenizer == "dart" else self.grid).format(size=size)
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def model_cfg(input_size: int = 224, **kwargs) -> dict:
+    """A timm pretrained cfg for our models at ``input_size`` (square; eval resize 512 -> 448 crop for the 448
+    DART models, timm's 0.875 crop otherwise)."""
+    crop_pct = 448 / 512 if input_size == 448 else 0.875
+    return {"url": "", "num_classes": 1000, "input_size": (3, input_size, input_size), "pool_size": None,
+            "crop_pct": crop_pct, "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
+            "license": "apache-2.0", **kwargs}
+
+
+def dart_scorer_cfg(defaults: dict, user_cfg: dict | None, img_size) -> dict:
+    """The tokenizer options of a registered DART model: ``defaults`` (trunk, head) under the user's options.
+
+    The paper's MobileNetV3 scorer sees the image at half resolution (224 for 448): its published FLOPs count that,
+    so ``scorer_input_size`` defaults to half of ``img_size`` for those trunks (an explicit value wins).
+    """
+    cfg = {**defaults, **(user_cfg or {})}
+    if cfg["trunk"].startswith("mobilenetv3"):
+        half = img_size // 2 if isinstance(img_size, int) else tuple(side // 2 for side in img_size)
+        cfg.setdefault("scorer_input_size", half)
+    return cfg
+
+
+def tokenizer_options(tokenizer_cfg: dict | None, dart_cfg: dict | None) -> dict:
+    """The tokenizer's own options: ``tokenizer_cfg``, or its older name ``dart_cfg`` (recipes and saved
+    checkpoints use it); not both."""
+    if tokenizer_cfg and dart_cfg:
+        raise ValueError("pass the tokenizer's options as tokenizer_cfg or dart_cfg (the same thing), not both")
+    return dict(tokenizer_cfg or dart_cfg or {})
+
+
+def build_tokenizer(tokenizer, options: dict, **kwargs) -> Tokenizer:
+    """The backbone's tokenizer: a registered name (``"grid"``, ``"dart"``, ...) or a Tokenizer class, built with
+    the backbone's keywords (``kwargs``) and its own ``options``."""
+    clash = sorted(set(options) & set(kwargs))
+    if clash:
+        raise ValueError(f"tokenizer_cfg: {clash} are model arguments; set them on the model, not in tokenizer_cfg")
+    return create_tokenizer(tokenizer, **kwargs, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forward_intermediates
+# ---------------------------------------------------------------------------------------------------------------
+def split_prefix(tokens: Tensor, prefix_index: int) -> tuple[Tensor, Tensor]:
+    """(B, 1 + M, D) with the class token at ``prefix_index`` -> (spatial (B, M, D), prefix (B, 1, D))."""
+    prefix = tokens[:, prefix_index:prefix_index + 1]
+    spatial = torch.cat([tokens[:, :prefix_index], tokens[:, prefix_index + 1:]], dim=1)
+    return spatial, prefix
+
+
+def package_intermediates(final: Tensor | None, intermediates: list[Tensor], prefix_index: int,
+                          tokenizer: Tokenizer, output, output_fmt: str, intermediates_only: bool,
+                          return_prefix_tokens: bool, output_dict: bool):
+    """Everything after the block loop of a timm-style ``forward_intermediates``.
+
+    ``output_fmt``: ``"NCHW"`` (feature maps: the tokenizer's ``to_feature_map``, e.g. DART tokens scattered onto
+    the score grid) or ``"NLC"`` (tokens in the tokenizer's order). With ``output_dict`` the tokenizer's output
+    (tokens, geometry, ...) is returned under its ``output_key`` (``"dart"`` for DART).
+    """
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    split = [split_prefix(t, prefix_index) for t in intermediates]
+    prefixes = [prefix for _, prefix in split]
+    spatial = [s for s, _ in split]
+    if output_fmt == "NCHW":
+        spatial = [tokenizer.to_feature_map(s, output) for s in spatial]
+    if output_dict:
+        result = {"image_intermediates": spatial}
+        if return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            result["image_features"] = final
+        if tokenizer.output_key is not None:
+            result[tokenizer.output_key] = output
+        return result
+    if return_prefix_tokens:
+        spatial = list(zip(spatial, prefixes))
+    return spatial if intermediates_only else (final, spatial)
