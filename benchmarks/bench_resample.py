@@ -32,10 +32,9 @@ import torch
 if __package__ in (None, ""):      # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import median_ms  # noqa: E402
+from benchmarks.common import DTYPES, median_ms  # noqa: E402
 
 TARGET_FWD, TARGET_FWD_BWD, TARGET_BW = 10.0, 5.0, 0.60
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):

@@ -47,11 +47,10 @@ import torch
 if __package__ in (None, ""):      # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import median_ms  # noqa: E402
+from benchmarks.common import DTYPES, median_ms  # noqa: E402
 
 TARGET_DEIT_SHARE, TARGET_VIM_SHARE, TARGET_SPEEDUP = 0.10, 0.05, 2.0
 SECTIONS = ("parts", "tokenizer", "models", "scorers", "compile")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):

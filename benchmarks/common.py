@@ -15,6 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZERS = ("fixed", "dart")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}    # the scripts' --dtype names
 
 
 # Nothing here imports dartmamba at import time: a script may have to set TRITON_INTERPRET before anything imports

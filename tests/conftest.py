@@ -17,11 +17,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed(request):
-    """A fresh, reported seed per test (pass -p no:randomly style reproduction via DARTMAMBA_TEST_SEED)."""
+    """The test's fresh seed, reported in its properties (replay a failure with DARTMAMBA_TEST_SEED=<seed>); torch's
+    global generator is seeded with it. The one seed source of the suite."""
     value = int(os.environ.get("DARTMAMBA_TEST_SEED", torch.seed() % (2**31)))
     torch.manual_seed(value)
     request.node.user_properties.append(("seed", value))
     return value
+
+
+@pytest.fixture
+def seeds(seed):
+    """Three seeds for tests that draw several independent inputs: ``seed``, ``seed + 1``, ``seed + 2``."""
+    return [seed, seed + 1, seed + 2]
 
 
 @pytest.fixture
@@ -42,3 +49,14 @@ def compile_offline_for_sm90():
         assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
     return run
+
+
+@pytest.fixture
+def restore_backends():
+    """Undo any backend a test forces with ``dartmamba.backends.set_backend``."""
+    from dartmamba import backends
+
+    saved = {op: backends._OPS[op].forced for op in backends.ops()}
+    yield
+    for op, forced in saved.items():
+        backends._OPS[op].forced = forced

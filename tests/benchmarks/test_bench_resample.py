@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 
 pytest.importorskip("triton")
 BENCH = REPO / "benchmarks" / "bench_resample.py"

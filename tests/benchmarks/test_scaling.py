@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import scaling
-from conftest import TINY_DART, TINY_FIXED, TINY_VIM
+from tests.helpers import TINY_DART, TINY_FIXED, TINY_VIM
 
 SPEED = {"batch_size": 2, "device": "cpu", "amp": "none", "compile": False, "warmup": 1, "repeats": 1, "iters": 1}
 

@@ -6,9 +6,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py). The ``gpu``
 run them on a CUDA machine with ``TRITON_INTERPRET=0 pytest -m gpu tests/kernels``.
 """
 import math
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +20,7 @@ from dartmamba.tokenizer import (DartGeometry, default_num_rows, partition, part
 from dartmamba_kernels.geometry import (interpreted, partition_triton, resample_pos_embed_triton,  # noqa: E402
                                         supports_partition)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tokenizer"))
-from test_partition import assert_valid_partition, degenerate_maps  # noqa: E402
+from tests.helpers import assert_valid_partition, degenerate_maps  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -206,8 +205,6 @@ def test_throughput_table_vim_dart_deit():
     """Prints the Vim issue's table in a quick form (run with -s); the full one: python -m benchmarks.model_table."""
     if os.environ.get("DARTMAMBA_GPU_TABLE", "1") == "0":
         pytest.skip("DARTMAMBA_GPU_TABLE=0: the table runs as its own benchmark (benchmarks/gpu_check.sh)")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from benchmarks.common import environment
     from benchmarks.model_table import render, run_table
 

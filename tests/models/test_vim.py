@@ -134,6 +134,8 @@ def test_vim_dart_puts_the_class_token_in_the_middle_of_the_dart_sequence(seed):
     torch.testing.assert_close(embedded[0, 6], expected_cls)
     grid_pe = torch.cat([model.pos_embed[:, :8], model.pos_embed[:, 9:]], 1)
     torch.testing.assert_close(embedded[:, :6], dart.tokens[:, :6] + dart.pos_embed[:, :6])
+    torch.testing.assert_close(embedded[:, 7:], dart.tokens[:, 6:] + dart.pos_embed[:, 6:])   # after the class token
+    assert embedded.shape[1] == dart.tokens.shape[1] + 1
     from dartmamba.tokenizer import resample_pos_embed
     torch.testing.assert_close(dart.pos_embed, resample_pos_embed(grid_pe, dart.geometry))
 

@@ -114,8 +114,10 @@ def test_bad_inputs_are_clear_errors():
         tokenizer(images, scores=torch.rand(2, 64) + 1)
 
 
-def test_tokenizer_traces_without_graph_breaks(seed):
-    tokenizer = small_tokenizer(num_tokens=40)
+@pytest.mark.parametrize("options", [{}, dict(scorer_channels_last=True, scorer_dtype="bfloat16")],
+                         ids=["default", "channels_last-bf16"])
+def test_tokenizer_traces_without_graph_breaks(options, seed):
+    tokenizer = small_tokenizer(num_tokens=40, **options)
     pos = torch.randn(1, 64, 32)
 
     def step(images):

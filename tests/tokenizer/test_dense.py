@@ -14,11 +14,17 @@ def test_every_cell_is_fully_covered_by_tokens(map_size, seed):
     cell_area = (448 / map_size[0]) * (448 / map_size[1])
     torch.testing.assert_close(areas.sum(1), torch.full((3, *map_size), cell_area, dtype=torch.float64))
     assert (areas.sum(1) > 0).all()
-    # and every token's area is fully accounted for
+    # and every token's area is fully accounted for: its strip length in each band times that band's height
     widths = geometry.token_extents()["width"]
     assert (areas.sum((2, 3)) > 0).all()
     torch.testing.assert_close(areas.sum((1, 2, 3)), torch.full((3,), 448.0 * 448.0, dtype=torch.float64))
-    assert widths.shape == (3, 196)
+    torch.testing.assert_close(widths, torch.diff(geometry.token_edges_px, dim=1))
+    torch.testing.assert_close(widths.sum(1), torch.full((3,), 448.0 * geometry.num_rows, dtype=torch.float64))
+    edges, bands = geometry.token_edges_px, geometry.band_bounds_px
+    band_lo = torch.arange(geometry.num_rows, dtype=torch.float64) * 448.0
+    inside = (torch.minimum(edges[:, 1:, None], band_lo + 448.0) - torch.maximum(edges[:, :-1, None], band_lo))
+    token_area = (inside.clamp_min(0) * torch.diff(bands, dim=1)[:, None, :]).sum(-1)      # (B, N)
+    torch.testing.assert_close(areas.sum((2, 3)), token_area)
 
 
 def test_uniform_geometry_gives_the_fixed_grid_map(seed):

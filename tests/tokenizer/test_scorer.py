@@ -52,10 +52,18 @@ def test_bad_trunk_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("head,low,high", [("v1", 0.1, 1.1), ("v2", 0.0, 1.0)])
 def test_heads_give_bounded_positive_scores(head, low, high, seed):
+    """The scores are the head's squash of the standardised raw scores, written out here: v1 sigmoid(s) + 0.1, v2
+    sigmoid(2 s); hence their bounds."""
     scorer = DartScorer((8, 8), trunk="tiny_cnn", head=head)
-    scores = scorer(torch.randn(3, 3, 64, 64))
+    images = torch.randn(3, 3, 64, 64)
+    scores = scorer(images)
     assert scores.shape == (3, 8, 8)
+    raw = scorer.raw_scores(images)
+    s = (raw - raw.mean((1, 2), keepdim=True)) / (raw.std((1, 2), keepdim=True) + 1e-8)
+    expected = torch.sigmoid(s) + 0.1 if head == "v1" else torch.sigmoid(2 * s)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
     assert (scores > low).all() and (scores < high).all()
+    assert scores.std() > 1e-3                     # not a constant map
 
 
 def test_score_norm_sample_is_batch_independent_and_batch_is_not(seed):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from train_helpers import write_recipe
+from tests.train.train_helpers import write_recipe
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from dartmamba_train.cli import main
 from dartmamba_train.config import ConfigError, config_to_dict, load_config, parse_override, save_config
 from dartmamba_train.engine import build_deepspeed_config
 
-from train_helpers import REPO, TINY_DART, write_recipe
+from tests.train.train_helpers import REPO, TINY_DART, write_recipe
 
 
 def test_defaults_and_overrides_are_typed(tiny_recipe):

@@ -10,7 +10,7 @@ from dartmamba_train.config import load_config
 from dartmamba_train.engine import (build_deepspeed_config, consolidated_state_dict, create_model, create_optimizer,
                                     create_scheduler, gathered_params, initialize_engine, train_micro_step)
 
-from train_helpers import write_recipe
+from tests.train.train_helpers import write_recipe
 
 pytest.importorskip("deepspeed")
 

@@ -11,7 +11,7 @@ from dartmamba_train.config import load_config
 from dartmamba_train.data import SeededSamples, build_data, model_data_config
 from dartmamba_train.logs import read_csv
 
-from train_helpers import run_train, write_recipe
+from tests.train.train_helpers import run_train, write_recipe
 
 FIXED_DEIT = {"name": "deit_tiny_patch16_224",
               "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}

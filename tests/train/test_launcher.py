@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dartmamba_train.logs import read_csv
 
-from train_helpers import REPO, TRAIN_SCRIPT, train_env, write_recipe
+from tests.train.train_helpers import REPO, TRAIN_SCRIPT, train_env, write_recipe
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dartmamba_train.logs import read_csv
 
-from train_helpers import TRAIN_SCRIPT, REPO, run_train, train_env, write_recipe
+from tests.train.train_helpers import TRAIN_SCRIPT, REPO, run_train, train_env, write_recipe
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow

@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 import pytest
 
-from train_helpers import REPO
-
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 pytest.importorskip("deepspeed")
 

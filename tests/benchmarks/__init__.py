@@ -1,0 +1,1 @@
+"""dartmamba tests (a package, so helpers import by name, not through sys.path)."""

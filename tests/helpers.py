@@ -1,0 +1,49 @@
+"""Helpers shared by several test folders: the repository root, tiny model shapes, partition invariants."""
+import math
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# tiny models that build and run in well under a second on one CPU core
+TINY_VIM = {"embed_dim": 32, "depth": 1, "num_classes": 5}
+TINY_FIXED = {"patch_size": 8}
+TINY_DART = {"img_size": 64, "patch_size": 8, "grid_size": 4, "dart_cfg": {"trunk": "tiny_cnn"}}
+
+
+def assert_valid_partition(bands, edges, grid_h, grid_w, num_rows, num_tokens, context=""):
+    assert bands.shape[-1] == num_rows + 1 and edges.shape[-1] == num_tokens + 1, context
+    assert torch.isfinite(bands).all() and torch.isfinite(edges).all(), context
+    assert (bands[:, 0] == 0).all() and (bands[:, -1] == grid_h).all(), context
+    assert (edges[:, 0] == 0).all() and (edges[:, -1] == grid_w * num_rows).all(), context
+    band_gaps = bands[:, 1:] - bands[:, :-1]
+    edge_gaps = edges[:, 1:] - edges[:, :-1]
+    # Exact maths bounds every gap below by (1 / parts) / (max density <= 1): far from zero.
+    assert (band_gaps > 0.5 / num_rows).all(), f"{context} min band gap {band_gaps.min().item()}"
+    assert (edge_gaps > 0.5 / num_tokens).all(), f"{context} min token width {edge_gaps.min().item()}"
+
+
+def degenerate_maps(grid_h, grid_w, generator):
+    maps = []
+    spike = torch.full((grid_h, grid_w), 1e-6)
+    spike[torch.randint(grid_h, (1,), generator=generator), torch.randint(grid_w, (1,), generator=generator)] = 1e6
+    maps.append(spike)
+    maps.append(torch.ones(grid_h, grid_w))
+    maps.append(torch.full((grid_h, grid_w), 1e-30))
+    maps.append(torch.full((grid_h, grid_w), 1e30))
+    row = torch.full((grid_h, grid_w), 1e-6)
+    row[torch.randint(grid_h, (1,), generator=generator)] = 1e6
+    maps.append(row)
+    col = torch.full((grid_h, grid_w), 1e-6)
+    col[:, torch.randint(grid_w, (1,), generator=generator)] = 1e6
+    maps.append(col)
+    corner = torch.full((grid_h, grid_w), 1.0)
+    corner[-1, -1] = 1e6
+    maps.append(corner)
+    first = torch.full((grid_h, grid_w), 1.0)
+    first[0, 0] = 1e6
+    maps.append(first)
+    log_uniform = torch.exp(torch.empty(grid_h, grid_w).uniform_(math.log(1e-6), math.log(1e6), generator=generator))
+    maps.append(log_uniform)
+    return torch.stack(maps)
