@@ -42,7 +42,7 @@ __all__ = ["ANY_DEVICE", "Backend", "BackendUnavailableError", "register", "disp
            "implementations", "backend_names", "ops", "set_backend", "get_backend", "use_backend", "allow_device",
            "cached_check", "cuda_extension_check", "module_check"]
 
-ANY_DEVICE = ("cpu", "cuda", "mps", "xpu")
+ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")    # "meta": shapes only (sizes, FLOP counts)
 
 
 class BackendUnavailableError(RuntimeError):

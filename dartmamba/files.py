@@ -9,6 +9,7 @@ tensors under ``"model"``); :func:`write_safetensors` writes ours (the model's c
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -107,7 +108,9 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
             from safetensors.torch import load_file
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # official training checkpoints (hustvl/Vim, DART, DeiT) also hold their argparse arguments
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read {what} file {path}: it is truncated, corrupt or not a checkpoint "
                          f"({type(exc).__name__}: {exc})") from exc

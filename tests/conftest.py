@@ -3,6 +3,10 @@ Triton kernels run on CPU tensors here (numpy underneath; tiny shapes only)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Frozen MobileNetV3 scorer trunks default to timm's pretrained ImageNet weights from the Hub, which tests cannot
+# download: they start random unless a test asks otherwise (the tests of the pretrained path set trunk_weights, or
+# run with their own Hub cache in a subprocess).
+os.environ.setdefault("DARTMAMBA_TRUNK_WEIGHTS", "random")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -48,5 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
 
-    run(cfg, local_rank=args.local_rank)
+    from dartmamba.hub import HubFileUnavailable
+
+    try:
+        run(cfg, local_rank=args.local_rank)
+    except HubFileUnavailable as err:      # e.g. the pretrained scorer trunk, offline and not in the cache
+        print(f"dartmamba-train: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -48,6 +48,71 @@ def model_cfg(input_size: int = 224, **kwargs) -> dict:
             "license": "apache-2.0", **kwargs}
 
 
+# What the official DART releases (HF hub yinkx3/DART) were trained with. The scorer standardises scores over the
+# whole batch, and sees the full 448 px image: the code of the release (HCPLab-SYSU/DART and ykx3/DART, README Model
+# Zoo of 2025-06-12/13, dart/dart.py) calls ``self.spn(x)`` (the 224 resize ``org_x`` is computed but not used); a
+# later ykx3/DART commit switched to ``self.spn(org_x)``, with the same Model Zoo. docs/pretrained.md has the evidence.
+OFFICIAL_DART_SCORER = {"score_norm": "batch", "scorer_input_size": None}
+
+
+def release_kwargs(variant: str, pretrained: bool, kwargs: dict, releases: dict[str, dict]) -> dict:
+    """``kwargs`` with the model arguments of the requested pretrained tag (``releases["<variant>.<tag>"]``) under
+    the user's (a ``tokenizer_cfg`` is merged key by key). A tag named explicitly (``vim_small_dart.dart_in1k_392``)
+    applies with or without ``pretrained``; without one, the default tag applies when ``pretrained`` loads the
+    release itself (not a file of the user's, ``pretrained_cfg_overlay=dict(file=...)``)."""
+    import timm
+
+    requested = kwargs.get("pretrained_cfg")
+    tag = requested if isinstance(requested, str) else getattr(requested, "tag", None) or (
+        requested.get("tag") if isinstance(requested, dict) else None)
+    if tag is None and pretrained and not _user_source(kwargs):
+        default = timm.models.get_pretrained_cfg(variant)
+        tag = default.tag if default is not None else None
+    args = releases.get(f"{variant}.{tag}") if tag else None
+    if not args:
+        return kwargs
+    merged = dict(kwargs)
+    for key, value in args.items():
+        if key == "tokenizer_cfg":
+            user = merged.pop("tokenizer_cfg", None) or merged.pop("dart_cfg", None) or {}
+            merged["tokenizer_cfg"] = {**value, **user}
+        else:
+            merged.setdefault(key, value)
+    return merged
+
+
+def _user_source(kwargs: dict) -> bool:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    return any(overlay.get(key) for key in ("file", "url", "state_dict"))
+
+
+def fetch_pretrained(variant: str, pretrained: bool, kwargs: dict) -> dict:
+    """For ``pretrained=True`` with Hub weights: the file from the Hugging Face cache or the Hub
+    (:func:`dartmamba.hub.hub_file`: offline and not cached, a fast error naming the file, never minutes of
+    retries), read with :func:`dartmamba.files.read_state_dict` (official files also hold their training ``args``)
+    and handed to timm's loader as the ``state_dict`` source. A source the user gives (``file``, ``url``,
+    ``state_dict`` in ``pretrained_cfg_overlay``) is left to timm."""
+    if not pretrained:
+        return kwargs
+    from timm.models._builder import resolve_pretrained_cfg
+
+    from ..files import read_state_dict
+    from ..hub import hub_file
+
+    if _user_source(kwargs):
+        return kwargs
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay)
+    if not (cfg.hf_hub_id and cfg.hf_hub_filename):
+        return kwargs
+    name = f"{variant}.{cfg.tag}" if cfg.tag else variant
+    path = hub_file(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir=kwargs.get("cache_dir"),
+                    what=f"pretrained weights of {name}",
+                    instead="pass pretrained_cfg_overlay=dict(file=<your local copy>)")
+    overlay["state_dict"] = read_state_dict(path, f"pretrained weights of {name}")
+    return {**kwargs, "pretrained_cfg_overlay": overlay}
+
+
 def dart_scorer_cfg(defaults: dict, user_cfg: dict | None, img_size) -> dict:
     """The tokenizer options of a registered DART model: ``defaults`` (trunk, head) under the user's options.
 

@@ -26,8 +26,23 @@ class TransferReport(NamedTuple):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm ``pretrained_filter_fn`` for our models: unwrap the file's state dict."""
-    return unwrap_state_dict(state_dict)
+    """timm ``pretrained_filter_fn`` for our models (``pretrained=True``, ``pretrained_cfg_overlay=dict(file=...)``):
+    unwrap the file's state dict (hustvl/Vim and DART files keep it under ``"model"``), let the tokenizer rename an
+    official checkpoint's tensors and adopt the settings it was trained with, and resize ``pos_embed`` to the model's
+    grid. Our own files pass through unchanged."""
+    state = unwrap_state_dict(state_dict)
+    tokenizer = _tokenizer(model)
+    if tokenizer is not None:
+        converted = tokenizer.convert_official_state_dict(state, "patch_embed.", "pretrained weights")
+        if set(converted) != set(state):              # an official layout: adopt its settings too
+            tokenizer.adopt_official_settings(list(converted), "patch_embed.")
+        state = converted
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state = dict(state)
+        state["pos_embed"] = _resize_pos_embed(state["pos_embed"], own["pos_embed"], _cls_pos_index(model),
+                                               _cls_pos_index(model))
+    return state
 
 
 def _cls_pos_index(model: nn.Module) -> int:
@@ -67,15 +82,23 @@ def transfer_fixed_grid_weights(model: nn.Module, state_dict: dict, source_cls_p
     return TransferReport(loaded, missing, unexpected, resized)
 
 
-def _resize_pos_embed(source: torch.Tensor, target: torch.Tensor, source_cls: int, target_cls: int) -> torch.Tensor:
+def resize_grid_pos_embed(source: torch.Tensor, old_grid: tuple[int, int], source_cls: int, new_grid: tuple[int, int],
+                          target_cls: int) -> torch.Tensor:
+    """(1, 1 + Gh Gw, D) with the class entry at ``source_cls`` -> (1, 1 + Gh' Gw', D) with it at ``target_cls``: the
+    grid part resampled bicubically (timm's ``resample_abs_pos_embed``), the class entry kept."""
     cls = source[:, source_cls:source_cls + 1]
     grid = torch.cat([source[:, :source_cls], source[:, source_cls + 1:]], dim=1)
-    old = int(round(grid.shape[1] ** 0.5))
-    new = int(round((target.shape[1] - 1) ** 0.5))
-    if old * old != grid.shape[1] or new * new != target.shape[1] - 1:
-        raise ValueError(f"cannot resize pos_embed {tuple(source.shape)} -> {tuple(target.shape)}: grids not square")
-    grid = resample_abs_pos_embed(grid, (new, new), (old, old), num_prefix_tokens=0)
+    grid = resample_abs_pos_embed(grid, list(new_grid), list(old_grid), num_prefix_tokens=0)
     return torch.cat([grid[:, :target_cls], cls, grid[:, target_cls:]], dim=1)
+
+
+def _resize_pos_embed(source: torch.Tensor, target: torch.Tensor, source_cls: int, target_cls: int) -> torch.Tensor:
+    grid_cells = source.shape[1] - 1
+    old = int(round(grid_cells ** 0.5))
+    new = int(round((target.shape[1] - 1) ** 0.5))
+    if old * old != grid_cells or new * new != target.shape[1] - 1:
+        raise ValueError(f"cannot resize pos_embed {tuple(source.shape)} -> {tuple(target.shape)}: grids not square")
+    return resize_grid_pos_embed(source, (old, old), source_cls, (new, new), target_cls)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,7 +139,7 @@ def load_official_checkpoint(model: nn.Module, path: str) -> TransferReport:
 # Our own checkpoints: safetensors with the model config inside
 # ---------------------------------------------------------------------------------------------------------------
 _NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "features_only", "out_indices", "checkpoint_path",
-                     "cache_dir", "pretrained_strict", "feature_cfg"}
+                     "cache_dir", "pretrained_strict", "feature_cfg", "feature_cls", "device", "dtype"}
 
 
 def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
@@ -157,7 +180,8 @@ def load_model(path: str, **overrides) -> nn.Module:
 
     config = read_model_config(path)
     kwargs = {**config["kwargs"], **overrides}
-    model = timm.create_model(config["model"], **kwargs)
+    # built on the meta device (no init, no pretrained scorer trunk fetched), then filled from the file, strictly
+    model = timm.create_model(config["model"], device="meta", **kwargs).to_empty(device="cpu")
     state = read_state_dict(path)
     own = model.state_dict()
     for key, value in own.items():

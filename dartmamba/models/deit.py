@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..tokenizer import Tokens
-from ._common import (ModelFamily, build_tokenizer, dart_scorer_cfg, model_cfg, package_intermediates,
-                      register_family, tokenizer_options)
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
+                      model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["DartVisionTransformer"]
@@ -63,6 +63,12 @@ class DartVisionTransformer(VisionTransformer):
         self.num_tokens = self.patch_embed.num_tokens
         self.feature_grid = self.patch_embed.feature_grid
 
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's: the tokenizer changes resolution and the grid positional embeddings are resampled."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self.num_tokens = self.patch_embed.num_tokens
+        self.feature_grid = self.patch_embed.feature_grid
+
     @torch.no_grad()
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's ViT init for everything but the tokenizer, which re-initialises only its trainable parts.
@@ -100,7 +106,7 @@ class DartVisionTransformer(VisionTransformer):
         return self.norm(x), out
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
+        if isinstance(attn_mask, Tensor) or is_causal is True:     # (placeholders while torch.fx traces)
             raise ValueError("attn_mask / is_causal are not supported with an adaptive tokenizer")
         return self.forward_tokens(x)[0]
 
@@ -111,7 +117,7 @@ class DartVisionTransformer(VisionTransformer):
         """timm's ``forward_intermediates`` (gradient checkpointing honoured); NCHW maps are the tokenizer's (DART
         tokens scattered onto the score grid by area), and ``output_dict=True`` adds the tokenizer's output under
         its key (``"dart"``, with the geometry)."""
-        if attn_mask is not None or is_causal:
+        if isinstance(attn_mask, Tensor) or is_causal is True:     # (placeholders while torch.fx traces)
             raise ValueError("attn_mask / is_causal are not supported with an adaptive tokenizer")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, out = self.embed(x)
@@ -130,11 +136,34 @@ class DartVisionTransformer(VisionTransformer):
                                      return_prefix_tokens, output_dict)
 
 
+def _dart_release(filename: str, top1: float | None, tokens: int = 196) -> dict:
+    reported = f"ImageNet-1k top-1 {top1} (DART README)" if top1 is not None else "top-1 not reported"
+    return model_cfg(448, hf_hub_id="yinkx3/DART", hf_hub_filename=filename, origin_url="https://github.com/ykx3/DART",
+                     paper_ids="arXiv:2506.10390", notes=(f"{tokens} tokens; {reported}",))
+
+
 default_cfgs = generate_default_cfgs({
-    "deit_tiny_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
-    "deit_small_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "deit_tiny_dart.dart_in1k": _dart_release("darvit-tiny.pth", 73.8),
+    "deit_tiny_dart.dart_v2_in1k": _dart_release("darvit-tiny-v2.pth", None),
+    "deit_tiny_dart.dart_in1k_121": _dart_release("darvit-tiny-ft121p.pth", 71.8, 121),
+    "deit_small_dart.dart_in1k": _dart_release("darvit-sm.pth", 80.6),
+    "deit_small_dart.dart_in1k_144": _dart_release("darvit-sm-ft144p.pth", None, 144),
+    "deit_small_dart.dart_in1k_288": _dart_release("darvit-sm-ft288p.pth", None, 288),
+    "deit_small_dart.dart_in1k_392": _dart_release("darvit-sm-ft392p.pth", 81.8, 392),
     "deit_base_dart.untrained": model_cfg(448),
 })
+# The architecture each released checkpoint needs, on top of the registered defaults (official ``darvit_*``
+# definitions in ykx3/DART models_deit.py: head v1 scorers, but MobileNetSmallPred('v2') for darvit_tiny_v2).
+_RELEASES = {
+    "deit_tiny_dart.dart_in1k": dict(tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "deit_tiny_dart.dart_v2_in1k": dict(tokenizer_cfg={**OFFICIAL_DART_SCORER, "trunk": "mobilenetv3_small",
+                                                       "head": "v2"}),
+    "deit_tiny_dart.dart_in1k_121": dict(num_tokens=121, tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "deit_small_dart.dart_in1k": dict(tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "deit_small_dart.dart_in1k_144": dict(num_tokens=144, tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "deit_small_dart.dart_in1k_288": dict(num_tokens=288, tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "deit_small_dart.dart_in1k_392": dict(num_tokens=392, tokenizer_cfg=OFFICIAL_DART_SCORER),
+}
 
 _SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6),
           "base": dict(embed_dim=768, depth=12, num_heads=12)}
@@ -144,9 +173,15 @@ _DART_TRUNK = {"tiny": "mobilenetv3_small_v1", "small": "mobilenetv3_large_v1", 
 register_family(ModelFamily("deit", tuple(_SIZES), grid="deit_{size}_patch16_224", dart="deit_{size}_dart"))
 
 
-def _create(size: str, pretrained: bool, kwargs: dict) -> DartVisionTransformer:
-    name, user_kwargs = f"deit_{size}_dart", dict(kwargs)
+def _create(size: str, pretrained: bool, kwargs: dict, name: str | None = None) -> DartVisionTransformer:
+    """DeiT-DART of ``size``, registered as ``name`` (default ``deit_<size>_dart``)."""
+    name = name or f"deit_{size}_dart"
+    kwargs = release_kwargs(name, pretrained, kwargs, _RELEASES)
+    user_kwargs = dict(kwargs)
+    kwargs = fetch_pretrained(name, pretrained, kwargs)
     options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
+    if pretrained:
+        options.setdefault("trunk_weights", "random")      # the checkpoint holds the scorer trunk
     tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v1"}, options, kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, **_SIZES[size])
     out_indices = kwargs.pop("out_indices", 3)

@@ -24,16 +24,15 @@ from torch.utils.checkpoint import checkpoint
 from ..modules.bimamba import BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
-from ._common import (ModelFamily, build_tokenizer, dart_scorer_cfg, model_cfg, package_intermediates,
-                      register_family, tokenizer_options)
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
+                      model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["VisionMamba"]
 
 
-def insert_middle(tokens: Tensor, token: Tensor) -> Tensor:
-    """(B, M, D), (B, 1, D) -> (B, M + 1, D) with ``token`` at index M // 2."""
-    middle = tokens.shape[1] // 2
+def insert_middle(tokens: Tensor, token: Tensor, middle: int) -> Tensor:
+    """(B, M, D), (B, 1, D) -> (B, M + 1, D) with ``token`` at index ``middle`` (M // 2 for Vim)."""
     return torch.cat([tokens[:, :middle], token, tokens[:, middle:]], dim=1)
 
 
@@ -61,12 +60,14 @@ class VisionMamba(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, tokenizer="grid", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token"):
+                 global_pool: str = "token", device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.depth = depth
         self.residual_in_fp32 = residual_in_fp32
@@ -75,25 +76,26 @@ class VisionMamba(nn.Module):
 
         self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
                                            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                           num_tokens=num_tokens, grid_size=grid_size)
+                                           num_tokens=num_tokens, grid_size=grid_size, **dd)
         num_grid = self.patch_embed.num_patches
         self.num_tokens = self.patch_embed.num_tokens
         self.feature_grid = self.patch_embed.feature_grid
         self.cls_pos_index = num_grid // 2            # where the class token's embedding sits in pos_embed
         self.cls_index = self.num_tokens // 2         # where the class token sits in the sequence
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_grid + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_grid + 1, embed_dim, **dd))
         self.pos_drop = nn.Dropout(drop_rate)
 
         drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.layers = nn.ModuleList([
-            VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i),
-                     drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32)
+            VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
+                                             **dd),
+                     drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32, **dd)
             for i in range(depth)])
         self.final_drop_path = self.layers[-1].drop_path if depth else nn.Identity()
-        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
+        self.norm_f = RMSNorm(embed_dim, eps=norm_eps, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.init_weights()
@@ -142,10 +144,37 @@ class VisionMamba(nn.Module):
             if global_pool not in ("token", "avg"):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.cls_token           # a new head lives where (and in the dtype) the model does
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                     else nn.Identity())
+        self.head.train(self.training)
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """A new input resolution (timm's ``set_input_size``): the tokenizer adapts (a fixed grid gets more patches,
+        DART a larger score grid) and the grid positional embeddings are resampled (bicubic, class-token embedding
+        kept at the grid's middle)."""
+        from .checkpoints import resize_grid_pos_embed
+
+        prev_grid = tuple(self.patch_embed.grid_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        grid = tuple(self.patch_embed.grid_size)
+        if grid != prev_grid:
+            new_cls = (grid[0] * grid[1]) // 2
+            resized = resize_grid_pos_embed(self.pos_embed.detach(), prev_grid, self.cls_pos_index, grid, new_cls)
+            self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
+            self.cls_pos_index = new_cls
+        self.num_tokens = self.patch_embed.num_tokens
+        self.cls_index = self.num_tokens // 2
+        self.feature_grid = self.patch_embed.feature_grid
+        reduction = self.patch_embed.feat_ratio()
+        for info in self.feature_info:
+            info["reduction"] = reduction
+        if getattr(self, "pretrained_cfg", None) is not None:
+            size = self.patch_embed.img_size
+            self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.in_chans, *tuple(size))}
 
     # -- forward ------------------------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
@@ -159,7 +188,7 @@ class VisionMamba(nn.Module):
         grid_pe = torch.cat([self.pos_embed[:, :ci], self.pos_embed[:, ci + 1:]], dim=1)
         out = self.patch_embed(x, grid_pe)
         cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, ci:ci + 1]
-        x = insert_middle(out.tokens + out.pos_embed, cls_token)
+        x = insert_middle(out.tokens + out.pos_embed, cls_token, self.cls_index)
         return self.pos_drop(x), out
 
     def run_layers(self, x: Tensor, layers=None, take_indices=(), norm: bool = False
@@ -230,11 +259,10 @@ class VisionMamba(nn.Module):
         return self.forward_tokens(x)[0]
 
     def pool(self, x: Tensor) -> Tensor:
+        ci = self.cls_index
         if self.global_pool == "avg":
-            keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-            keep[self.cls_index] = False
-            return x[:, keep].mean(dim=1)
-        return x[:, self.cls_index]
+            return torch.cat([x[:, :ci], x[:, ci + 1:]], dim=1).mean(dim=1)
+        return x[:, ci]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.pool(x))
@@ -247,17 +275,40 @@ class VisionMamba(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints, pretrained cfgs, registration
 # ---------------------------------------------------------------------------------------------------------------
+def _hustvl(size: str, filename: str, top1: float) -> dict:
+    return model_cfg(224, hf_hub_id=f"hustvl/Vim-{size}-midclstok", hf_hub_filename=filename,
+                     origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417",
+                     notes=(f"ImageNet-1k top-1 {top1} (hustvl/Vim README)",))
+
+
+def _dart_release(filename: str, top1: float | None, tokens: int = 196) -> dict:
+    reported = f"ImageNet-1k top-1 {top1} (DART README)" if top1 is not None else "top-1 not reported"
+    return model_cfg(448, hf_hub_id="yinkx3/DART", hf_hub_filename=filename, origin_url="https://github.com/ykx3/DART",
+                     paper_ids="arXiv:2506.10390", notes=(f"{tokens} tokens; {reported}",))
+
+
 default_cfgs = generate_default_cfgs({
-    "vim_tiny_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-tiny-midclstok"),
-    "vim_small_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-small-midclstok"),
-    "vim_base_patch16_224.hustvl_in1k": model_cfg(224, hf_hub_id="hustvl/Vim-base-midclstok"),
-    "vim_tiny_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
-    "vim_small_dart.in1k": model_cfg(448, hf_hub_id="yinkx3/DART"),
+    "vim_tiny_patch16_224.hustvl_in1k": _hustvl("tiny", "vim_t_midclstok_76p1acc.pth", 76.1),
+    "vim_small_patch16_224.hustvl_in1k": _hustvl("small", "vim_s_midclstok_80p5acc.pth", 80.5),
+    "vim_base_patch16_224.hustvl_in1k": _hustvl("base", "vim_b_midclstok_81p9acc.pth", 81.9),
+    "vim_tiny_dart.dart_in1k": _dart_release("darvim-tiny.pth", 77.2),
+    "vim_tiny_dart.dart_in1k_392": _dart_release("darvim-tiny-ft2seq.pth", 78.9, 392),
+    "vim_small_dart.dart_in1k": _dart_release("darvim-sm.pth", 81.5),
+    "vim_small_dart.dart_in1k_392": _dart_release("darvim-sm-ft2seq.pth", 82.2, 392),
     "vim_base_dart.untrained": model_cfg(448),
 })
+# The architecture each released checkpoint needs, on top of the registered defaults (official ``darvim_*``
+# definitions in ykx3/DART models_mamba.py: MobileNetV3 v2-head scorers, 196 or 14 * 14 * 2 = 392 tokens).
+_RELEASES = {
+    "vim_tiny_dart.dart_in1k": dict(tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "vim_tiny_dart.dart_in1k_392": dict(num_tokens=392, tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "vim_small_dart.dart_in1k": dict(tokenizer_cfg=OFFICIAL_DART_SCORER),
+    "vim_small_dart.dart_in1k_392": dict(num_tokens=392, tokenizer_cfg=OFFICIAL_DART_SCORER),
+}
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    kwargs = fetch_pretrained(variant, pretrained, kwargs)
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
@@ -276,9 +327,14 @@ def _grid_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
     return record_config(_create_vim(name, pretrained, **{**args, **kwargs}), name, user_kwargs)
 
 
-def _dart_model(size: str, pretrained: bool, kwargs: dict) -> VisionMamba:
-    name, user_kwargs = f"vim_{size}_dart", dict(kwargs)
+def _dart_model(size: str, pretrained: bool, kwargs: dict, name: str | None = None) -> VisionMamba:
+    """Vim-DART of ``size``, registered as ``name`` (default ``vim_<size>_dart``)."""
+    name = name or f"vim_{size}_dart"
+    kwargs = release_kwargs(name, pretrained, kwargs, _RELEASES)
+    user_kwargs = dict(kwargs)
     options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
+    if pretrained:
+        options.setdefault("trunk_weights", "random")      # the checkpoint holds the scorer trunk
     tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v2"}, options, kwargs.get("img_size", 448))
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
     model = _create_vim(name, pretrained, tokenizer_cfg=tokenizer_cfg, **{**args, **kwargs})

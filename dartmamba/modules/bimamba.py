@@ -11,20 +11,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function, register_notrace_module
 from torch import Tensor
 
 from ..ops import RMSNorm, causal_conv1d, rms_norm, selective_scan
 
 
-def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int):
-    """The parameters of one scan direction: causal conv, input-dependent (dt, B, C) projection, A and D."""
-    conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True)
-    x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-    dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-    return conv1d, x_proj, dt_proj, nn.Parameter(torch.empty(d_inner, d_state)), nn.Parameter(torch.empty(d_inner))
+def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int, dd: dict):
+    """The parameters of one scan direction: causal conv, input-dependent (dt, B, C) projection, A and D.
+    ``dd``: the factory kwargs (device, dtype)."""
+    conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **dd)
+    x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **dd)
+    dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **dd)
+    return (conv1d, x_proj, dt_proj, nn.Parameter(torch.empty(d_inner, d_state, **dd)),
+            nn.Parameter(torch.empty(d_inner, **dd)))
 
 
+# torch.fx (timm's feature extraction, get_graph_node_names): the fused ops check their arguments in Python and call
+# custom ops, so they are leaves of the graph, and so is the mixer (einops reshapes of traced sizes).
+register_notrace_function(rms_norm)
+
+
+@register_notrace_module
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer. (B, L, D) -> (B, L, D).
 
@@ -36,20 +44,21 @@ class BiMambaMixer(nn.Module):
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-                 layer_idx: int | None = None):
+                 layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.dim, self.d_state, self.d_conv, self.expand = dim, d_state, d_conv, expand
         self.d_inner = expand * dim
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
         self.layer_idx = layer_idx
-        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False, **dd)
         # hustvl/Vim names: conv1d, x_proj, dt_proj, A_log, D and conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b
         self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _scan_branch(
-            self.d_inner, d_state, d_conv, self.dt_rank)
+            self.d_inner, d_state, d_conv, self.dt_rank, dd)
         self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _scan_branch(
-            self.d_inner, d_state, d_conv, self.dt_rank)
-        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+            self.d_inner, d_state, d_conv, self.dt_rank, dd)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False, **dd)
         self.reset_ssm_parameters()
 
     def _branch(self, direction: str):
@@ -60,15 +69,18 @@ class BiMambaMixer(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """Mamba's init for both branches: dt log-uniform in [dt_min, dt_max] through an inverse-softplus bias,
-        A = -(1..N), D = 1. (Vim's own code zeroes the backward dt bias by accident; not here.)"""
+        A = -(1..N), D = 1. (Vim's own code zeroes the backward dt bias by accident; not here.) Everything is
+        drawn on the parameters' device (nothing is allocated elsewhere, e.g. on the meta device)."""
         for direction in ("forward", "backward"):
             _, _, dt_proj, A_log, D = self._branch(direction)
             std = self.dt_rank ** -0.5 * self.dt_scale
             nn.init.uniform_(dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
+            device = dt_proj.bias.device
+            dt = torch.exp(torch.rand(self.d_inner, device=device) * (math.log(self.dt_max) - math.log(self.dt_min))
                            + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # inverse of softplus
-            A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+            A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device))
+                        .repeat(self.d_inner, 1))
             D.fill_(1.0)
 
     def _scan(self, x: Tensor, z: Tensor, direction: str) -> Tensor:
@@ -100,10 +112,10 @@ class VimBlock(nn.Module):
     """
 
     def __init__(self, dim: int, mixer: nn.Module, drop_path: float = 0.0, eps: float = 1e-5,
-                 residual_in_fp32: bool = True):
+                 residual_in_fp32: bool = True, device=None, dtype=None):
         super().__init__()
         self.mixer = mixer
-        self.norm = RMSNorm(dim, eps=eps)
+        self.norm = RMSNorm(dim, eps=eps, device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.residual_in_fp32 = residual_in_fp32
 

@@ -10,13 +10,13 @@ from .partition import (default_num_rows, interval_means, inverse_cdf_quantiles,
                         partition_scores, partition_scores_torch, rebin_rows, uniform_geometry)
 from .posembed import posembed_macs, resample_pos_embed, resample_pos_embed_reference, resample_pos_embed_torch
 from .resample import SAMPLING_MODES, resample_macs, resample_patches, resample_reference, resample_torch, sample_points
-from .scorer import (HEADS, SCORE_NORMS, TRUNKS, DartScorer, MobileNetV3Trunk, RandomTrunkWarning, ScoreHeadV1,
+from .scorer import (HEADS, SCORE_NORMS, TRUNKS, DartScorer, MobileNetV3Trunk, ScoreHeadV1,
                      ScoreHeadV2, TinyConvTrunk, standardise_scores)
 
 __all__ = [
     "Tokenizer", "Tokens", "create_tokenizer", "register_tokenizer", "tokenizer_class", "tokenizer_names",
     "GridTokenizer", "CapturedTokenizer", "DartTokenizer", "DartTokens", "DartGeometry", "DartScorer",
-    "MobileNetV3Trunk", "TinyConvTrunk", "ScoreHeadV1", "ScoreHeadV2", "RandomTrunkWarning", "HEADS", "SCORE_NORMS",
+    "MobileNetV3Trunk", "TinyConvTrunk", "ScoreHeadV1", "ScoreHeadV2", "HEADS", "SCORE_NORMS",
     "TRUNKS", "SAMPLING_MODES", "capture_tokenizer", "default_grid_size", "default_num_rows", "embed_patches",
     "interval_means", "inverse_cdf_quantiles", "overlap_matrix", "partition", "partition_scores",
     "partition_scores_torch", "posembed_macs", "rebin_rows", "resample_macs", "resample_patches",

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor
 
 from .base import Tokenizer, register_tokenizer
@@ -15,7 +16,7 @@ from .partition import default_num_rows, partition
 from .posembed import posembed_macs, resample_pos_embed
 from .resample import SAMPLING_MODES, resample_macs, resample_patches
 from .scorer import DartScorer
-from .validation import as_pair, check_images, check_token_counts
+from .validation import as_pair, autocast_enabled, check_images, check_token_counts
 
 # where the official DART code keeps its scorer (under the tokenizer's prefix), and its head's layer names
 _OFFICIAL_SCORER = "spn.spn.spn."
@@ -49,6 +50,7 @@ def default_grid_size(img_size, patch_size: int) -> tuple[int, int]:
     return max(1, height // (2 * patch_size)), max(1, width // (2 * patch_size))
 
 
+@register_notrace_module       # torch.fx: one leaf (value-dependent geometry, custom ops, argument checks)
 @register_tokenizer("dart")
 class DartTokenizer(nn.Module, Tokenizer):
     """Differentiable Dynamic Adaptive Region Tokenizer.
@@ -109,11 +111,10 @@ class DartTokenizer(nn.Module, Tokenizer):
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.scorer = DartScorer(self.grid_size, trunk=trunk, head=head, score_norm=score_norm,
                                  input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights,
-                                 channels_last=scorer_channels_last, trunk_dtype=scorer_dtype)
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+                                 channels_last=scorer_channels_last, trunk_dtype=scorer_dtype, device=device,
+                                 dtype=dtype)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias, device=device, dtype=dtype)
         self._captured = None   # a CapturedTokenizer after capture(); a plain attribute, not a submodule
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
 
     @property
     def geometry_scale(self) -> float:
@@ -128,6 +129,30 @@ class DartTokenizer(nn.Module, Tokenizer):
         """Pixels per score-grid cell: the stride of the feature maps DART tokens are scattered onto."""
         ratio = (self.img_size[0] // self.grid_size[0], self.img_size[1] // self.grid_size[1])
         return max(ratio) if as_scalar else ratio
+
+    def set_input_size(self, img_size=None, patch_size=None, num_tokens: int | None = None) -> None:
+        """A new input resolution: the score grid scales with the image (448 -> 896: 14 -> 28 cells), a scorer that
+        saw half the image sees half the new one, the token count stays (or becomes ``num_tokens``). The backbone
+        resamples its grid positional embeddings to the new ``grid_size``. A new patch size is not supported."""
+        if patch_size is not None and as_pair(patch_size, "patch_size") != (self.patch_size, self.patch_size):
+            raise ValueError(f"patch_size: the DART tokenizer's patch size cannot change after construction "
+                             f"({self.patch_size}), got {patch_size!r}")
+        new = self.img_size if img_size is None else as_pair(img_size, "img_size")
+        old = self.img_size
+        grid = tuple(g * n // o for g, n, o in zip(self.grid_size, new, old))
+        if any(g * o != c * n for g, c, n, o in zip(grid, self.grid_size, new, old)) or min(grid) < 1:
+            raise ValueError(f"img_size: {new} does not scale the {self.grid_size[0]}x{self.grid_size[1]} score grid of "
+                             f"{old} to whole cells; use a multiple of {tuple(o // g for o, g in zip(old, self.grid_size))}")
+        scorer = self.scorer
+        if scorer.input_size is not None and tuple(2 * s for s in scorer.input_size) == tuple(old):
+            scorer.input_size = tuple(side // 2 for side in new)
+        num_tokens = self.num_tokens if num_tokens is None else num_tokens
+        num_rows = default_num_rows(num_tokens) if num_tokens != self.num_tokens else self.num_rows
+        check_token_counts(num_tokens, num_rows)
+        self.img_size, self.grid_size, self.feature_grid = new, grid, grid
+        scorer.grid_size = grid
+        self.num_tokens, self.num_rows = num_tokens, num_rows
+        self.release_capture()
 
     def to_feature_map(self, tokens: Tensor, output: "DartTokens") -> Tensor:
         """Token features (B, N, D) scattered onto the score grid by area: (B, D, Gh, Gw) (see
@@ -254,7 +279,7 @@ class DartTokenizer(nn.Module, Tokenizer):
             scores = self.scores(images)
         geometry = self._partition(scores, validate=given)
         patches = resample_patches(images, geometry, self.patch_size, self.sampling, self.resample_backend)
-        if not torch.is_autocast_enabled(images.device.type):
+        if not autocast_enabled(images.device.type):
             patches = patches.to(self.proj.weight.dtype)
         tokens = embed_patches(patches, self.proj.weight, self.proj.bias)
         pos = (None if grid_pos_embed is None

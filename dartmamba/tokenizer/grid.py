@@ -33,6 +33,12 @@ class GridTokenizer(PatchEmbed, Tokenizer):
         self.num_tokens = self.num_patches
         self.feature_grid = tuple(self.grid_size)
 
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's ``PatchEmbed.set_input_size`` (a new patch size resamples the projection), interface kept in step."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self.num_tokens = self.num_patches
+        self.feature_grid = tuple(self.grid_size)
+
     def forward(self, images: Tensor, grid_pos_embed: Tensor | None = None) -> Tokens:
         """images (B, C, H, W) -> :class:`Tokens` with tokens (B, N, D) and pos_embed = ``grid_pos_embed``
         (1 or B, N, D) as given."""

@@ -14,14 +14,19 @@ name                        cut (torchvision ``features[:k]`` equivalent)  chann
 
 The MobileNetV3 trunks are timm's ``mobilenetv3_{small,large}_100`` cut at the stage the official DART code uses,
 with timm's parameter names (``conv_stem``, ``bn1``, ``blocks.i.j``). Frozen trunks run under ``no_grad``, stay in
-eval mode whatever ``.train()`` says, and are skipped by :meth:`DartScorer.init_weights`. No weights are
-downloaded: pass ``trunk_weights=<local file>`` (a timm state dict, ``.safetensors`` or a torch file) or the trunk
-starts random, which :class:`RandomTrunkWarning` says out loud.
+eval mode whatever ``.train()`` says, and are skipped by :meth:`DartScorer.init_weights`.
+
+Trunk weights (``trunk_weights=``), as the paper trains: ``"pretrained"`` (the default) loads timm's ImageNet
+weights of ``mobilenetv3_{small,large}_100`` through timm's pretrained cfg, from the Hugging Face cache or the Hub
+(:func:`dartmamba.hub.hub_file`: offline and not cached, a fast error says which file to get); a path loads a local
+file (a timm or torchvision state dict, ``.safetensors`` or a torch file); ``"random"`` opts out (tests, tiny
+configs, speed benchmarks). ``None`` means the environment's ``DARTMAMBA_TRUNK_WEIGHTS`` if set, else
+``"pretrained"``. Nothing is loaded on the meta device. The trainable ``tiny_cnn`` trunk has no pretrained weights.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
+import os
 
 import torch
 import torch.nn as nn
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import read_state_dict
+from .validation import autocast_enabled
 
 SCORE_NORMS = ("sample", "batch")
 HEADS = ("v1", "v2")
@@ -56,19 +62,19 @@ _MOBILENET_TRUNKS = {
 TRUNKS = (*_MOBILENET_TRUNKS, "tiny_cnn")
 
 
-class RandomTrunkWarning(UserWarning):
-    """A frozen scorer trunk was built without pretrained weights."""
+TRUNK_WEIGHTS_ENV = "DARTMAMBA_TRUNK_WEIGHTS"
 
 
 class TinyConvTrunk(nn.Module):
     """Trainable stride-8 CNN for small images: 3 x (conv3x3 s2, GroupNorm, GELU). (B, C, H, W) -> (B, 64, H/8, W/8)."""
 
-    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64)):
+    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64), device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         layers, prev = [], in_chans
         for width in widths:
-            layers += [nn.Conv2d(prev, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(min(8, width), width),
-                       nn.GELU()]
+            layers += [nn.Conv2d(prev, width, 3, stride=2, padding=1, bias=False, **dd),
+                       nn.GroupNorm(min(8, width), width, **dd), nn.GELU()]
             prev = width
         self.layers = nn.Sequential(*layers)
         self.out_chans = prev
@@ -84,11 +90,14 @@ class MobileNetV3Trunk(nn.Module):
     eps 1e-3 instead of timm's 1e-5: :meth:`load_torchvision_state_dict` maps it (exact same outputs).
     """
 
-    def __init__(self, timm_name: str, num_blocks: int, in_chans: int = 3):
+    def __init__(self, timm_name: str, num_blocks: int, in_chans: int = 3, device=None, dtype=None):
         super().__init__()
         import timm
 
-        full = timm.create_model(timm_name, pretrained=False, in_chans=in_chans)
+        self.timm_name = timm_name
+        # the device context too: some timm layers (MobileNetV3's squeeze-excite gates) ignore the factory kwargs
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            full = timm.create_model(timm_name, pretrained=False, in_chans=in_chans, device=device, dtype=dtype)
         self.conv_stem, self.bn1 = full.conv_stem, full.bn1
         stages, remaining = [], num_blocks
         for stage in full.blocks:
@@ -169,35 +178,64 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> None:
     trunk.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-def build_trunk(name: str, in_chans: int = 3, weights: str | None = None) -> tuple[nn.Module, bool]:
-    """Returns (trunk module with ``out_chans``, whether it is frozen)."""
+def resolve_trunk_weights(trunk_weights: str | None) -> str:
+    """``trunk_weights`` as given, or (None) the environment's ``DARTMAMBA_TRUNK_WEIGHTS``, else "pretrained"."""
+    if trunk_weights is None:
+        trunk_weights = os.environ.get(TRUNK_WEIGHTS_ENV) or "pretrained"
+    if not isinstance(trunk_weights, (str, os.PathLike)):
+        raise TypeError(f"trunk_weights must be 'pretrained', 'random' or a file path, got {trunk_weights!r}")
+    return os.fspath(trunk_weights)
+
+
+def pretrained_trunk_file(timm_name: str, cache_dir=None) -> str:
+    """Local path of timm's ImageNet weights of ``timm_name`` (its default pretrained tag), from the Hugging Face
+    cache or the Hub; a fast :class:`~dartmamba.hub.HubFileUnavailable` offline."""
+    import timm
+
+    from ..hub import hub_file
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"timm has no Hub weights for {timm_name!r}")
+    return hub_file(cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors", cache_dir=cache_dir,
+                    what=f"the frozen scorer trunk ({timm_name}, timm's ImageNet weights)",
+                    instead="pass trunk_weights=<local timm weights file> (or trunk_weights='random' to opt out of "
+                            "the pretrained trunk, which the paper's method needs)")
+
+
+def build_trunk(name: str, in_chans: int = 3, weights: str | None = None, device=None,
+                dtype=None) -> tuple[nn.Module, bool]:
+    """Returns (trunk module with ``out_chans``, whether it is frozen); weights as :func:`resolve_trunk_weights`."""
+    weights = resolve_trunk_weights(weights)
     if name == "tiny_cnn":
-        trunk = TinyConvTrunk(in_chans)
-        if weights is not None:
+        trunk = TinyConvTrunk(in_chans, device=device, dtype=dtype)
+        if weights not in ("pretrained", "random"):
             load_trunk_weights(trunk, weights)
         return trunk, False
     if name not in _MOBILENET_TRUNKS:
         raise ValueError(f"trunk must be one of {TRUNKS}, got {name!r}")
     timm_name, num_blocks, channels = _MOBILENET_TRUNKS[name]
-    trunk = MobileNetV3Trunk(timm_name, num_blocks, in_chans)
+    trunk = MobileNetV3Trunk(timm_name, num_blocks, in_chans, device=device, dtype=dtype)
     assert trunk.out_chans == channels
-    if weights is not None:
-        load_trunk_weights(trunk, weights)
-    else:
-        warnings.warn(f"scorer trunk {name!r} is frozen but starts from random weights (no trunk_weights file given; "
-                      f"nothing is downloaded). Pass trunk_weights=<timm {timm_name} state dict> for the pretrained "
-                      f"scorer the paper uses.", RandomTrunkWarning, stacklevel=3)
+    if next(trunk.parameters()).is_meta or weights == "random":
+        return trunk, True                          # meta: sizes and FLOPs only, nothing to load
+    if weights == "pretrained":
+        if in_chans != 3:
+            raise ValueError(f"trunk_weights='pretrained': timm's {timm_name} weights take 3 input channels, got "
+                             f"in_chans={in_chans}; pass trunk_weights=<file> or 'random'")
+        weights = pretrained_trunk_file(timm_name)
+    load_trunk_weights(trunk, weights)
     return trunk, True
 
 
 class ScoreHeadV1(nn.Module):
     """Per-location MLP C -> C -> 1 with GELU. (B, C, h, w) -> (B, h, w) raw scores."""
 
-    def __init__(self, chans: int):
+    def __init__(self, chans: int, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(chans, chans)
+        self.fc1 = nn.Linear(chans, chans, device=device, dtype=dtype)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(chans, 1)
+        self.fc2 = nn.Linear(chans, 1, device=device, dtype=dtype)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(features.permute(0, 2, 3, 1)))).squeeze(-1)
@@ -210,11 +248,11 @@ class ScoreHeadV1(nn.Module):
 class ScoreHeadV2(nn.Module):
     """Channel gate g = sigmoid(MLP_{C->hidden->C}(mean f)) (GELU); score = sum_c f_c g_c. (B, C, h, w) -> (B, h, w)."""
 
-    def __init__(self, chans: int, hidden: int = 96):
+    def __init__(self, chans: int, hidden: int = 96, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(chans, hidden)
+        self.fc1 = nn.Linear(chans, hidden, device=device, dtype=dtype)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, chans)
+        self.fc2 = nn.Linear(hidden, chans, device=device, dtype=dtype)
 
     def forward(self, features: Tensor) -> Tensor:
         gate = torch.sigmoid(self.fc2(self.act(self.fc1(features.mean(dim=(2, 3))))))
@@ -252,7 +290,8 @@ class DartScorer(nn.Module):
         score_norm: ``"sample"`` (default) or ``"batch"`` (official).
         input_size: resize images to this size before the trunk (the newer official code uses 224 for 448 input);
             ``None`` keeps the full image.
-        trunk_weights: local file with the trunk's timm weights.
+        trunk_weights: ``"pretrained"`` (default: timm's ImageNet weights, see the module docstring), ``"random"``
+            or a local weights file; ``None``: ``DARTMAMBA_TRUNK_WEIGHTS`` or "pretrained".
         head_hidden: hidden width of the v2 gate MLP.
         channels_last: keep the trunk's weights and feed its input in channels-last memory format (faster
             convolutions on tensor-core GPUs).
@@ -263,8 +302,9 @@ class DartScorer(nn.Module):
     def __init__(self, grid_size: tuple[int, int], trunk: str = "mobilenetv3_small", head: str = "v2",
                  score_norm: str = "sample", input_size: int | tuple[int, int] | None = None, in_chans: int = 3,
                  trunk_weights: str | None = None, head_hidden: int = 96, channels_last: bool = False,
-                 trunk_dtype=None):
+                 trunk_dtype=None, device=None, dtype=None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.trunk_dtype = resolve_dtype(trunk_dtype, "trunk_dtype")
         self.channels_last = bool(channels_last)
         if head not in HEADS:
@@ -275,7 +315,7 @@ class DartScorer(nn.Module):
         self.score_norm = score_norm
         self.input_size = (input_size, input_size) if isinstance(input_size, int) else input_size
         self.trunk_name = trunk
-        self.trunk, self.trunk_frozen = build_trunk(trunk, in_chans, trunk_weights)
+        self.trunk, self.trunk_frozen = build_trunk(trunk, in_chans, trunk_weights, **dd)
         if self.trunk_frozen:
             self.trunk.requires_grad_(False)
             self.trunk.eval()
@@ -283,7 +323,7 @@ class DartScorer(nn.Module):
             self.trunk.to(memory_format=torch.channels_last)
         chans = self.trunk.out_chans
         self.head_version = head
-        self.head = ScoreHeadV1(chans) if head == "v1" else ScoreHeadV2(chans, head_hidden)
+        self.head = ScoreHeadV1(chans, **dd) if head == "v1" else ScoreHeadV2(chans, head_hidden, **dd)
         self.init_weights()
 
     def train(self, mode: bool = True):
@@ -312,7 +352,7 @@ class DartScorer(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         device_type = x.device.type
-        if self.trunk_dtype is None:
+        if self.trunk_dtype is None or device_type == "meta":      # autocast does not know the meta device
             autocast = contextlib.nullcontext()
         elif self.trunk_dtype == torch.float32:
             autocast = torch.autocast(device_type, enabled=False)
@@ -325,7 +365,7 @@ class DartScorer(nn.Module):
                     features = self.trunk(x)
             else:
                 features = self.trunk(x)
-        if self.trunk_dtype is not None and not torch.is_autocast_enabled(device_type):
+        if self.trunk_dtype is not None and not autocast_enabled(device_type):
             features = features.float()
         raw = self.head(features)
         if tuple(raw.shape[-2:]) != self.grid_size:

@@ -5,10 +5,16 @@ import torch
 from torch import Tensor
 
 
-def _tracing() -> bool:
-    if torch.compiler.is_compiling():
+def _tracing(t: Tensor | None = None) -> bool:
+    """Whether values cannot (or must not) be read on the host: compiling, capturing a CUDA graph, meta tensors."""
+    if torch.compiler.is_compiling() or (t is not None and t.is_meta):
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know (meta)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def as_pair(value, name: str) -> tuple[int, int]:
@@ -45,7 +51,7 @@ def check_scores(scores, num_tokens, num_rows, *, check_values: bool = True) -> 
     if scores.shape[1] < 1 or scores.shape[2] < 1:
         raise ValueError(f"scores must have a non-empty grid, got shape {tuple(scores.shape)}")
     check_token_counts(num_tokens, num_rows)
-    if check_values and not _tracing():
+    if check_values and not _tracing(scores):
         bad = ~(torch.isfinite(scores) & (scores > 0))
         if bool(bad.any()):
             first = tuple(int(i) for i in bad.nonzero()[0])

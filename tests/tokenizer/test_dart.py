@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from dartmamba.tokenizer import DartTokenizer, RandomTrunkWarning
+from dartmamba.tokenizer import DartTokenizer
 
 
 def small_tokenizer(**overrides):
@@ -24,8 +24,7 @@ def test_outputs_and_shapes(seed):
 
 def test_uniform_scores_reduce_to_patch_embedding_of_the_subsampled_image(seed):
     """Paper geometry (448, G=14, p=16): DART with constant scores == Conv2d patch embedding at stride 2."""
-    with pytest.warns(RandomTrunkWarning):
-        tokenizer = DartTokenizer(embed_dim=48, uniform_scores=True)
+    tokenizer = DartTokenizer(embed_dim=48, uniform_scores=True, trunk_weights="random")
     images = torch.randn(2, 3, 448, 448)
     pos = torch.randn(1, 196, 48)
     out = tokenizer(images, pos)
