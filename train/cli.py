@@ -5,7 +5,9 @@
     dartmamba-train --config configs/demo/vim_dart.yaml --print-config
 
 Overrides are ``dotted.key=value`` (values read as YAML). The config is checked completely (unknown keys, types,
-ranges, data paths) before any process group, model or data loader is created.
+ranges, data paths, the model's name and arguments, the DeepSpeed JSON and its keys, the checkpoints to start or
+resume from, the batch against the data set) before any process group starts or a file is written; a problem is
+one line on stderr and exit status 2. A second run into an output.dir in use stops the same way.
 """
 from __future__ import annotations
 
@@ -40,13 +42,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
         return 0
+    from .checkpoint import CheckpointError
+    from .lock import OutputDirLocked
     from .loop import preflight, run
 
     try:
-        preflight(cfg)
-    except FileNotFoundError as err:
+        checked = preflight(cfg)
+    except ConfigError as err:
+        print(f"dartmamba-train: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
-
-    run(cfg, local_rank=args.local_rank)
+    try:
+        run(cfg, local_rank=args.local_rank, checked=checked)
+    except OutputDirLocked as err:
+        print(f"dartmamba-train: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -25,6 +25,16 @@ def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int):
     return conv1d, x_proj, dt_proj, nn.Parameter(torch.empty(d_inner, d_state)), nn.Parameter(torch.empty(d_inner))
 
 
+def _check_mixer_args(**sizes) -> None:
+    """Every size an int >= 1 (``dt_rank`` may also be ``"auto"``), else an error naming it."""
+    for name, value in sizes.items():
+        if name == "dt_rank" and value == "auto":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            allowed = "an int >= 1 or 'auto'" if name == "dt_rank" else "an int >= 1"
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer. (B, L, D) -> (B, L, D).
 
@@ -38,6 +48,7 @@ class BiMambaMixer(nn.Module):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
                  layer_idx: int | None = None):
         super().__init__()
+        _check_mixer_args(dim=dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         self.dim, self.d_state, self.d_conv, self.expand = dim, d_state, d_conv, expand
         self.d_inner = expand * dim
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)

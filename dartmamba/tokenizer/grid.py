@@ -5,7 +5,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor
 
 from .base import Tokenizer, Tokens, register_tokenizer
-from .validation import as_pair
+from .validation import as_pair, check_device
 
 
 @register_tokenizer("grid")
@@ -34,8 +34,11 @@ class GridTokenizer(PatchEmbed, Tokenizer):
         self.feature_grid = tuple(self.grid_size)
 
     def forward(self, images: Tensor, grid_pos_embed: Tensor | None = None) -> Tokens:
-        """images (B, C, H, W) -> :class:`Tokens` with tokens (B, N, D) and pos_embed = ``grid_pos_embed``
-        (1 or B, N, D) as given."""
+        """images (B, C, H, W), any floating dtype (run in the weights' dtype) -> :class:`Tokens` with tokens
+        (B, N, D) and pos_embed = ``grid_pos_embed`` (1 or B, N, D) as given."""
+        check_device(images, self.proj.weight.device)
+        if images.is_floating_point():
+            images = images.to(self.proj.weight.dtype)
         return Tokens(super().forward(images), grid_pos_embed, None)
 
     def to_feature_map(self, tokens: Tensor, output: Tokens) -> Tensor:
