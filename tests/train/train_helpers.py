@@ -55,16 +55,14 @@ def run_train(args: list[str], check: bool = True, **kwargs) -> subprocess.Compl
 
 
 def snapshot(folder) -> dict:
-    """{relative path: sha256} of every file under ``folder`` but the run lock (whose content changes hands)."""
+    """{relative path: sha256} of every file under ``folder`` but lock files (their content changes hands)."""
     import hashlib
-
-    from dartmamba_train.lock import LOCK_FILE
 
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            if name != LOCK_FILE:
+            if not name.endswith(".lock"):
                 with open(path, "rb") as handle:
                     files[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
     return files
