@@ -8,7 +8,8 @@
 - :mod:`.deepspeed_keys`: unknown DeepSpeed keys found with DeepSpeed's own config code.
 - :mod:`.lock`: one run per output directory (an OS lock held by rank 0).
 - :mod:`.logs`: progress bar, steps.csv, summary.csv, TensorBoard.
-- :mod:`.loop`: the checks before a run (``preflight``) and the run itself; :mod:`.cli`: the command line; :mod:`.demo`: the embedded demo.
+- :mod:`.loop`: the checks before a run (``preflight``) and the run itself; :mod:`.cli`: the command line;
+  :mod:`.demo`: the embedded demo.
 
 Nothing here imports deepspeed at import time.
 """
