@@ -24,8 +24,9 @@ The bins (row and flow), the float64 band bounds and the flow are written as by-
 
 Partition, backward: torch ops (tiny (B, <= R Gw) tensors; ``torch.compile`` fuses them), the exact derivative of
 the reference's formula with the saved bins held constant (as autograd holds ``searchsorted`` constant there):
-level -> (cdf_{j-1}, cdf_j) through the fraction (with the reference's clamp conventions, detected from the
-installed torch), cdf -> masses through the normalisation and a reverse cumsum, flow -> pdf and band bounds
+level -> (cdf_{j-1}, cdf_j) through the fraction (its [0, 1] clamp passes the gradient, as in the reference: at a
+bin end the one-sided derivative of the official formula; the step's clamp_min follows the installed torch's
+convention), cdf -> masses through the normalisation and a reverse cumsum, flow -> pdf and band bounds
 through the running-sum interpolation, band bounds -> row masses the same way, pdf -> scores.
 
 Positional embeddings, forward (inference): ONE launch, grid ``(cdiv(N, BLOCK_T), B, cdiv(D, BLOCK_D))``. Each
@@ -272,16 +273,8 @@ def _partition_forward(scores: Tensor, num_tokens: int, num_rows: int):
     return band_bounds, token_edges, bounds64, flow, row_bins, token_bins
 
 
-# --- clamp conventions of the installed torch (they changed between releases); the backward mirrors them ---------
-_CLAMP_LO_INCL = clamp_passes(0.0, 0.0, 1.0)
-_CLAMP_HI_INCL = clamp_passes(1.0, 0.0, 1.0)
+# --- clamp_min convention of the installed torch (it changed between releases); the backward mirrors it ----------
 _CLAMP_MIN_INCL = clamp_passes(1.0, 1.0, None)
-
-
-def _pass_between(x: Tensor, lo: float, hi: float) -> Tensor:
-    low = x >= lo if _CLAMP_LO_INCL else x > lo
-    high = x <= hi if _CLAMP_HI_INCL else x < hi
-    return (low & high).to(x.dtype)
 
 
 def _pass_above(x: Tensor, lo: float) -> Tensor:
@@ -304,7 +297,7 @@ def _quantile_backward(grad: Tensor, masses: Tensor, bins: Tensor, num_parts: in
     step = above - below
     den = step.clamp_min(_TINY_MASS)
     raw = (levels - below) / den
-    g_raw = grad * _pass_between(raw, 0.0, 1.0)
+    g_raw = grad                       # the fraction's clamp to [0, 1] is value-only (see inverse_cdf_quantiles)
     g_step = -g_raw * raw / den * _pass_above(step, _TINY_MASS)
     g_below = -g_raw / den - g_step
     g_cdf = torch.zeros_like(cdf_before).scatter_add_(1, bins, g_below).scatter_add_(1, bins + 1, g_step)[:, 1:]

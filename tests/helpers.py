@@ -1,4 +1,5 @@
-"""Helpers shared by several test folders: the repository root, tiny model shapes, partition invariants."""
+"""Helpers shared by several test folders: the repository root, tiny model shapes, partition invariants (sorted
+edges, full coverage, positive widths, constant scores -> the regular partition) and degenerate score maps."""
 import math
 from pathlib import Path
 
@@ -24,6 +25,23 @@ def assert_valid_partition(bands, edges, grid_h, grid_w, num_rows, num_tokens, c
     assert (edge_gaps > 0.5 / num_tokens).all(), f"{context} min token width {edge_gaps.min().item()}"
 
 
+def assert_uniform_is_regular(scores, bands, edges, context=""):
+    """Samples whose scores are all equal get the regular partition: bands at k * Gh / R, token edges at
+    k * Gw * R / N (bit for bit on the patch grid R = Gh, N = Gh * Gw in float32, the plain patchification)."""
+    grid_h, grid_w = scores.shape[1:]
+    num_rows, num_tokens = bands.shape[1] - 1, edges.shape[1] - 1
+    constant = (scores == scores[:, :1, :1]).flatten(1).all(dim=1)
+    assert constant.any(), f"{context}: no constant map among the samples"
+    regular_bands = torch.linspace(0, grid_h, num_rows + 1, dtype=torch.float64).to(bands.dtype)
+    regular_edges = torch.linspace(0, grid_w * num_rows, num_tokens + 1, dtype=torch.float64).to(edges.dtype)
+    exact = num_rows == grid_h and num_tokens == grid_h * grid_w and bands.dtype == torch.float32
+    for got, want in ((bands[constant], regular_bands), (edges[constant], regular_edges)):
+        if exact:
+            assert torch.equal(got, want.expand_as(got)), context
+        else:
+            torch.testing.assert_close(got, want.expand_as(got), rtol=0, atol=1e-5 * float(want[-1]), msg=context)
+
+
 def degenerate_maps(grid_h, grid_w, generator):
     maps = []
     spike = torch.full((grid_h, grid_w), 1e-6)
@@ -46,4 +64,7 @@ def degenerate_maps(grid_h, grid_w, generator):
     maps.append(first)
     log_uniform = torch.exp(torch.empty(grid_h, grid_w).uniform_(math.log(1e-6), math.log(1e6), generator=generator))
     maps.append(log_uniform)
+    for _ in range(3):                          # constant maps of other values: the regular partition
+        value = math.exp(torch.empty(()).uniform_(math.log(1e-20), math.log(1e20), generator=generator).item())
+        maps.append(torch.full((grid_h, grid_w), value))
     return torch.stack(maps)

@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dartmamba.files import atomic_write_text, fsync_dir, write_safetensors
+from dartmamba.files import (CONFIG_KEY, atomic_write_text, digest_mismatch, fsync_dir, read_safetensors,
+                             read_safetensors_header, read_state_dict, write_safetensors)
 from .distributed import DistInfo, barrier
 from .engine import EngineParts, consolidated_state_dict
 
 __all__ = ["TrainerState", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_resumable", "checkpoint_root",
-           "clear_checkpoints",
-           "CheckpointError", "CRASH_ENV"]
+           "check_same_model", "clear_checkpoints", "CheckpointError", "CRASH_ENV"]
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -110,8 +110,6 @@ def _clear_leftovers(root: str) -> None:
 def _model_config(parts: EngineParts) -> dict | None:
     """The model's timm name and kwargs (``dartmamba.load_model`` reads them from the files) when it is one of
     dartmamba's models."""
-    from dartmamba.files import CONFIG_KEY
-
     return getattr(parts.engine.module, CONFIG_KEY, None)
 
 
@@ -248,27 +246,85 @@ def check_resumable(root: str, tag: str, *, world_size: int, zero_stage: int, pr
     return state
 
 
+# regularisation, not architecture: a resumed run may change them
+_NOT_COMPARED = ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate",
+                 "patch_drop_rate")
+
+
+def _flatten(config, prefix: str = "") -> dict:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def check_same_model(root: str, tag: str, model: torch.nn.Module) -> None:
+    """The checkpoint holds the run's model: the same timm name and architecture kwargs (from the ``model.safetensors``
+    metadata, for dartmamba's models) and the same tensor names and shapes (from its header). Reads headers only;
+    raises CheckpointError listing what differs."""
+    folder = os.path.join(root, tag)
+    path = os.path.join(folder, MODEL_FILE)
+    try:
+        metadata, shapes = read_safetensors_header(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"resume: {exc}") from None
+    differences = []
+    saved, ours = metadata.get(CONFIG_KEY), getattr(model, CONFIG_KEY, None)
+    if saved is not None and ours is not None:
+        saved, ours = _flatten(json.loads(saved)), _flatten(json.loads(json.dumps(ours)))
+        for key in sorted(set(saved) | set(ours)):
+            if key.rsplit(".", 1)[-1] in _NOT_COMPARED or saved.get(key) == ours.get(key):
+                continue
+            differences.append(f"{key}: checkpoint {saved.get(key, '(unset)')!r}, this run {ours.get(key, '(unset)')!r}")
+    if not differences:
+        own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+        for name in list(own) + [n for n in shapes if n not in own]:
+            theirs = shapes[name][1] if name in shapes else None
+            if theirs != own.get(name):
+                differences.append(f"tensor {name!r}: checkpoint {theirs or 'none'}, this run {own.get(name) or 'none'}")
+                break
+    if differences:
+        raise CheckpointError(f"resume: {folder} holds a different model than this run ({'; '.join(differences)}); "
+                              f"resume with the run's own config, or start a new run from those weights with "
+                              f"model.init_checkpoint={path}")
+
+
+def _verify_restored(parts: EngineParts, folder: str) -> None:
+    """The weights DeepSpeed restored are, bit for bit, the ones the checkpoint's ``model.safetensors`` was written
+    from (its digests). Every rank calls (the consolidation is collective under ZeRO-3)."""
+    path = os.path.join(folder, MODEL_FILE)
+    metadata, _ = read_safetensors_header(path)
+    problem = digest_mismatch(consolidated_state_dict(parts), metadata)
+    if problem is not None:
+        raise CheckpointError(f"resume: the weights DeepSpeed restored from {folder} are not the ones saved there "
+                              f"({problem} of {MODEL_FILE}): its DeepSpeed files are damaged; resume from an "
+                              f"earlier checkpoint (resume=<output.dir>/checkpoints/epochNNNN)")
+
+
 def load_checkpoint(parts: EngineParts, ema, root: str, tag: str, dist: DistInfo, precision: str) -> TrainerState:
-    """Restore the engine (weights, optimizer, ZeRO partitions), the EMA and the trainer state. Every rank calls."""
+    """Restore the engine (weights, optimizer, ZeRO partitions), the EMA and the trainer state, and verify the
+    restored weights and the EMA against the digests saved with them. Every rank calls."""
     folder = os.path.join(root, tag)
     state = check_resumable(root, tag, world_size=dist.world_size, zero_stage=parts.zero_stage, precision=precision)
     path, _ = parts.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:
         raise CheckpointError(f"resume: DeepSpeed could not load {folder}")
+    _verify_restored(parts, folder)
     if ema is not None:
         ema_path = os.path.join(folder, EMA_FILE)
         if not os.path.isfile(ema_path):
             raise CheckpointError(f"resume: train.ema.enabled is true but {ema_path} is missing")
-        from safetensors.torch import load_file
-
-        ema_state = load_file(ema_path)
+        try:
+            ema_state, _ = read_safetensors(ema_path, "EMA checkpoint")
+        except ValueError as exc:
+            raise CheckpointError(f"resume: {exc}") from None
         ema.module.load_state_dict({k: v.to(dtype=ema.module.state_dict()[k].dtype) for k, v in ema_state.items()})
     return state
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
-    """A consolidated ``.safetensors`` file as a state dict (CPU)."""
-    from safetensors.torch import load_file
-
-    return load_file(path)
+    """A consolidated ``.safetensors`` file as a state dict (CPU), its digests verified."""
+    return read_state_dict(path)

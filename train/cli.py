@@ -5,7 +5,9 @@
     dartmamba-train --config configs/demo/vim_dart.yaml --print-config
 
 Overrides are ``dotted.key=value`` (values read as YAML). The config is checked completely (unknown keys, types,
-ranges, data paths) before any process group, model or data loader is created.
+ranges, data paths, the model's name and arguments, the DeepSpeed JSON and its keys, the checkpoints to start or
+resume from, the batch against the data set) before any process group starts or a file is written; a problem is
+one line on stderr and exit status 2. A second run into an output.dir in use stops the same way.
 """
 from __future__ import annotations
 
@@ -40,19 +42,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
         return 0
+    from .checkpoint import CheckpointError
+    from .lock import OutputDirLocked
     from .loop import preflight, run
 
     try:
-        preflight(cfg)
-    except FileNotFoundError as err:
+        checked = preflight(cfg)
+    except ConfigError as err:
+        print(f"dartmamba-train: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
-
     from dartmamba.hub import HubFileUnavailable
 
     try:
-        run(cfg, local_rank=args.local_rank)
-    except HubFileUnavailable as err:      # e.g. the pretrained scorer trunk, offline and not in the cache
+        run(cfg, local_rank=args.local_rank, checked=checked)
+    except (OutputDirLocked, HubFileUnavailable) as err:   # another run owns output.dir; a Hub file is missing offline
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
     return 0

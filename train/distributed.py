@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "apply_env_defaults", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "launch_rank_and_world", "apply_env_defaults", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ def _env_int(name: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def launch_rank_and_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as the launcher set them (0, 1 without one), before any process group exists."""
+    return (_env_int("RANK") if "RANK" in os.environ else 0,
+            _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1)
 
 
 def apply_env_defaults(local_rank: int | None = None) -> None:

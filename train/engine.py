@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, RunConfig, deep_merge
+from .deepspeed_keys import check_deepspeed_keys
 
-__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "create_optimizer", "create_scheduler",
+__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model", "check_init_checkpoint", "create_optimizer", "create_scheduler",
            "create_losses", "initialize_engine", "train_micro_step", "consolidated_state_dict", "gathered_params",
            "resolve_deepspeed_json", "FrozenSnapshot"]
 
@@ -48,7 +49,8 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The JSON of ``deepspeed.config`` with the batch, accumulation, clipping and precision of the run filled in.
 
     Batch sizes come from ``train.batch_size`` / ``train.grad_accum`` only; a JSON that sets them (other than
-    ``"auto"``), or that declares an optimizer or scheduler, is refused with the reason.
+    ``"auto"``), or that declares an optimizer or scheduler, is refused with the reason; so is a key DeepSpeed does
+    not know (:func:`~dartmamba_train.deepspeed_keys.check_deepspeed_keys`).
     """
     path = resolve_deepspeed_json(cfg.deepspeed.config)
     with open(path) as handle:
@@ -56,7 +58,12 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
             ds = json.load(handle)
         except json.JSONDecodeError as err:
             raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config: {path} must hold a JSON object, got {type(ds).__name__}")
     ds = deep_merge(ds, cfg.deepspeed.overrides)
+    if not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed: zero_optimization must be a mapping (e.g. {{\"stage\": 2}}), got "
+                          f"{ds['zero_optimization']!r}")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"deepspeed.config: {path} declares an {key!r}; remove it: the {key} comes from the "
@@ -91,28 +98,74 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 2**31 - 1)
     ds.setdefault("wall_clock_breakdown", False)
+    check_deepspeed_keys(ds, cfg.deepspeed.overrides, path)
     return ds
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model, optimizer, scheduler, losses
 # ---------------------------------------------------------------------------------------------------------------
-def create_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """``timm.create_model(model.name, num_classes, drop_rate, drop_path_rate, **model.kwargs)``, dartmamba's
-    models registered; ``model.init_checkpoint`` loaded (strict) when given."""
+def _timm_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model(model.name, num_classes, drop_rate, drop_path_rate, **model.kwargs)``; an unknown name or
+    arguments the model rejects are a ConfigError."""
     import timm
 
     import dartmamba.models  # noqa: F401  (registers vim_* / deit_*_dart)
 
     m = cfg.model
     if not timm.is_model(m.name):
-        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:8]
+        import difflib
+
+        close = difflib.get_close_matches(m.name, timm.list_models(), n=5, cutoff=0.6)
         raise ConfigError(f"model.name: unknown model {m.name!r}; similar registered names: {close}")
     try:
-        model = timm.create_model(m.name, pretrained=False, num_classes=num_classes, drop_rate=m.drop_rate,
-                                  drop_path_rate=m.drop_path_rate, **m.kwargs)
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs: {m.name} rejected its arguments {sorted(m.kwargs)}: {err}") from None
+        return timm.create_model(m.name, pretrained=False, num_classes=num_classes, drop_rate=m.drop_rate,
+                                 drop_path_rate=m.drop_path_rate, **m.kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.kwargs: {m.name} rejected its arguments {sorted(m.kwargs)}: "
+                          f"{' '.join(str(err).split())}") from None
+
+
+def shape_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The run's model on the meta device (its arguments checked, shapes and config known; no memory, no init
+    cost, no warnings about random weights), for the checks made before a run starts."""
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _timm_model(cfg, num_classes)
+
+
+def check_init_checkpoint(cfg: RunConfig, model: nn.Module) -> None:
+    """``model.init_checkpoint`` exists and, for a ``.safetensors`` file, holds exactly the model's tensors with its
+    shapes (read from the header). Its digests are verified when it is loaded."""
+    path = cfg.model.init_checkpoint
+    if not path:
+        return
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.init_checkpoint: file not found: {path}")
+    if not path.endswith(".safetensors"):
+        return
+    from dartmamba.files import read_safetensors_header
+
+    try:
+        _, shapes = read_safetensors_header(path)
+    except ValueError as err:
+        raise ConfigError(f"model.init_checkpoint: {err}") from None
+    own = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    for name in list(own) + [n for n in shapes if n not in own]:
+        theirs = shapes[name][1] if name in shapes else None
+        if theirs != own.get(name):
+            raise ConfigError(f"model.init_checkpoint: {path} does not fit {cfg.model.name}: tensor {name!r} has "
+                              f"shape {theirs or '(missing)'} there, the model {own.get(name) or '(none)'}")
+
+
+def create_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model(model.name, num_classes, drop_rate, drop_path_rate, **model.kwargs)``, dartmamba's
+    models registered; ``model.init_checkpoint`` loaded (strict, digests verified) when given."""
+    m = cfg.model
+    model = _timm_model(cfg, num_classes)
     if m.init_checkpoint:
         if not os.path.isfile(m.init_checkpoint):
             raise FileNotFoundError(f"model.init_checkpoint: file not found: {os.path.abspath(m.init_checkpoint)}")

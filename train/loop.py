@@ -17,18 +17,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import (TrainerState, check_resumable, clear_checkpoints, find_checkpoint, load_checkpoint,
-                         save_checkpoint)
-from .config import RunConfig, save_config
-from .data import (build_data, check_data_paths, mix_seed, model_data_config, steps_per_epoch, train_loader,
-                   updates_per_epoch, val_loader)
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, init_distributed
-from .engine import (EngineParts, build_deepspeed_config, create_losses, create_model, create_optimizer,
-                     create_scheduler, forward_logits, gathered_params, initialize_engine, resolved_lr,
-                     train_micro_step)
+from .checkpoint import (TrainerState, check_resumable, check_same_model, clear_checkpoints, find_checkpoint,
+                         load_checkpoint, save_checkpoint)
+from .config import ConfigError, RunConfig, save_config
+from .data import (DataBundle, build_data, check_data_paths, mix_seed, model_data_config, steps_per_epoch,
+                   train_loader, updates_per_epoch, val_loader)
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed, launch_rank_and_world
+from .engine import (EngineParts, build_deepspeed_config, check_init_checkpoint, create_losses, create_model,
+                     create_optimizer, create_scheduler, forward_logits, gathered_params, initialize_engine,
+                     resolved_lr, shape_model, train_micro_step)
+from .lock import OutputDirLock
 from .logs import RunLogger, format_seconds
 
-__all__ = ["RunResult", "run", "preflight", "seed_step", "evaluate"]
+__all__ = ["RunResult", "Preflight", "run", "preflight", "seed_step", "evaluate"]
 
 
 @dataclass
@@ -188,32 +189,62 @@ def _evaluate_all(cfg: RunConfig, parts: EngineParts, ema, bundle, dist: DistInf
     return row
 
 
-def preflight(cfg: RunConfig) -> tuple[str, str] | None:
-    """File checks made before any work: the data directories exist, and so does the checkpoint to resume from.
-    Returns the checkpoint (root, tag) or None; raises FileNotFoundError naming the path."""
+@dataclass
+class Preflight:
+    """What :func:`preflight` checked and built: the checkpoint to resume (root, tag) or None, the data sets."""
+
+    found: tuple[str, str] | None
+    bundle: DataBundle
+    num_classes: int
+
+
+def preflight(cfg: RunConfig) -> Preflight:
+    """Everything that can be checked before a process group starts or a file is written, in one pass: the data
+    directories, the checkpoint to resume (found, partitioned like this run, holding this run's model), the model
+    (``model.name`` registered, ``model.kwargs`` accepted: built on the meta device), ``model.init_checkpoint``
+    (present, its tensors fit), the DeepSpeed config (file present, keys known to DeepSpeed) and the batch against
+    the training set. Raises ConfigError, FileNotFoundError or CheckpointError naming the problem."""
     check_data_paths(cfg)
-    return find_checkpoint(cfg.resume, os.path.abspath(cfg.output.dir))
+    found = find_checkpoint(cfg.resume, os.path.abspath(cfg.output.dir))
+    _, world_size = launch_rank_and_world()
+    ds_config = build_deepspeed_config(cfg, world_size)
+    num_classes = _num_classes(cfg)
+    model = shape_model(cfg, num_classes)
+    check_init_checkpoint(cfg, model)
+    if found is not None:
+        check_resumable(*found, world_size=world_size, zero_stage=ds_config["zero_optimization"]["stage"],
+                        precision=cfg.train.precision)
+        check_same_model(*found, model)
+    bundle = build_data(cfg, model_data_config(model))
+    steps_per_epoch(bundle, cfg, world_size)
+    return Preflight(found, bundle, num_classes)
 
 
-def run(cfg: RunConfig, local_rank: int | None = None) -> RunResult:
-    """Train (and evaluate, checkpoint) as ``cfg`` says. Every process of the job calls this."""
-    found = preflight(cfg)
+def run(cfg: RunConfig, local_rank: int | None = None, checked: Preflight | None = None) -> RunResult:
+    """Train (and evaluate, checkpoint) as ``cfg`` says. Every process of the job calls this.
+
+    ``checked``: the result of :func:`preflight` on ``cfg`` (made here when not given). Rank 0 then takes the output
+    directory's lock (:class:`~dartmamba_train.lock.OutputDirLock`) for the whole run, before anything in it is
+    written or removed; a second run into the same directory stops there.
+    """
+    checked = checked or preflight(cfg)
+    rank, _ = launch_rank_and_world()
+    lock = OutputDirLock(cfg.output.dir).acquire() if rank == 0 else None
+    try:
+        return _run(cfg, local_rank, checked)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResult:
+    found, bundle = checked.found, checked.bundle
     out_dir = os.path.abspath(cfg.output.dir)
     dist = init_distributed(local_rank)
     t = cfg.train
     ds_config = build_deepspeed_config(cfg, dist.world_size)
-    if found is not None:                  # a mismatched checkpoint is refused before anything is written
-        check_resumable(*found, world_size=dist.world_size, zero_stage=ds_config["zero_optimization"]["stage"],
-                        precision=t.precision)
-    cleared = False
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
-        cleared = found is None and clear_checkpoints(out_dir)
-
     seed_step(t.seed, 1)
-    model = create_model(cfg, _num_classes(cfg))
-    bundle = build_data(cfg, model_data_config(model))
+    model = create_model(cfg, checked.num_classes)
     num_params = sum(p.numel() for p in model.parameters())
     ema = None
     if t.ema.enabled:
@@ -229,6 +260,11 @@ def run(cfg: RunConfig, local_rank: int | None = None) -> RunResult:
     if found is not None:
         state = load_checkpoint(parts, ema, *found, dist, t.precision)
         scheduler.step_update(state.global_step)
+    cleared = False
+    if dist.is_main:                       # the run's files change only once it is sure to start
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+        cleared = found is None and clear_checkpoints(out_dir)
+    barrier()
     logger = RunLogger(out_dir, dist.rank, progress_bar=cfg.output.progress_bar, tensorboard=cfg.output.tensorboard,
                        rank_log=cfg.output.rank_log, resume_step=state.global_step if found else None,
                        history=state.history)

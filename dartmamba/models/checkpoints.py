@@ -1,14 +1,25 @@
-"""Checkpoint maps, in one place: official checkpoints, fixed-grid -> DART weight transfer, our own files."""
+"""Checkpoint maps, in one place: official checkpoints, fixed-grid -> DART weight transfer, our own files.
+
+Our files carry a digest of every tensor (:mod:`dartmamba.files`); they are verified wherever one is read:
+:func:`load_model`, and timm's own loaders when they load a local file into one of our models
+(``timm.create_model(..., checkpoint_path=...)``, ``pretrained_cfg_overlay=dict(file=...)``, and
+``timm.models.load_checkpoint``). timm hands the file's path only to those loaders, so the model's
+``pretrained_filter_fn`` and a ``load_state_dict`` pre-hook (installed by :func:`record_config`) read it from the
+loader's frame on the call stack; nothing of timm is replaced.
+"""
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from ..files import CONFIG_KEY, read_state_dict, unwrap_state_dict, write_safetensors
+from ..files import (CONFIG_KEY, read_safetensors_header, read_state_dict, unwrap_state_dict, verify_digests,
+                     write_safetensors)
 
 
 class TransferReport(NamedTuple):
@@ -27,10 +38,14 @@ class TransferReport(NamedTuple):
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """timm ``pretrained_filter_fn`` for our models (``pretrained=True``, ``pretrained_cfg_overlay=dict(file=...)``):
-    unwrap the file's state dict (hustvl/Vim and DART files keep it under ``"model"``), let the tokenizer rename an
-    official checkpoint's tensors and adopt the settings it was trained with, and resize ``pos_embed`` to the model's
-    grid. Our own files pass through unchanged."""
+    unwrap the file's state dict (hustvl/Vim and DART files keep it under ``"model"``); when timm read it from a local
+    file of ours, verify its digests before anything is adapted; let the tokenizer rename an official checkpoint's
+    tensors and adopt the settings it was trained with; resize ``pos_embed`` to the model's grid. Our own files pass
+    through unchanged."""
     state = unwrap_state_dict(state_dict)
+    path = _file_timm_is_loading("load_pretrained")
+    if path is not None:
+        _verify_loaded(state, path)
     tokenizer = _tokenizer(model)
     if tokenizer is not None:
         converted = tokenizer.convert_official_state_dict(state, "patch_embed.", "pretrained weights")
@@ -43,6 +58,73 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
         state["pos_embed"] = _resize_pos_embed(state["pos_embed"], own["pos_embed"], _cls_pos_index(model),
                                                _cls_pos_index(model))
     return state
+
+
+def _file_timm_is_loading(loader: str) -> str | None:
+    """The local file timm's ``loader`` (on the call stack) is reading, or None.
+
+    ``load_pretrained``: its ``pretrained_loc`` when it loads from a file; ``load_checkpoint``: its
+    ``checkpoint_path`` unless it remaps or filters the tensors (they would not match the file's digests).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == loader and frame.f_globals.get("__name__", "").startswith("timm."):
+            names = frame.f_locals
+            if loader == "load_pretrained":
+                return names.get("pretrained_loc") if names.get("load_from") == "file" else None
+            if names.get("remap") or names.get("filter_fn") is not None:
+                return None
+            return names.get("checkpoint_path")
+        frame = frame.f_back
+    return None
+
+
+def _verify_loaded(state_dict: dict, path) -> None:
+    """Verify tensors timm read from ``path`` against the file's digests (files of other tools have none)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        metadata, _ = read_safetensors_header(path)
+        verify_digests(state_dict, metadata, path)
+
+
+def _verify_timm_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs) -> None:
+    """``load_state_dict`` pre-hook of our models: verify what ``timm.models.load_checkpoint`` (behind
+    ``timm.create_model(..., checkpoint_path=...)``) read, before it is copied into the model."""
+    if prefix:
+        return
+    path = _file_timm_is_loading("load_checkpoint")
+    if path is not None:
+        _verify_loaded(state_dict, path)
+
+
+def _name_the_file(read):
+    """Wrap timm's file reader so that a failure to read a checkpoint names the file (a note on the exception; its
+    type and message are timm's / safetensors')."""
+    @functools.wraps(read)
+    def reader(checkpoint_path, *args, **kwargs):
+        try:
+            return read(checkpoint_path, *args, **kwargs)
+        except Exception as exc:
+            if not any(str(checkpoint_path) in note for note in getattr(exc, "__notes__", ())):
+                exc.add_note(f"cannot read checkpoint file {checkpoint_path}: it is missing, truncated, corrupt or "
+                             f"not a checkpoint")
+            raise
+
+    reader.names_the_file = True
+    return reader
+
+
+def _install_file_names() -> None:
+    """timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``) reads files through
+    ``timm.models._helpers.load_state_dict``, whose errors (safetensors') do not say which file failed."""
+    from timm.models import _helpers
+
+    if not getattr(_helpers.load_state_dict, "names_the_file", False):
+        _helpers.load_state_dict = _name_the_file(_helpers.load_state_dict)
+
+
+_install_file_names()
 
 
 def _cls_pos_index(model: nn.Module) -> int:
@@ -130,6 +212,9 @@ def load_official_checkpoint(model: nn.Module, path: str) -> TransferReport:
         report = transfer_fixed_grid_weights(model, state, source_cls_pos_index=_cls_pos_index(model))
     except ValueError as exc:
         raise ValueError(f"checkpoint {path}: {exc}") from exc
+    if not report.loaded:
+        raise ValueError(f"checkpoint {path}: none of its {len(state)} tensors matches a tensor of the model (first "
+                         f"unexpected: {report.unexpected[:3]}); it is not a checkpoint of this architecture")
     if tokenizer is not None:
         tokenizer.adopt_official_settings(report.loaded, "patch_embed.")
     return report
@@ -143,9 +228,11 @@ _NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "features_only"
 
 
 def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
-    """Remember how a model was created (timm name + architecture kwargs) so :func:`save_model` can store it."""
+    """Remember how a model was created (timm name + architecture kwargs) so :func:`save_model` can store it, and
+    verify the digests of files timm's loaders read into it."""
     config = {"model": name, "kwargs": {k: v for k, v in kwargs.items() if k not in _NOT_ARCHITECTURE}}
     setattr(model, CONFIG_KEY, config)
+    model.register_load_state_dict_pre_hook(_verify_timm_checkpoint)
     return model
 
 
@@ -161,21 +248,19 @@ def save_model(model: nn.Module, path: str, extra_metadata: dict | None = None) 
 
 
 def read_model_config(path: str) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated, corrupt or not safetensors "
-                         f"({type(exc).__name__}: {exc})") from exc
+    """The model config (timm name + kwargs) :func:`save_model` stored in ``path``; FileNotFoundError naming a
+    missing file, ValueError for one that is not ours."""
+    metadata, _ = read_safetensors_header(path)
     if CONFIG_KEY not in metadata:
         raise ValueError(f"checkpoint {path} has no {CONFIG_KEY!r} metadata (not written by dartmamba.save_model)")
     return json.loads(metadata[CONFIG_KEY])
 
 
 def load_model(path: str, **overrides) -> nn.Module:
-    """One line from a file to a model: ``model = dartmamba.load_model("run/model_best.safetensors")``."""
+    """One line from a file to a model: ``model = dartmamba.load_model("run/model_best.safetensors")``.
+
+    The file's digests are verified (:class:`dartmamba.files.CorruptCheckpointError` names the first tensor that
+    differs); a missing file is a FileNotFoundError naming it."""
     import timm
 
     config = read_model_config(path)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..tokenizer import Tokens
+from ._checks import check_backbone_args
 from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
                       model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
@@ -52,6 +53,7 @@ class DartVisionTransformer(VisionTransformer):
 
     def __init__(self, img_size=448, patch_size: int = 16, tokenizer="dart", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None, **kwargs):
+        check_backbone_args(img_size=img_size, patch_size=patch_size, num_tokens=num_tokens, **kwargs)
         for unsupported in ("dynamic_img_size", "no_embed_class", "reg_tokens"):
             if kwargs.get(unsupported):
                 raise ValueError(f"{unsupported} is not supported with the {tokenizer!r} tokenizer")

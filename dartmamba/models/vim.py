@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ..modules.bimamba import BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
+from ._checks import check_backbone_args
 from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
                       model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
@@ -63,6 +64,9 @@ class VisionMamba(nn.Module):
                  global_pool: str = "token", device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        check_backbone_args(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                            embed_dim=embed_dim, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
+                            drop_rate=drop_rate, drop_path_rate=drop_path_rate, num_tokens=num_tokens)
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes = num_classes

@@ -27,6 +27,17 @@ def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int, dd: dict
             nn.Parameter(torch.empty(d_inner, **dd)))
 
 
+def _check_mixer_args(**sizes) -> None:
+    """Every size an int >= 1 (``dt_rank`` may also be ``"auto"``), else an error naming it."""
+    for name, value in sizes.items():
+        if name == "dt_rank" and value == "auto":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            allowed = "an int >= 1 or 'auto'" if name == "dt_rank" else "an int >= 1"
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+
 # torch.fx (timm's feature extraction, get_graph_node_names): the fused ops check their arguments in Python and call
 # custom ops, so they are leaves of the graph, and so is the mixer (einops reshapes of traced sizes).
 register_notrace_function(rms_norm)
@@ -46,6 +57,7 @@ class BiMambaMixer(nn.Module):
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
                  layer_idx: int | None = None, device=None, dtype=None):
         super().__init__()
+        _check_mixer_args(dim=dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         dd = {"device": device, "dtype": dtype}
         self.dim, self.d_state, self.d_conv, self.expand = dim, d_state, d_conv, expand
         self.d_inner = expand * dim

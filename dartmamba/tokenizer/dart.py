@@ -16,7 +16,8 @@ from .partition import default_num_rows, partition
 from .posembed import posembed_macs, resample_pos_embed
 from .resample import SAMPLING_MODES, resample_macs, resample_patches
 from .scorer import DartScorer
-from .validation import as_pair, autocast_enabled, check_images, check_token_counts
+from .validation import (as_pair, autocast_enabled, check_given_scores, check_grid_pos_embed, check_image_values,
+                         check_images, check_token_counts, check_tokenizer_args)
 
 # where the official DART code keeps its scorer (under the tokenizer's prefix), and its head's layer names
 _OFFICIAL_SCORER = "spn.spn.spn."
@@ -98,6 +99,7 @@ class DartTokenizer(nn.Module, Tokenizer):
         self.feature_grid = self.grid_size
         if num_tokens is None:
             num_tokens = self.grid_size[0] * self.grid_size[1]
+        check_tokenizer_args(self.img_size, self.grid_size, num_tokens, in_chans, embed_dim)
         self.num_rows = default_num_rows(num_tokens) if num_rows is None else num_rows
         check_token_counts(num_tokens, self.num_rows)
         self.num_tokens = num_tokens
@@ -272,12 +274,18 @@ class DartTokenizer(nn.Module, Tokenizer):
 
     def forward_eager(self, images: Tensor, grid_pos_embed: Tensor | None = None,
                       scores: Tensor | None = None) -> DartTokens:
-        """:meth:`forward` without the captured graph (what the graph records)."""
-        check_images(images, self.in_chans, self.img_size)
+        """:meth:`forward` without the captured graph (what the graph records). Images of any floating dtype run in
+        the weights' dtype; non-finite pixels are an error on CPU (see
+        :func:`~dartmamba.tokenizer.validation.check_image_values` for the compiled / CUDA behaviour)."""
+        check_images(images, self.in_chans, self.img_size, self.proj.weight.device)
+        check_grid_pos_embed(grid_pos_embed, self.num_patches, self.embed_dim, images.shape[0])
+        check_given_scores(scores, images.shape[0], self.grid_size)
+        check_image_values(images)
+        images = images.to(self.proj.weight.dtype)
         given = scores is not None
         if not given:
             scores = self.scores(images)
-        geometry = self._partition(scores, validate=given)
+        geometry = self._partition(scores, validate=given or scores.device.type == "cpu")
         patches = resample_patches(images, geometry, self.patch_size, self.sampling, self.resample_backend)
         if not autocast_enabled(images.device.type):
             patches = patches.to(self.proj.weight.dtype)

@@ -1,11 +1,18 @@
 """The fixed patch grid behind the tokenizer interface: timm's ``PatchEmbed`` (Conv2d(C, D, p, stride p))."""
 from __future__ import annotations
 
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, register_notrace_function
 from torch import Tensor
 
 from .base import Tokenizer, Tokens, register_tokenizer
-from .validation import as_pair
+from .validation import as_pair, check_device
+
+
+@register_notrace_function       # torch.fx: a leaf (it reads the input's device and dtype)
+def prepare_images(images: Tensor, weight: Tensor) -> Tensor:
+    """The images on the weights' device (else an error naming both), floating ones cast to the weights' dtype."""
+    check_device(images, weight.device)
+    return images.to(weight.dtype) if images.is_floating_point() else images
 
 
 @register_tokenizer("grid")
@@ -40,9 +47,9 @@ class GridTokenizer(PatchEmbed, Tokenizer):
         self.feature_grid = tuple(self.grid_size)
 
     def forward(self, images: Tensor, grid_pos_embed: Tensor | None = None) -> Tokens:
-        """images (B, C, H, W) -> :class:`Tokens` with tokens (B, N, D) and pos_embed = ``grid_pos_embed``
-        (1 or B, N, D) as given."""
-        return Tokens(super().forward(images), grid_pos_embed, None)
+        """images (B, C, H, W), any floating dtype (run in the weights' dtype) -> :class:`Tokens` with tokens
+        (B, N, D) and pos_embed = ``grid_pos_embed`` (1 or B, N, D) as given."""
+        return Tokens(super().forward(prepare_images(images, self.proj.weight)), grid_pos_embed, None)
 
     def to_feature_map(self, tokens: Tensor, output: Tokens) -> Tensor:
         """(B, N, D) -> (B, D, Gh, Gw): a reshape."""

@@ -39,7 +39,10 @@ def inverse_cdf_quantiles(masses: Tensor, num_parts: int) -> Tensor:
     Returns:
         (B, K + 1) boundaries ``[0, q_1, ..., q_{K-1}, L]``; ``q_k`` is the level-``k/K`` quantile of the
         piecewise-linear CDF: ``j`` = first bin with ``cdf_j >= k/K``, ``q = j + (k/K - cdf_{j-1}) / mass_j``.
-        Differentiable w.r.t. ``masses``; the bin index is locally constant.
+        Differentiable w.r.t. ``masses``; the bin index is locally constant. The fraction is clamped to [0, 1]
+        against rounding, but its gradient is the formula's everywhere (as the official code, which has no
+        clamp): where a quantile lands exactly on a bin end (tied or uniform masses, where it is exactly 1) it
+        is the one-sided derivative of bin ``j``, not the clamp's zero.
     """
     batch, length = masses.shape
     cdf = torch.cumsum(masses, dim=-1)
@@ -50,11 +53,16 @@ def inverse_cdf_quantiles(masses: Tensor, num_parts: int) -> Tensor:
     cdf_before = torch.cat([cdf.new_zeros(batch, 1), cdf], dim=-1)  # cdf_before[:, j] = cdf_{j-1}
     below = torch.gather(cdf_before, 1, bins)
     above = torch.gather(cdf_before, 1, bins + 1)
-    fraction = ((levels - below) / (above - below).clamp_min(_TINY_MASS)).clamp(0.0, 1.0)
+    fraction = _clamp_value_only((levels - below) / (above - below).clamp_min(_TINY_MASS), 0.0, 1.0)
     interior = bins.to(masses.dtype) + fraction
     zeros = masses.new_zeros(batch, 1)
     ends = masses.new_full((batch, 1), float(length))
     return torch.cat([zeros, interior, ends], dim=-1)
+
+
+def _clamp_value_only(x: Tensor, low: float, high: float) -> Tensor:
+    """``x.clamp(low, high)`` in value (bit for bit), with the identity's gradient (no zero at or past the bounds)."""
+    return x.detach().clamp(low, high) + (x - x.detach())
 
 
 def cumulative_along(values: Tensor, dim: int) -> Tensor:
@@ -148,6 +156,8 @@ def partition_scores(
         num_tokens: N >= 1.
         num_rows: R, default ``round(sqrt(N))``; 1 <= R <= N.
         validate: check the score values (one host sync; skipped automatically while compiling or capturing).
+            Unchecked, a sample with a non-finite or non-positive score is cut as if its scores were constant
+            (:func:`uniform_where_invalid`), never into an invalid partition.
         backend: ``None``/``"auto"`` (the fused Triton kernel for CUDA tensors when available and the shape fits
             its tiles, torch otherwise), ``"triton"`` or ``"torch"``; the global setting is
             ``dartmamba.backends.set_backend("partition", ...)``.
@@ -159,7 +169,16 @@ def partition_scores(
     """
     num_rows = default_num_rows(num_tokens) if num_rows is None else num_rows
     check_scores(scores, num_tokens, num_rows, check_values=validate)
-    return backends.dispatch("partition", scores.device, scores, num_tokens, num_rows, backend=backend)
+    return backends.dispatch("partition", scores.device, uniform_where_invalid(scores), num_tokens, num_rows,
+                             backend=backend)
+
+
+def uniform_where_invalid(scores: Tensor) -> Tensor:
+    """(B, Gh, Gw) -> the same, with constant scores for every sample that has a non-finite or non-positive one (its
+    partition is then the regular one). No host sync: what unvalidated paths (compiled, captured, ``validate=False``)
+    get instead of an error; the other samples' scores pass through bit for bit, with their gradients."""
+    valid = (torch.isfinite(scores) & (scores > 0)).flatten(1).all(dim=1).view(-1, 1, 1)
+    return torch.where(valid, scores, torch.ones_like(scores))
 
 
 def partition_scores_torch(scores: Tensor, num_tokens: int, num_rows: int) -> tuple[Tensor, Tensor]:

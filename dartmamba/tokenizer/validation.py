@@ -5,9 +5,8 @@ import torch
 from torch import Tensor
 
 
-def _tracing(t: Tensor | None = None) -> bool:
-    """Whether values cannot (or must not) be read on the host: compiling, capturing a CUDA graph, meta tensors."""
-    if torch.compiler.is_compiling() or (t is not None and t.is_meta):
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -15,6 +14,13 @@ def _tracing(t: Tensor | None = None) -> bool:
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know (meta)."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def _values_unreadable(t: Tensor) -> bool:
+    """While compiling or capturing, and for tensors without values (fake, meta: FLOP counting, shape checks)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return _tracing() or t.device.type == "meta" or is_fake(t)
 
 
 def as_pair(value, name: str) -> tuple[int, int]:
@@ -32,7 +38,7 @@ def as_pair(value, name: str) -> tuple[int, int]:
 
 
 def check_token_counts(num_tokens, num_rows) -> None:
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
+    if not is_positive_int(num_tokens):
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
     if not isinstance(num_rows, int) or isinstance(num_rows, bool) or not 1 <= num_rows <= num_tokens:
         raise ValueError(f"num_rows must be an int in [1, num_tokens={num_tokens}], got {num_rows!r}")
@@ -51,20 +57,90 @@ def check_scores(scores, num_tokens, num_rows, *, check_values: bool = True) -> 
     if scores.shape[1] < 1 or scores.shape[2] < 1:
         raise ValueError(f"scores must have a non-empty grid, got shape {tuple(scores.shape)}")
     check_token_counts(num_tokens, num_rows)
-    if check_values and not _tracing(scores):
+    if check_values and not _values_unreadable(scores):
         bad = ~(torch.isfinite(scores) & (scores > 0))
         if bool(bad.any()):
             first = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"scores must be finite and > 0; scores{list(first)} = {scores[first].item()!r}")
 
 
-def check_images(images, in_chans: int, img_size: tuple[int, int]) -> None:
-    """images: (B, C, H, W) floating point with the configured C, H, W and B >= 1."""
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_tokenizer_args(img_size: tuple[int, int], grid_size: tuple[int, int], num_tokens, in_chans,
+                         embed_dim) -> None:
+    """An adaptive tokenizer's construction arguments (``img_size`` and ``grid_size`` already pairs): the score grid
+    fits in the image (at most one cell per pixel) and so do the tokens (at most one per pixel)."""
+    if not is_positive_int(in_chans):
+        raise ValueError(f"in_chans must be an int >= 1 (image channels), got {in_chans!r}")
+    if not is_positive_int(embed_dim):
+        raise ValueError(f"embed_dim must be an int >= 1, got {embed_dim!r}")
+    height, width = img_size
+    if grid_size[0] > height or grid_size[1] > width:
+        raise ValueError(f"grid_size must lie in [1, img_size] per side (at most one score cell per pixel): "
+                         f"grid_size={grid_size} for img_size={img_size}")
+    if not is_positive_int(num_tokens):
+        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    if num_tokens > height * width:
+        raise ValueError(f"num_tokens must be an int in [1, {height * width}] (at most one token per pixel of the "
+                         f"{height}x{width} image), got {num_tokens!r}")
+
+
+def check_grid_pos_embed(grid_pos_embed, num_patches: int, embed_dim: int, batch: int) -> None:
+    """grid_pos_embed: None or (1 or B, num_patches, embed_dim)."""
+    if grid_pos_embed is None:
+        return
+    if not isinstance(grid_pos_embed, Tensor):
+        raise TypeError(f"grid_pos_embed must be None or a torch.Tensor, got {type(grid_pos_embed).__name__}")
+    if (grid_pos_embed.dim() != 3 or grid_pos_embed.shape[0] not in (1, batch)
+            or tuple(grid_pos_embed.shape[1:]) != (num_patches, embed_dim)):
+        raise ValueError(f"grid_pos_embed must have shape (1 or B={batch}, num_patches={num_patches}, "
+                         f"embed_dim={embed_dim}), got {tuple(grid_pos_embed.shape)}")
+
+
+def check_given_scores(scores, batch: int, grid_size: tuple[int, int]) -> None:
+    """Scores passed in place of the scorer's: (B, Gh, Gw) with the images' B and the tokenizer's grid."""
+    if isinstance(scores, Tensor) and scores.dim() == 3 and tuple(scores.shape) != (batch, *grid_size):
+        raise ValueError(f"scores must have shape (B={batch}, Gh={grid_size[0]}, Gw={grid_size[1]}) for {batch} "
+                         f"images and a {grid_size[0]}x{grid_size[1]} score grid, got {tuple(scores.shape)}")
+
+
+def check_image_values(images: Tensor, *, any_device: bool = False) -> None:
+    """Every pixel finite, else an error naming the first bad one; eager CPU tensors only unless ``any_device``
+    (reading the values back from an accelerator is a host sync, which the tokenizer's forward never makes).
+
+    Where it is skipped (compiled or captured forwards, CUDA tensors) a sample with a non-finite pixel gets
+    constant scores, so its geometry is the regular one and the other samples' are untouched (see
+    :func:`~dartmamba.tokenizer.partition.partition_scores`); its tokens, and the model's output for it, are
+    non-finite. Call this with ``any_device=True`` on CUDA batches to get the error there too.
+    """
+    if _values_unreadable(images) or not (any_device or images.device.type == "cpu"):
+        return
+    bad = ~torch.isfinite(images)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"images must be finite; images{list(first)} = {images[first].item()!r} (a NaN or inf "
+                         f"pixel: check the data pipeline, e.g. a normalisation by a zero std)")
+
+
+def check_device(images: Tensor, device: torch.device | None) -> None:
+    """images on ``device`` (the model's weights'), when given."""
+    if device is not None and images.device != device and device.type != "meta":
+        raise ValueError(f"images are on {images.device} but the model's weights are on {device}; move the images "
+                         f"(images.to('{device}')) or the model (model.to('{images.device}'))")
+
+
+def check_images(images, in_chans: int, img_size: tuple[int, int], device: torch.device | None = None) -> None:
+    """images: (B, C, H, W) floating point with the configured C, H, W and B >= 1, on ``device`` (the
+    tokenizer's weights') when given. Any floating dtype is accepted: the tokenizer runs the images in its weights'
+    dtype (float64 / float16 images into a float32 model are cast to float32)."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (float32/float16/bfloat16/float64), "
                         f"got dtype {images.dtype}; convert with images.float() / 255")
+    check_device(images, device)
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     if images.shape[0] == 0:

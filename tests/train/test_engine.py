@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dartmamba.data import ClutteredCanvas, digits_source
 from dartmamba_train.config import load_config
 from dartmamba_train.engine import (build_deepspeed_config, consolidated_state_dict, create_model, create_optimizer,
                                     create_scheduler, gathered_params, initialize_engine, train_micro_step)
 
-from tests.train.train_helpers import write_recipe
+from tests.train.train_helpers import canvas_batch, make_engine, train_steps, write_recipe
 
 pytest.importorskip("deepspeed")
 
@@ -18,30 +17,7 @@ pytest.importorskip("deepspeed")
 @pytest.fixture(scope="module")
 def batch():
     """A fixed batch of 16 canvases (32x32) and labels."""
-    images, labels = digits_source("train")
-    ds = ClutteredCanvas(images, labels, canvas_size=32, object_size=(12, 16), num_distractors=(1, 2), seed=5,
-                         mean=(0.5,) * 3, std=(0.5,) * 3)
-    xs, ys = zip(*(ds[i] for i in range(16)))
-    return torch.stack(xs), torch.tensor(ys)
-
-
-def make_engine(tmp_path, overrides, seed=0, freeze=None):
-    cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["optim.lr=3e-3", "train.batch_size=16", *overrides])
-    torch.manual_seed(seed)
-    model = create_model(cfg, 10)
-    if freeze:
-        for name, param in model.named_parameters():
-            if name.startswith(freeze):
-                param.requires_grad_(False)
-    optimizer = create_optimizer(cfg, model, 1)
-    scheduler = create_scheduler(cfg, optimizer, updates_per_epoch=10)
-    return cfg, initialize_engine(cfg, model, optimizer, scheduler, build_deepspeed_config(cfg, 1))
-
-
-def train_steps(cfg, parts, batch, steps):
-    loss_fn = torch.nn.CrossEntropyLoss()
-    parts.engine.train()
-    return [train_micro_step(parts.engine, batch[0], batch[1], loss_fn, cfg).item() for _ in range(steps)]
+    return canvas_batch()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -7,14 +7,20 @@ from tests.train.train_helpers import run_train, train_env
 
 
 def test_recipe_without_the_pretrained_trunk_stops_at_once_saying_how(tmp_path):
+    from PIL import Image
+
     for split in ("train", "val"):
-        (tmp_path / "data" / split / "class_a").mkdir(parents=True)
+        folder = tmp_path / "data" / split / "class_a"
+        folder.mkdir(parents=True)
+        for name in ("one", "two"):
+            Image.new("RGB", (32, 32)).save(folder / f"{name}.png")
     env = train_env()
     env.pop("DARTMAMBA_TRUNK_WEIGHTS", None)          # the recipe's own choice: trunk_weights=pretrained
     env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     result = run_train(["--config", "configs/vim_small_dart.yaml", f"data.root={tmp_path / 'data'}",
-                        f"output.dir={tmp_path / 'run'}", "train.compile=false"], check=False, env=env)
+                        f"output.dir={tmp_path / 'run'}", "train.compile=false",
+                        "train.batch_size=2", "data.num_workers=0"], check=False, env=env)
     seconds = time.perf_counter() - start
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dartmamba_train.logs import read_csv
 
-from tests.train.train_helpers import TRAIN_SCRIPT, REPO, run_train, train_env, write_recipe
+from tests.train.train_helpers import TRAIN_SCRIPT, REPO, run_train, snapshot, train_env, write_recipe
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -116,6 +116,20 @@ def test_resume_refuses_a_different_partitioning(recipe, reference, tmp_path):
     assert result.returncode != 0 and (reference / "config.yaml").read_text() == config
     assert (f"resume: {reference}/checkpoints/epoch0003 was written with ZeRO stage 0 / fp32; this run uses "
             f"stage 1 / fp32") in result.stderr
+
+
+def test_resume_refuses_a_different_architecture_and_changes_nothing(recipe, reference):
+    """Resuming with another embed_dim names the keys that differ, before anything is written: every file of the run
+    (config.yaml, checkpoints, logs) stays byte for byte as it was."""
+    before = snapshot(reference)
+    result = run_train(["--config", recipe, f"output.dir={reference}", "resume=auto", "model.kwargs.embed_dim=48"],
+                       check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"dartmamba-train: resume: {reference}/checkpoints/epoch0003 holds a different model than this run "
+        f"(kwargs.embed_dim: checkpoint 32, this run 48); resume with the run's own config, or start a new run from "
+        f"those weights with model.init_checkpoint={reference}/checkpoints/epoch0003/model.safetensors")
+    assert snapshot(reference) == before
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(recipe, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""Helpers of the training tests (imported by name; tests/ has no packages): a tiny recipe (a 2-block DeiT-DART or DeiT on 32x32 canvases) and an
-in-process, single-rank gloo group for DeepSpeed."""
+"""Helpers of the training tests: a tiny recipe (a 2-block DeiT-DART on 32x32 canvases), running train.py in a
+fresh process, and DeepSpeed engines of the recipe in this process (with the ``dist_group`` fixture)."""
 from __future__ import annotations
 
 import os
@@ -52,3 +52,60 @@ def run_train(args: list[str], check: bool = True, **kwargs) -> subprocess.Compl
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
 
+
+
+def snapshot(folder) -> dict:
+    """{relative path: sha256} of every file under ``folder`` but lock files (their content changes hands)."""
+    import hashlib
+
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if not name.endswith(".lock"):
+                with open(path, "rb") as handle:
+                    files[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return files
+
+
+def canvas_batch():
+    """A fixed batch of 16 canvases (32x32) and labels."""
+    import torch
+
+    from dartmamba.data import ClutteredCanvas, digits_source
+
+    images, labels = digits_source("train")
+    ds = ClutteredCanvas(images, labels, canvas_size=32, object_size=(12, 16), num_distractors=(1, 2), seed=5,
+                         mean=(0.5,) * 3, std=(0.5,) * 3)
+    xs, ys = zip(*(ds[i] for i in range(16)))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def make_engine(tmp_path, overrides, seed=0, freeze=None):
+    """(cfg, EngineParts) of the tiny recipe with ``overrides``, weights drawn from ``seed``."""
+    import torch
+
+    from dartmamba_train.config import load_config
+    from dartmamba_train.engine import (build_deepspeed_config, create_model, create_optimizer, create_scheduler,
+                                        initialize_engine)
+
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["optim.lr=3e-3", "train.batch_size=16", *overrides])
+    torch.manual_seed(seed)
+    model = create_model(cfg, 10)
+    if freeze:
+        for name, param in model.named_parameters():
+            if name.startswith(freeze):
+                param.requires_grad_(False)
+    optimizer = create_optimizer(cfg, model, 1)
+    scheduler = create_scheduler(cfg, optimizer, updates_per_epoch=10)
+    return cfg, initialize_engine(cfg, model, optimizer, scheduler, build_deepspeed_config(cfg, 1))
+
+
+def train_steps(cfg, parts, batch, steps):
+    import torch
+
+    from dartmamba_train.engine import train_micro_step
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    parts.engine.train()
+    return [train_micro_step(parts.engine, batch[0], batch[1], loss_fn, cfg).item() for _ in range(steps)]
