@@ -21,9 +21,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32} 
 # Nothing here imports dartmamba at import time: a script may have to set TRITON_INTERPRET before anything imports
 # triton (bench_tokenizer.py --smoke does). The family lists come from dartmamba's registry on first use.
 def _families() -> dict:
+    """The image families (the scripts here take (B, C, H, W) images; video: benchmarks/video_canvas.py)."""
     from dartmamba.models import FAMILIES as registered     # importing the models registers them
 
-    return registered
+    return {name: family for name, family in registered.items() if family.modality == "image"}
 
 
 def __getattr__(name: str):

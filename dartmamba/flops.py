@@ -139,7 +139,7 @@ class FlopReport:
     """Multiply-adds per image, by part (see :data:`PARTS`); ``scan`` is the selective scan's share of ``backbone``."""
 
     model: str
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]          # (C, H, W), or (C, T, H, W) for video (counts are then per clip)
     num_tokens: int | None
     parts: dict[str, int]
     scan: int = 0
@@ -171,16 +171,19 @@ class FlopReport:
         return row
 
 
-def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: from its patch embedding (fixed grid or DART), else its pretrained cfg."""
+def model_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) the model takes, (C, T, H, W) for a video model (its patch embedding has ``num_frames``): from its
+    patch embedding (fixed grid or DART), else its pretrained cfg."""
     embed = getattr(model, "patch_embed", None)
     img = getattr(embed, "img_size", None)
     chans = getattr(embed, "in_chans", None)
+    frames = getattr(embed, "num_frames", None)
     if chans is None and getattr(embed, "proj", None) is not None:
         chans = getattr(embed.proj, "in_channels", None)
     if img is not None:
         img = (img, img) if isinstance(img, int) else tuple(img)
-        return (int(chans or 3), int(img[0]), int(img[1]))
+        clip = () if frames is None else (int(frames),)
+        return (int(chans or 3), *clip, int(img[0]), int(img[1]))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"])
@@ -218,14 +221,14 @@ def _tokenizer(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     return _module_name(model, embed), embed
 
 
-def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None, batch_size: int = 1,
+def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
                 name: str | None = None) -> FlopReport:
     """Count the forward multiply-adds of ``model`` per image, by part, on fake tensors (nothing is computed).
 
     Args:
         model: any ``nn.Module`` taking (B, C, H, W) images; parameters on a real device (build on the meta device
             and call ``.to_empty(device="cpu")`` for a free model, as :func:`count_model_flops` does).
-        input_size: (C, H, W); default :func:`model_input_size`.
+        input_size: (C, H, W), or (C, T, H, W) for a video model; default :func:`model_input_size`.
         batch_size: images in the fake batch (results are per image).
         name: label of the report (default the model's class).
 

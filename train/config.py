@@ -67,10 +67,21 @@ class CanvasConfig:
 
 
 @dataclass
+class VideoCanvasConfig:
+    """Clips for ``data.kind: video_canvas`` (:class:`dartmamba.data.MovingDigitClips`): a digit moving over a
+    static scene drawn with the ``data.canvas`` settings (clutter and a static decoy digit); label: the moving one."""
+
+    num_frames: int = 8                             # must equal the model's num_frames
+    speed: list[float] = field(default_factory=lambda: [2.0, 4.0])     # canvas pixels per frame
+    frame_noise_std: float = 0.03                   # fresh noise per frame
+    num_decoys: int = 0                             # whole digits that stand still (a frame alone is ambiguous)
+
+
+@dataclass
 class DataConfig:
     """Where images come from and how they are transformed (timm's ``create_dataset`` / ``create_transform``)."""
 
-    kind: Literal["imagefolder", "canvas"] = "imagefolder"
+    kind: Literal["imagefolder", "canvas", "video_canvas"] = "imagefolder"
     root: Optional[str] = None                      # ImageFolder root with one folder per split
     train_split: str = "train"
     val_split: str = "val"
@@ -91,6 +102,7 @@ class DataConfig:
     num_workers: int = 8
     pin_memory: bool = True
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
+    video: VideoCanvasConfig = field(default_factory=VideoCanvasConfig)
 
 
 @dataclass
@@ -375,6 +387,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0 < c.val_fraction < 1, f"data.canvas.val_fraction: expected a number in (0, 1), got {c.val_fraction!r}")
     for path, value in (("data.canvas.train_length", c.train_length), ("data.canvas.val_length", c.val_length)):
         _require(value is None or value >= 1, f"{path}: expected null or an int >= 1, got {value!r}")
+    if d.kind == "video_canvas":
+        v = d.video
+        _require(v.num_frames >= 1, f"data.video.num_frames: expected an int >= 1, got {v.num_frames!r}")
+        _pair(v.speed, "data.video.speed", low=0.0)
+        _require(v.frame_noise_std >= 0, f"data.video.frame_noise_std: expected a number >= 0, "
+                                         f"got {v.frame_noise_std!r}")
+        _require(v.num_decoys >= 0, f"data.video.num_decoys: expected an int >= 0, got {v.num_decoys!r}")
+        _require(d.num_classes is not None, "data.num_classes: required when data.kind is 'video_canvas' (10 for "
+                                            "the digits)")
+        _require(a.cutmix == 0 and a.cutmix_minmax is None, "aug.cutmix: must be 0 for video clips (timm's CutMix "
+                                                             "cuts 2-D images); mixup works")
     for path, value in (("aug.mixup", a.mixup), ("aug.cutmix", a.cutmix)):
         _require(value >= 0, f"{path}: expected a number >= 0 (0 disables it), got {value!r}")
     for path, value in (("aug.mixup_prob", a.mixup_prob), ("aug.mixup_switch_prob", a.mixup_switch_prob),

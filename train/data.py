@@ -1,4 +1,5 @@
-"""Data for training: ImageFolder through timm (``create_dataset`` / ``create_transform``) or the cluttered canvas.
+"""Data for training: ImageFolder through timm (``create_dataset`` / ``create_transform``), the cluttered canvas, or
+its video form (``video_canvas``: a digit moving over a static cluttered scene, for the video models).
 
 Reproducibility. A training sample is a pure function of ``(seed, epoch, index)``: the canvas data set is built
 that way, and ImageFolder samples go through :class:`SeededSamples`, which seeds Python's, NumPy's and torch's
@@ -70,7 +71,7 @@ class DataBundle:
     train_set: Dataset
     val_set: Dataset
     num_classes: int
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]         # (C, H, W); (C, T, H, W) for clips
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -98,6 +99,9 @@ def model_data_config(model) -> dict:
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         data_cfg["input_size"] = (data_cfg.get("input_size", (3,))[0], int(height), int(width))
+    frames = getattr(getattr(model, "patch_embed", None), "num_frames", None)
+    if frames is not None:                          # a video model: clips of (C, T, H, W)
+        data_cfg["num_frames"] = int(frames)
     return data_cfg
 
 
@@ -162,9 +166,38 @@ def _canvas(cfg: RunConfig, model_cfg: dict) -> DataBundle:
     return DataBundle(train_set, val_set, num_classes, size, mean, std)
 
 
+def _video_canvas(cfg: RunConfig, model_cfg: dict) -> DataBundle:
+    from dartmamba.data import MovingDigitClips, digits_source
+
+    c, v = cfg.data.canvas, cfg.data.video
+    out = c.output_size or c.canvas_size
+    size, mean, std, _, _ = _model_input(model_cfg, cfg)
+    frames = model_cfg.get("num_frames")
+    if frames is None:
+        raise ConfigError(f"data.kind: 'video_canvas' needs a video model (input (B, C, T, H, W)), and "
+                          f"{cfg.model.name} takes images")
+    if (frames, *size[1:]) != (v.num_frames, out, out):
+        raise ConfigError(f"data.video.num_frames / data.canvas.output_size: the clips are {v.num_frames} frames of "
+                          f"{out}x{out} but the model takes {frames} frames of {size[1]}x{size[2]}; make "
+                          f"model.kwargs.num_frames / img_size agree with them")
+    common = dict(num_frames=v.num_frames, speed=tuple(v.speed), frame_noise_std=v.frame_noise_std,
+                  num_decoys=v.num_decoys,
+                  canvas_size=c.canvas_size, object_size=tuple(c.object_size), num_distractors=tuple(c.num_distractors),
+                  fragment_fraction=tuple(c.fragment_fraction), distractor_contrast=tuple(c.distractor_contrast),
+                  background=tuple(c.background), channels=size[0], tint=c.tint, output_size=c.output_size,
+                  mean=mean, std=std)
+    train_images, train_labels = digits_source("train", c.val_fraction, c.split_seed)
+    val_images, val_labels = digits_source("val", c.val_fraction, c.split_seed)
+    train_set = MovingDigitClips(train_images, train_labels, length=c.train_length, seed=mix_seed(c.seed, 0),
+                                 resample_per_epoch=True, **common)
+    val_set = MovingDigitClips(val_images, val_labels, length=c.val_length, seed=mix_seed(c.seed, 1), **common)
+    return DataBundle(train_set, val_set, cfg.data.num_classes, (size[0], v.num_frames, *size[1:]), mean, std)
+
+
 def build_data(cfg: RunConfig, model_cfg: dict) -> DataBundle:
     """Both data sets; ``model_cfg`` (:func:`model_data_config`) gives the defaults for input size, mean, std."""
-    return _canvas(cfg, model_cfg) if cfg.data.kind == "canvas" else _imagefolder(cfg, model_cfg)
+    builders = {"canvas": _canvas, "video_canvas": _video_canvas}
+    return builders.get(cfg.data.kind, _imagefolder)(cfg, model_cfg)
 
 
 def _worker_init(worker_id: int) -> None:

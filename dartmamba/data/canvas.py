@@ -183,15 +183,11 @@ class ClutteredCanvas(Dataset):
     def _draw_size(self, rng: np.random.Generator) -> int:
         return int(rng.integers(self.object_size[0], self.object_size[1] + 1))
 
-    def render(self, index: int) -> CanvasSample:
-        """The canvas ``index`` (0 <= index < len) without normalisation."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for a ClutteredCanvas of length {self.length}")
-        rng = self._rng(index)
+    def draw_clutter(self, rng: np.random.Generator) -> np.ndarray:
+        """The scene without the object: background level and clutter fragments, drawn from ``rng``.
+        -> (C, S, S) float32 in [0, 1] (no noise)."""
         size, num_sources = self.canvas_size, self.images.shape[0]
-        source_index = index % num_sources
         canvas = np.full((self.channels, size, size), rng.uniform(*self.background), dtype=np.float32)
-
         for _ in range(int(rng.integers(self.num_distractors[0], self.num_distractors[1] + 1))):
             other = self.scaled_sources(self._draw_size(rng))[int(rng.integers(num_sources))]
             h, w = other.shape[-2:]
@@ -201,6 +197,16 @@ class ClutteredCanvas(Dataset):
             fragment = other[:, top:top + ch, left:left + cw] * (rng.uniform(*self.distractor_contrast)
                                                                  * self._colour(rng))
             self._paste(canvas, fragment, int(rng.integers(size - ch + 1)), int(rng.integers(size - cw + 1)))
+        return canvas
+
+    def render(self, index: int) -> CanvasSample:
+        """The canvas ``index`` (0 <= index < len) without normalisation."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a ClutteredCanvas of length {self.length}")
+        rng = self._rng(index)
+        size, num_sources = self.canvas_size, self.images.shape[0]
+        source_index = index % num_sources
+        canvas = self.draw_clutter(rng)
 
         ink = self.scaled_sources(self._draw_size(rng))[source_index]
         obj = ink * self._colour(rng)

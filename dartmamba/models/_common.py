@@ -14,12 +14,14 @@ from ..tokenizer import Tokenizer, create_tokenizer
 @dataclass(frozen=True)
 class ModelFamily:
     """A family of registered models (for benchmarks and scaling studies): its sizes and the timm names of its
-    fixed-grid and DART models (``{size}`` stands for the size)."""
+    fixed-grid and DART models (``{size}`` stands for the size); ``modality``: what it takes, ``"image"``
+    (B, C, H, W) or ``"video"`` (B, C, T, H, W)."""
 
     name: str
     sizes: tuple[str, ...]
     grid: str
     dart: str
+    modality: str = "image"
 
     def model_name(self, size: str, tokenizer: str) -> str:
         """The registered name of ``size`` with ``tokenizer`` (``"fixed"``/``"grid"`` or ``"dart"``)."""

@@ -28,7 +28,8 @@ class TransferReport(NamedTuple):
     loaded: list[str]
     missing: list[str]        # model tensors the checkpoint did not provide (e.g. the DART scorer)
     unexpected: list[str]     # checkpoint tensors the model has no place for
-    resized: list[str]        # tensors resampled to a new shape (positional embeddings)
+    resized: list[str]        # tensors resampled to a new shape (positional embeddings, inflated patch weights)
+    skipped: list[str] = []   # checkpoint tensors left out on purpose (an image classifier inflated into video)
 
     def __str__(self) -> str:
         return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing[:8]}"
@@ -151,6 +152,9 @@ def transfer_fixed_grid_weights(model: nn.Module, state_dict: dict, source_cls_p
             value = _resize_pos_embed(value, own[key], _cls_pos_index(model) if source_cls_pos_index is None
                                       else source_cls_pos_index, _cls_pos_index(model))
             resized.append(key)
+        if key == "temporal_pos_embedding" and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
+            value = resize_temporal_pos_embed(value, own[key].shape[1])
+            resized.append(key)
         if value.shape != own[key].shape:
             if strict_shapes:
                 raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, the model expects "
@@ -196,7 +200,8 @@ def _tokenizer(model: nn.Module):
 
 
 def load_official_checkpoint(model: nn.Module, path: str) -> TransferReport:
-    """Load a hustvl/Vim or official DART (``darvit_*`` / ``darvim_*``) checkpoint from a local file.
+    """Load a hustvl/Vim, official DART (``darvit_*`` / ``darvim_*``), OpenGVLab/VideoMamba video or the authors'
+    DART-video (``DVisionMamba``) checkpoint from a local file.
 
     The model's tokenizer renames its tensors (DART: the scorer under ``patch_embed.spn.spn.spn.``), ``pos_embed``
     is resized when the grid differs, and the tokenizer then adopts the settings the checkpoint was trained with
@@ -218,6 +223,79 @@ def load_official_checkpoint(model: nn.Module, path: str) -> TransferReport:
     if tokenizer is not None:
         tokenizer.adopt_official_settings(report.loaded, "patch_embed.")
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VideoMamba: official video checkpoints, the authors' DART-video layout, image checkpoints inflated into video
+# ---------------------------------------------------------------------------------------------------------------
+# OpenGVLab/VideoMamba (``videomamba_{t,s,m}16_<data>_f<T>_res224.pth``) names every tensor as our VideoMamba does:
+# ``cls_token``, ``pos_embed`` (1, 1 + h * w, D), ``temporal_pos_embedding`` (1, T, D), ``patch_embed.proj`` (Conv3d
+# (D, 3, 1, p, p)), ``layers.i.norm.weight``, ``layers.i.mixer.*`` (hustvl/Vim's bimamba names), ``norm_f.weight``,
+# ``head``: the key map is the identity and :func:`load_official_checkpoint` loads them (``temporal_pos_embedding``
+# resampled along time for another clip length, ``pos_embed`` for another grid). The authors' DART video model
+# (ykx3/DART ``video/videomamba.py``, ``DVisionMamba``) has the same top level and, under ``patch_embed.``, the
+# scorer ``score_backbone.features.*`` (torchvision MobileNetV3-small ``features[:11]``) and ``score_head1`` /
+# ``score_head2``, which the video DART tokenizer's ``convert_official_state_dict`` renames.
+def resize_temporal_pos_embed(temporal: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(1, T0, D) -> (1, T, D), linear along time (``align_corners=False``), in float32 then back."""
+    resized = torch.nn.functional.interpolate(temporal.float().transpose(1, 2), size=num_frames, mode="linear",
+                                              align_corners=False)
+    return resized.transpose(1, 2).to(temporal.dtype)
+
+
+def inflate_patch_weight(weight: torch.Tensor, frames: int, center: bool = True) -> torch.Tensor:
+    """A Conv2d patch kernel (D, C, p, p) -> a Conv3d one (D, C, kt, p, p), as VideoMamba inflates: all of it in the
+    middle frame (``center``; zeros elsewhere) or spread evenly (each frame ``weight / kt``). kt = 1: a new axis."""
+    if weight.dim() != 4:
+        raise ValueError(f"a Conv2d patch weight must be (D, C, p, p), got {tuple(weight.shape)}")
+    if center:
+        inflated = weight.new_zeros(*weight.shape[:2], frames, *weight.shape[2:])
+        inflated[:, :, frames // 2] = weight
+        return inflated
+    return weight.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames
+
+
+def inflate_image_checkpoint(model: nn.Module, state_dict: dict, source_cls_pos_index: int | str = "first",
+                             center: bool = True, keep_head: bool = False) -> TransferReport:
+    """Initialise a video model (VideoMamba, fixed grid or DART) from an image checkpoint, as VideoMamba does.
+
+    Args:
+        model: a :class:`~dartmamba.models.VideoMamba`.
+        state_dict: a VideoMamba image model's (``videomamba_{t,s,m,b}16_in1k_res224.pth``: class token first) or a
+            hustvl/Vim / dartmamba ``vim_*`` one (class token in the middle); any file wrapper is removed.
+        source_cls_pos_index: where the checkpoint's class-token embedding sits in its ``pos_embed``: ``"first"``
+            (VideoMamba image models), ``"middle"`` (Vim: index (L - 1) // 2) or an index.
+        center: inflate the Conv2d patch kernel into the middle frame of the Conv3d (VideoMamba's default) or spread
+            it over the tubelet.
+        keep_head: keep the image classifier when its shape fits (VideoMamba always drops it).
+
+    The spatial ``pos_embed`` is kept (resampled when the grids differ, the class entry moved to the front),
+    ``temporal_pos_embedding`` stays at its initial zeros (reported missing, as is the DART scorer). Returns a
+    :class:`TransferReport`; the image head is in ``skipped``.
+    """
+    state = dict(unwrap_state_dict(state_dict))
+    own = model.state_dict()
+    skipped = [k for k in list(state) if k.startswith("head.") and not (keep_head and k in own
+                                                                        and state[k].shape == own[k].shape)]
+    for key in skipped:
+        del state[key]
+    resized = []
+    weight_key = "patch_embed.proj.weight"
+    if weight_key in state and weight_key in own and state[weight_key].dim() == 4 and own[weight_key].dim() == 5:
+        state[weight_key] = inflate_patch_weight(state[weight_key], own[weight_key].shape[2], center)
+        resized.append(weight_key)
+    if isinstance(source_cls_pos_index, str):
+        if source_cls_pos_index not in ("first", "middle"):
+            raise ValueError(f"source_cls_pos_index must be 'first', 'middle' or an int, got {source_cls_pos_index!r}")
+        length = state["pos_embed"].shape[1] if "pos_embed" in state else 1
+        source_cls_pos_index = 0 if source_cls_pos_index == "first" else (length - 1) // 2
+    if "pos_embed" in state and source_cls_pos_index != _cls_pos_index(model):
+        pos = state["pos_embed"]
+        cls = pos[:, source_cls_pos_index:source_cls_pos_index + 1]
+        grid = torch.cat([pos[:, :source_cls_pos_index], pos[:, source_cls_pos_index + 1:]], dim=1)
+        state["pos_embed"] = torch.cat([cls, grid], dim=1)     # now in the video model's order: class entry first
+    report = transfer_fixed_grid_weights(model, state, source_cls_pos_index=_cls_pos_index(model))
+    return report._replace(resized=resized + report.resized, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------

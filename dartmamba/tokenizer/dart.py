@@ -199,9 +199,8 @@ class DartTokenizer(nn.Module, Tokenizer):
             else:
                 converted[key] = value          # reported as unexpected
         if trunk_state:
-            key_map = self.scorer.trunk.torchvision_key_map(list(trunk_state), f"{source} (scorer trunk)")
-            for theirs, ours in key_map.items():
-                converted[f"{prefix}scorer.trunk.{ours}"] = trunk_state[theirs]
+            converted.update(self.scorer.trunk.rename_torchvision(trunk_state, f"{prefix}scorer.trunk.",
+                                                                  f"{source} (scorer trunk)"))
         return converted
 
     def adopt_official_settings(self, loaded: list[str], prefix: str) -> None:

@@ -9,6 +9,7 @@ name                        cut (torchvision ``features[:k]`` equivalent)  chann
 ``mobilenetv3_small_v1``    ``features[:11]`` (head v1)                    96        yes
 ``mobilenetv3_large``       ``features[:17]`` (head v2, Small/Base)        960       yes
 ``mobilenetv3_large_v1``    ``features[:15]`` (head v1)                    160       yes
+``mobilenetv3_small_s16``   ``features[:8]`` (stride 16, video DART)       48        yes
 ``tiny_cnn``                three stride-2 convs (small images, tests)    64        no
 ==========================  ===========================================  ========  =======
 
@@ -58,6 +59,7 @@ _MOBILENET_TRUNKS = {
     "mobilenetv3_small_v1": ("mobilenetv3_small_100", 10, 96),
     "mobilenetv3_large": ("mobilenetv3_large_100", 16, 960),
     "mobilenetv3_large_v1": ("mobilenetv3_large_100", 14, 160),
+    "mobilenetv3_small_s16": ("mobilenetv3_small_100", 7, 48),   # the video tokenizer's stride-16 cut
 }
 TRUNKS = (*_MOBILENET_TRUNKS, "tiny_cnn")
 
@@ -132,6 +134,10 @@ class MobileNetV3Trunk(nn.Module):
             if kind_theirs != kind_ours:
                 raise ValueError(f"{source}: tensor {theirs!r} does not line up with {ours!r}")
         return dict(zip(torchvision_keys, own))
+
+    def rename_torchvision(self, state: dict, prefix: str, source: str = "torchvision state dict") -> dict:
+        """torchvision ``features.*`` tensors (that prefix removed) -> ``{prefix + our name: tensor}``."""
+        return {prefix + ours: state[theirs] for theirs, ours in self.torchvision_key_map(list(state), source).items()}
 
     def load_torchvision_state_dict(self, state: dict, source: str = "torchvision state dict") -> None:
         """Load torchvision MobileNetV3 ``features[:k]`` weights (keys ``N.block.M...``, any prefix removed)."""
@@ -307,8 +313,7 @@ class DartScorer(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.trunk_dtype = resolve_dtype(trunk_dtype, "trunk_dtype")
         self.channels_last = bool(channels_last)
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.check_head(head)
         if score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
         self.grid_size = tuple(grid_size)
@@ -321,10 +326,20 @@ class DartScorer(nn.Module):
             self.trunk.eval()
         if self.channels_last:
             self.trunk.to(memory_format=torch.channels_last)
-        chans = self.trunk.out_chans
         self.head_version = head
-        self.head = ScoreHeadV1(chans, **dd) if head == "v1" else ScoreHeadV2(chans, head_hidden, **dd)
+        self.head = self.build_head(head, self.trunk.out_chans, head_hidden, **dd)
         self.init_weights()
+
+    @staticmethod
+    def check_head(head: str) -> None:
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+
+    @staticmethod
+    def build_head(head: str, chans: int, hidden: int, device=None, dtype=None) -> nn.Module:
+        """The trainable head on the trunk's ``chans`` feature channels (subclasses add their own heads)."""
+        dd = {"device": device, "dtype": dtype}
+        return ScoreHeadV1(chans, **dd) if head == "v1" else ScoreHeadV2(chans, hidden, **dd)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -344,8 +359,9 @@ class DartScorer(nn.Module):
                 if isinstance(module, nn.Conv2d):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def raw_scores(self, images: Tensor) -> Tensor:
-        """Unsquashed head output resized to the grid. (B, C, H, W) -> (B, Gh, Gw)."""
+    def trunk_features(self, images: Tensor) -> Tensor:
+        """The trunk's features (resized input, channels-last / autocast as configured; no gradient through a frozen
+        trunk). (B, C, H, W) -> (B, C', h, w)."""
         x = images
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
@@ -367,7 +383,11 @@ class DartScorer(nn.Module):
                 features = self.trunk(x)
         if self.trunk_dtype is not None and not autocast_enabled(device_type):
             features = features.float()
-        raw = self.head(features)
+        return features
+
+    def raw_scores(self, images: Tensor) -> Tensor:
+        """Unsquashed head output resized to the grid. (B, C, H, W) -> (B, Gh, Gw)."""
+        raw = self.head(self.trunk_features(images))
         if tuple(raw.shape[-2:]) != self.grid_size:
             raw = F.interpolate(raw[:, None], size=self.grid_size, mode="bilinear", align_corners=False)[:, 0]
         return raw

@@ -61,10 +61,11 @@ def run_in_cache(home, script: str, offline: bool = True) -> dict:
 def test_every_release_names_a_file_on_its_hub_repo():
     releases = {name: timm.models.get_pretrained_cfg(name) for name in timm.list_pretrained()
                 if timm.models.model_entrypoint(name.split(".")[0]).__module__.startswith("dartmamba.")}
-    assert len(releases) == 3 + 4 + 7                       # hustvl/Vim; darvim-*; darvit-* (the RMT one: no backbone)
+    # hustvl/Vim; darvim-*; darvit-* (the RMT one: no backbone); VideoMamba's Kinetics-400 (t, s, m)
+    assert len(releases) == 3 + 4 + 7 + 3
     for name, cfg in releases.items():
         assert cfg.hf_hub_id in ("yinkx3/DART", "hustvl/Vim-tiny-midclstok", "hustvl/Vim-small-midclstok",
-                                 "hustvl/Vim-base-midclstok"), name
+                                 "hustvl/Vim-base-midclstok", "OpenGVLab/VideoMamba"), name
         assert cfg.hf_hub_filename and cfg.hf_hub_filename.endswith(".pth"), name
     files = {cfg.hf_hub_filename for cfg in releases.values()}
     assert {"darvim-tiny.pth", "darvim-sm-ft2seq.pth", "darvit-tiny-v2.pth", "darvit-sm-ft392p.pth",

@@ -4,7 +4,9 @@ import timm
 import torch
 
 import dartmamba.models  # noqa: F401
+from tests.models.checklist import check_timm_model
 from tests.models.small_configs import SMALL
+from tests.models.videomamba_cases import VIDEO_SMALL
 
 
 
@@ -16,9 +18,12 @@ def registered_by_dartmamba() -> set[str]:
 
 
 def test_every_registered_model_is_covered():
+    """Image models are checked here; video models (input (B, C, T, H, W)) have the same checklist for clips in
+    tests/models/test_videomamba.py, over VIDEO_SMALL."""
     ours = registered_by_dartmamba()
     assert {"vim_tiny_patch16_224", "deit_small_dart"} <= ours
-    assert ours == set(SMALL), sorted(ours ^ set(SMALL))
+    assert not set(SMALL) & set(VIDEO_SMALL)
+    assert ours == set(SMALL) | set(VIDEO_SMALL), sorted(ours ^ (set(SMALL) | set(VIDEO_SMALL)))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -27,36 +32,8 @@ def test_timm_model_checklist(name, seed):
     model = timm.create_model(name, num_classes=num_classes, **SMALL[name])
     size = SMALL[name]["img_size"]
     images = torch.randn(2, 3, size, size)
-    logits = model(images)
-    assert logits.shape == (2, num_classes)
-    logits.sum().backward()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(model.get_parameter(n).grad is not None for n in trainable), \
-        [n for n in trainable if model.get_parameter(n).grad is None]
-
-    model.eval()
-    features = model.forward_features(images)
-    tokens = getattr(model, "num_tokens")
-    assert features.shape == (2, tokens + 1, model.num_features)
-    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
-
-    cfg = model.pretrained_cfg
-    state = model.state_dict()
-    assert cfg["first_conv"] + ".weight" in state
-    assert cfg["classifier"] + ".weight" in state
-    assert cfg["input_size"][1:] in ((224, 224), (448, 448))
-
-    model.reset_classifier(0)
-    assert model(images).shape == (2, model.num_features)
-    model.reset_classifier(3)
-    assert model(images).shape == (2, 3)
-
-    no_decay = model.no_weight_decay()
-    assert {"pos_embed", "cls_token"} <= set(no_decay)
-
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-4)
+    check_timm_model(model, images, num_classes, input_sizes=((224, 224), (448, 448)),
+                     no_decay={"pos_embed", "cls_token"})
 
 
 def test_optimizer_groups_exclude_norms_biases_embeddings():

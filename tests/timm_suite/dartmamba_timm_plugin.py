@@ -55,7 +55,10 @@ _TORCHSCRIPT = ("TorchScript cannot compile the op dispatch: each fused op (sele
 _CPU_TIME = ("CPU time: the test runs the 24-layer model at 224 many times with autograd (the pruning contract: once "
              "per layer), minutes per model on a 2-core CI machine; the same VisionMamba code runs it as "
              "vim_tiny_patch16_224 (intermediates) and test_vim_dart (intermediates and pruning, 3 layers)")
+_VIDEO = ("a video model: it takes clips (B, C, T, H, W), timm's test functions feed images (B, C, H, W); "
+          "tests/models/test_videomamba.py runs the same checklist on clips")
 EXCLUDED: dict[tuple[str, str], str] = {
+    ("*", "videomamba_*"): _VIDEO,
     ("test_model_forward_intermediates*", "vim_[sb]*_patch16_224"): _CPU_TIME,
     ("test_prune_intermediate_layers_contract", "vim_*_patch16_224"): _CPU_TIME,
     ("test_model_default_cfgs", "vim_*"): _TOKEN_MODEL,
