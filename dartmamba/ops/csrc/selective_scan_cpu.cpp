@@ -1,0 +1,607 @@
+// Exact selective scan (Mamba-1 recurrence) for CPU tensors, forward and backward.
+//
+// Built at first use by dartmamba/ops/scan.py (torch.utils.cpp_extension.load, with the vector ISA torch itself
+// dispatches to on this CPU) and registered as the "cpp" backend of the op "scan". For every batch b, channel d and
+// state index n:
+//
+//   dt_t = softplus(delta_t + delta_bias)              (bias and softplus optional)
+//   h_t  = exp(dt_t A[d, n]) h_{t-1} + dt_t u_t B[b, g(d), n, t],        h_{-1} = 0
+//   y_t  = sum_n C[b, g(d), n, t] h_t[n] + D[d] u_t,   out_t = y_t silu(z_t)      (D and z optional)
+//
+// with g(d) = d / (dim / G) for G groups of B and C. The recurrence is evaluated as written (no cumulative
+// log-decays, no division by decays), so it is as stable as the sequential reference for any length and any decay
+// in [0, 1]; exp, log1p and the gate use torch's own vector functions (at::vec, Sleef), as torch.exp does.
+//
+// Layout of the work: the vector lanes run over W = Vectorized<T>::size() adjacent channels of one group, so B_t[n]
+// and C_t[n] are broadcast scalars and the state update, the output and the adjoint are vertical vector
+// arithmetic (no horizontal sums in the time loop). A task is one (batch, group, block of W channels); its rows of
+// u, delta, z, dout are gathered into a time-major (L, W) scratch through the tensors' strides (any layout), the
+// recurrence runs with the N state vectors in registers, and the results are scattered back. The backward keeps
+// the block's decays and states, (L, N, W) each, and runs the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
+// backwards; dB and dC (sums over channels) collect in (L, N, W) lane accumulators and are reduced over the lanes
+// once per task; dA, dD and delta_bias's gradient (sums over the batch) go to per-thread partial sums.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+
+// exp, inline (a call would spill the state vectors held in registers around it): x = k ln2 + r with
+// |r| <= ln2 / 2, exp(r) by Horner on 1/j! (truncation error below 1e-8 relative in float, 1e-17 in double: within
+// about an ulp, as Sleef's exp that torch.exp uses), times 2^k built as two factors, so results that underflow
+// into the subnormals, or to 0 below kMin, come out right and results above log(max) overflow to inf. The clamps
+// return x itself when it is NaN, so NaN propagates.
+template <typename T> struct ExpTraits;
+template <> struct ExpTraits<float> {
+  using Int = int32_t;
+  static constexpr int kMantissa = 23, kBias = 127, kDegree = 7, kLog1pTerms = 9;
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693115234375f;           // ln 2 with its low 12 mantissa bits cleared ...
+  static constexpr float kLn2Lo = 3.194618329871446e-05f;    // ... and the rest: k * kLn2Hi is exact
+  static constexpr float kMin = -104.0f;                     // exp(kMin) rounds to 0
+  static constexpr float kMax = 89.0f;                       // exp(kMax) overflows to inf
+};
+template <> struct ExpTraits<double> {
+  using Int = int64_t;
+  static constexpr int kMantissa = 52, kBias = 1023, kDegree = 13, kLog1pTerms = 17;
+  static constexpr double kLog2e = 1.4426950408889634074;
+  static constexpr double kLn2Hi = 0.6931471803691238;       // low 21 mantissa bits cleared
+  static constexpr double kLn2Lo = 1.9082146973659064e-10;
+  static constexpr double kMin = -746.0;
+  static constexpr double kMax = 710.0;
+};
+
+template <typename T>
+constexpr T inverse_factorial(int j) {
+  T f = T(1);
+  for (int i = 2; i <= j; ++i) f *= T(i);
+  return T(1) / f;
+}
+
+// p * 2^k for integral k: one instruction with AVX-512 (vscalef, which rounds subnormal results correctly);
+// else 2^k built in the exponent bits as two factors, so that results in the subnormal range come out right.
+template <typename T>
+inline Vectorized<T> scale_by_pow2(const Vectorized<T>& p, const Vectorized<T>& k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return Vectorized<T>(_mm512_scalef_ps(p, k));
+  } else {
+    return Vectorized<T>(_mm512_scalef_pd(p, k));
+  }
+#else
+  using Tr = ExpTraits<T>;
+  using IVec = Vectorized<typename Tr::Int>;
+  const IVec ki = at::vec::convert_to_int_of_same_size<T>(k);
+  const IVec k1 = ki >> IVec(1);
+  const IVec bias(Tr::kBias), shift(Tr::kMantissa);
+  return p * at::vec::cast<T>((k1 + bias) << shift) * at::vec::cast<T>((ki - k1 + bias) << shift);
+#endif
+}
+
+template <typename T>
+inline Vectorized<T> exp_inline(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  using Tr = ExpTraits<T>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(Tr::kMin)), Vec(Tr::kMax));
+  const Vec k = at::vec::fmadd(xc, Vec(Tr::kLog2e), Vec(T(0.5))).floor();
+  const Vec r = at::vec::fmadd(k, Vec(-Tr::kLn2Lo), at::vec::fmadd(k, Vec(-Tr::kLn2Hi), xc));
+  Vec p(inverse_factorial<T>(Tr::kDegree));
+#pragma GCC unroll 16
+  for (int j = Tr::kDegree - 1; j >= 0; --j) p = at::vec::fmadd(p, r, Vec(inverse_factorial<T>(j)));
+  return scale_by_pow2(p, k);
+}
+
+template <typename T>
+inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return one / (one + exp_inline(x.neg()));
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above F.softplus's threshold 20. log1p(y) for y in
+// [0, 1] as 2 atanh(s), s = y / (2 + y) in [0, 1/3], by its odd series (error below 1e-9 relative in float).
+constexpr double kSoftplusThreshold = 20.0;
+
+template <typename T>
+inline Vectorized<T> softplus(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  const Vec zero(T(0));
+  const Vec y = exp_inline(at::vec::minimum(x, x.neg()));
+  const Vec s = y / (Vec(T(2)) + y), s2 = s * s;
+  constexpr int terms = ExpTraits<T>::kLog1pTerms;
+  Vec series(T(1) / T(2 * terms - 1));
+#pragma GCC unroll 32
+  for (int j = terms - 2; j >= 0; --j) series = at::vec::fmadd(series, s2, Vec(T(1) / T(2 * j + 1)));
+  const Vec out = at::vec::fmadd(Vec(T(2)) * s, series, at::vec::clamp_min(x, zero));
+  return Vec::blendv(out, x, x > Vec(static_cast<T>(kSoftplusThreshold)));
+}
+
+// A (batch, channels, L) tensor addressed through its strides; absent tensors have data == nullptr.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t sb = 0, sd = 0, st = 0;
+  Rows() = default;
+  explicit Rows(const at::Tensor& t) {
+    if (t.defined() && t.numel() > 0) {
+      data = t.data_ptr<T>();
+      sb = t.stride(0), sd = t.stride(1), st = t.stride(2);
+    }
+  }
+  T* row(int64_t b, int64_t d) const { return data + b * sb + d * sd; }
+};
+
+// B or C: (batch, G, N, L) through strides.
+template <typename T>
+struct Proj {
+  const T* data;
+  int64_t sb, sg, sn, st;
+  explicit Proj(const at::Tensor& t)
+      : data(t.data_ptr<T>()), sb(t.stride(0)), sg(t.stride(1)), sn(t.stride(2)), st(t.stride(3)) {}
+  const T* at(int64_t b, int64_t g, int64_t t) const { return data + b * sb + g * sg + t * st; }  // [n * sn]
+};
+
+struct Shape {
+  int64_t batch, dim, length, dstate, groups, per_group, blocks;  // blocks: channel blocks of W per group
+  int width;                                                      // W, lanes per vector
+};
+
+// Copy lanes [0, valid) of rows d0.. of `src` into a time-major (L, W) scratch; the other lanes get 0.
+template <typename T>
+void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, const Shape& sh, T* dst) {
+  const int W = sh.width;
+  for (int j = 0; j < W; ++j) {
+    if (j < valid) {
+      const T* row = src.row(b, d0 + j);
+      for (int64_t t = 0; t < sh.length; ++t) dst[t * W + j] = row[t * src.st];
+    } else {
+      for (int64_t t = 0; t < sh.length; ++t) dst[t * W + j] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid, const Shape& sh) {
+  const int W = sh.width;
+  for (int j = 0; j < valid; ++j) {
+    T* row = dst.row(b, d0 + j);
+    for (int64_t t = 0; t < sh.length; ++t) row[t * dst.st] = src[t * W + j];
+  }
+}
+
+// The inputs, shared by the forward and the backward.
+template <typename T>
+struct Inputs {
+  Rows<T> u, delta, z;
+  const T* A;        // (dim, N) contiguous
+  const T* D;        // (dim,) or nullptr
+  const T* bias;     // (dim,) or nullptr
+  Proj<T> B, C;
+  bool softplus;
+};
+
+// One block of W channels d0 .. d0 + valid - 1 of batch b, group g, as time-major (L, W) rows.
+template <typename T>
+struct Block {
+  int64_t b = 0, g = 0, d0 = 0;
+  int valid = 0;
+  std::vector<T> pre, dt, u, z, gate, a_cols;  // pre = delta + bias, dt = softplus(pre) or pre, gate = silu(z),
+                                               // a_cols: (N, W), A of the block's channels
+  const T* A_col(int64_t n, int W) const { return a_cols.data() + n * W; }
+
+  Vectorized<T> lanes(const T* values) const {  // values[d0 + l] on the valid lanes, else 0
+    T buf[64] = {};
+    if (values != nullptr) {
+      for (int l = 0; l < valid; ++l) buf[l] = values[d0 + l];
+    }
+    return Vectorized<T>::loadu(buf);
+  }
+
+  void load(const Inputs<T>& in, const Shape& sh, int64_t b_, int64_t g_, int64_t j) {
+    using Vec = Vectorized<T>;
+    const int W = sh.width;
+    const int64_t L = sh.length, N = sh.dstate;
+    b = b_, g = g_, d0 = g * sh.per_group + j * W;
+    valid = static_cast<int>(std::min<int64_t>(W, sh.per_group - j * W));
+    pre.resize(L * W), dt.resize(L * W), u.resize(L * W);
+    gather(in.delta, b, d0, valid, sh, pre.data());
+    gather(in.u, b, d0, valid, sh, u.data());
+    if (in.z.data != nullptr) {
+      z.resize(L * W), gate.resize(L * W);
+      gather(in.z, b, d0, valid, sh, z.data());
+      for (int64_t t = 0; t < L; ++t) {
+        const Vec zv = Vec::loadu(z.data() + t * W);
+        (zv * sigmoid(zv)).store(gate.data() + t * W);
+      }
+    }
+    a_cols.assign(N * W, T(0));
+    for (int l = 0; l < valid; ++l) {
+      for (int64_t n = 0; n < N; ++n) a_cols[n * W + l] = in.A[(d0 + l) * N + n];
+    }
+    const Vec bias = lanes(in.bias);
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec p = Vec::loadu(pre.data() + t * W) + bias;
+      p.store(pre.data() + t * W);
+      (in.softplus ? softplus(p) : p).store(dt.data() + t * W);
+    }
+  }
+};
+
+// The blocks of a task: blocks [j0, j1) of (batch b, group g). tasks = batch * G * splits.
+struct Task {
+  int64_t b, g, j0, j1;
+};
+
+inline Task task_of(const Shape& sh, int64_t splits, int64_t index) {
+  const int64_t bg = index / splits, part = index % splits;
+  const int64_t per = (sh.blocks + splits - 1) / splits;
+  return Task{bg / sh.groups, bg % sh.groups, std::min(sh.blocks, part * per), std::min(sh.blocks, (part + 1) * per)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward. NS: the state size at compile time (0: sh.dstate at run time), so that the N state vectors live in
+// registers for the common sizes.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T, int NS>
+void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Rows<T>& out, T* last) {
+  using Vec = Vectorized<T>;
+  constexpr int kMaxN = NS > 0 ? NS : 256;
+  const int W = sh.width;
+  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate, sBn = in.B.sn, sCn = in.C.sn;
+  const Vec Dv = blk.lanes(in.D);
+  const bool gated = in.z.data != nullptr;
+  Vec h[kMaxN];
+  for (int64_t n = 0; n < N; ++n) h[n] = Vec(T(0));
+  T* y_rows = blk.pre.data();  // pre is not read again in the forward: it takes the output rows
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec step = Vec::loadu(blk.dt.data() + t * W);
+    const Vec uv = Vec::loadu(blk.u.data() + t * W);
+    const Vec drive = step * uv;
+    const T* Bt = in.B.at(blk.b, blk.g, t);
+    const T* Ct = in.C.at(blk.b, blk.g, t);
+    Vec y = Dv * uv;
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < N; ++n) {
+      const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
+      h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n * sBn]));
+      y = at::vec::fmadd(Vec(Ct[n * sCn]), h[n], y);
+    }
+    if (gated) y = y * Vec::loadu(blk.gate.data() + t * W);
+    y.store(y_rows + t * W);
+  }
+  scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh);
+  T lanes[64];
+  for (int64_t n = 0; n < N; ++n) {
+    h[n].store(lanes);
+    for (int l = 0; l < blk.valid; ++l) last[(blk.b * sh.dim + blk.d0 + l) * N + n] = lanes[l];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Grads {
+  Rows<T> du, ddelta, dz;  // (batch, dim, L)
+  T* dB;                   // (batch, G, N, L) contiguous: this thread's partial sums
+  T* dC;
+  T* dA;                   // (dim, N): this thread's partial sums
+  T* dD;                   // (dim,) or nullptr
+  T* dbias;                // (dim,) or nullptr
+};
+
+// Per-thread scratch of the backward.
+template <typename T>
+struct BackwardScratch {
+  Block<T> blk;
+  std::vector<T> decays, states;  // (L, N, W): exp(dt_t A) and h_t of the block
+  std::vector<T> acc_B, acc_C;    // (L, N, W): dB, dC summed over the task's blocks, per lane
+  std::vector<T> rows;            // (4, L, W): dy, y_pre then dz, dstep, du
+};
+
+template <typename T, int NS>
+void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s, const Rows<T>& dout,
+                    const T* dlast, const Grads<T>& gr) {
+  using Vec = Vectorized<T>;
+  constexpr int kMaxN = NS > 0 ? NS : 256;
+  const int W = sh.width;
+  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate, sBn = in.B.sn, sCn = in.C.sn;
+  const bool gated = in.z.data != nullptr;
+  Block<T>& blk = s.blk;
+  const Vec Dv = blk.lanes(in.D);
+  T* dy_rows = s.rows.data();
+  T* y_pre = dy_rows + L * W;
+  T* dstep_rows = y_pre + L * W;
+  T* du_rows = dstep_rows + L * W;
+  gather(dout, blk.b, blk.d0, blk.valid, sh, dy_rows);
+
+  // recompute decays and states (and the ungated output when gated)
+  {
+    Vec h[kMaxN];
+    for (int64_t n = 0; n < N; ++n) h[n] = Vec(T(0));
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec step = Vec::loadu(blk.dt.data() + t * W);
+      const Vec uv = Vec::loadu(blk.u.data() + t * W);
+      const Vec drive = step * uv;
+      const T* Bt = in.B.at(blk.b, blk.g, t);
+      const T* Ct = in.C.at(blk.b, blk.g, t);
+      T* a_t = s.decays.data() + t * N * W;
+      T* h_t = s.states.data() + t * N * W;
+      Vec y = Dv * uv;
+#pragma GCC unroll 16
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
+        h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n * sBn]));
+        a.store(a_t + n * W);
+        h[n].store(h_t + n * W);
+        if (gated) y = at::vec::fmadd(Vec(Ct[n * sCn]), h[n], y);
+      }
+      if (gated) y.store(y_pre + t * W);
+    }
+  }
+
+  // the adjoint, backwards in time
+  Vec carry[kMaxN], dA_acc[kMaxN];
+  for (int64_t n = 0; n < N; ++n) {
+    T lanes[64] = {};
+    if (dlast != nullptr) {
+      for (int l = 0; l < blk.valid; ++l) lanes[l] = dlast[(blk.b * sh.dim + blk.d0 + l) * N + n];
+    }
+    carry[n] = Vec::loadu(lanes);
+    dA_acc[n] = Vec(T(0));
+  }
+  Vec dD_acc(T(0)), dbias_acc(T(0));
+  const Vec one(T(1)), threshold(static_cast<T>(kSoftplusThreshold));
+  for (int64_t t = L - 1; t >= 0; --t) {
+    Vec dy = Vec::loadu(dy_rows + t * W);
+    if (gated) {  // out = y_pre silu(z): dz = dout y_pre silu'(z), silu' = sig (1 + z (1 - sig)); dy = dout silu(z)
+      const Vec zv = Vec::loadu(blk.z.data() + t * W);
+      const Vec sig = sigmoid(zv);
+      (dy * Vec::loadu(y_pre + t * W) * sig * at::vec::fmadd(zv, one - sig, one)).store(y_pre + t * W);
+      dy = dy * Vec::loadu(blk.gate.data() + t * W);
+    }
+    const Vec step = Vec::loadu(blk.dt.data() + t * W);
+    const Vec uv = Vec::loadu(blk.u.data() + t * W);
+    const Vec drive = step * uv;
+    const T* Bt = in.B.at(blk.b, blk.g, t);
+    const T* Ct = in.C.at(blk.b, blk.g, t);
+    const T* a_t = s.decays.data() + t * N * W;
+    const T* h_t = s.states.data() + t * N * W;
+    T* accB_t = s.acc_B.data() + t * N * W;
+    T* accC_t = s.acc_C.data() + t * N * W;
+    Vec ddrive(T(0)), dstep(T(0));
+    if (t > 0) {
+      const T* h_prev = h_t - N * W;
+#pragma GCC unroll 16
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec g = at::vec::fmadd(Vec(Ct[n * sCn]), dy, carry[n]);   // dL/dh_t
+        const Vec a = Vec::loadu(a_t + n * W);
+        at::vec::fmadd(dy, Vec::loadu(h_t + n * W), Vec::loadu(accC_t + n * W)).store(accC_t + n * W);
+        at::vec::fmadd(g, drive, Vec::loadu(accB_t + n * W)).store(accB_t + n * W);
+        ddrive = at::vec::fmadd(g, Vec(Bt[n * sBn]), ddrive);
+        const Vec q = g * a * Vec::loadu(h_prev + n * W);               // dL/d(dt_t A) = g_t exp(dt_t A) h_{t-1}
+        dstep = at::vec::fmadd(q, Vec::loadu(blk.A_col(n, W)), dstep);
+        dA_acc[n] = at::vec::fmadd(q, step, dA_acc[n]);
+        carry[n] = a * g;
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec g = at::vec::fmadd(Vec(Ct[n * sCn]), dy, carry[n]);
+        at::vec::fmadd(dy, Vec::loadu(h_t + n * W), Vec::loadu(accC_t + n * W)).store(accC_t + n * W);
+        at::vec::fmadd(g, drive, Vec::loadu(accB_t + n * W)).store(accB_t + n * W);
+        ddrive = at::vec::fmadd(g, Vec(Bt[n * sBn]), ddrive);
+      }
+    }
+    dstep = at::vec::fmadd(ddrive, uv, dstep);                        // + through the drive dt u
+    at::vec::fmadd(ddrive, step, Dv * dy).store(du_rows + t * W);     // du = d(drive) dt + D dy
+    dD_acc = at::vec::fmadd(dy, uv, dD_acc);
+    if (in.softplus) {  // softplus'(pre) = sigmoid(pre), 1 above the threshold (as softplus_backward)
+      const Vec p = Vec::loadu(blk.pre.data() + t * W);
+      dstep = Vec::blendv(dstep * sigmoid(p), dstep, p > threshold);
+    }
+    dstep.store(dstep_rows + t * W);
+    dbias_acc = dbias_acc + dstep;
+  }
+  scatter(du_rows, gr.du, blk.b, blk.d0, blk.valid, sh);
+  scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh);
+  if (gated) scatter(y_pre, gr.dz, blk.b, blk.d0, blk.valid, sh);
+  T lanes[64];
+  for (int64_t n = 0; n < N; ++n) {
+    dA_acc[n].store(lanes);
+    for (int l = 0; l < blk.valid; ++l) gr.dA[(blk.d0 + l) * N + n] += lanes[l];
+  }
+  if (gr.dD != nullptr) {
+    dD_acc.store(lanes);
+    for (int l = 0; l < blk.valid; ++l) gr.dD[blk.d0 + l] += lanes[l];
+  }
+  if (gr.dbias != nullptr) {
+    dbias_acc.store(lanes);
+    for (int l = 0; l < blk.valid; ++l) gr.dbias[blk.d0 + l] += lanes[l];
+  }
+}
+
+// dB, dC of a task: the lane accumulators summed over the lanes (pad lanes hold zeros) into this thread's partials.
+template <typename T>
+void reduce_lanes(const Shape& sh, const Task& task, const BackwardScratch<T>& s, const Grads<T>& gr) {
+  const int W = sh.width;
+  const int64_t L = sh.length, N = sh.dstate;
+  T* dB = gr.dB + (task.b * sh.groups + task.g) * N * L;
+  T* dC = gr.dC + (task.b * sh.groups + task.g) * N * L;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t n = 0; n < N; ++n) {
+      const T* lb = s.acc_B.data() + (t * N + n) * W;
+      const T* lc = s.acc_C.data() + (t * N + n) * W;
+      T sb = T(0), sc = T(0);
+      for (int l = 0; l < W; ++l) sb += lb[l], sc += lc[l];
+      dB[n * L + t] += sb;
+      dC[n * L + t] += sc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------------------------
+Shape shape_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B, int width) {
+  Shape sh{};
+  sh.batch = u.size(0), sh.dim = u.size(1), sh.length = u.size(2), sh.dstate = A.size(1), sh.groups = B.size(1);
+  sh.per_group = sh.dim / sh.groups;
+  sh.width = width;
+  sh.blocks = (sh.per_group + width - 1) / width;
+  return sh;
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias) {
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) tensors");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be a contiguous (dim, N) tensor");
+  TORCH_CHECK(A.size(1) <= 256, "the state size N must be at most 256");
+  for (const at::Tensor* t : {&B, &C}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == u.size(0) && t->size(2) == A.size(1) && t->size(3) == u.size(2) &&
+                    t->size(1) == B.size(1),
+                "B and C must be (batch, G, N, L) tensors");
+  }
+  TORCH_CHECK(B.size(1) >= 1 && u.size(1) % B.size(1) == 0, "dim must be a multiple of the number of groups");
+  TORCH_CHECK(z.numel() == 0 || z.sizes() == u.sizes(), "z must be empty or have u's shape");
+  for (const at::Tensor* t : {&D, &bias}) {
+    TORCH_CHECK(t->numel() == 0 || (t->dim() == 1 && t->size(0) == u.size(1) && t->is_contiguous()),
+                "D and delta_bias must be empty or contiguous (dim,) tensors");
+  }
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C, &D, &z, &bias}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == u.scalar_type() && t->device().is_cpu()),
+                "all scan inputs must be CPU tensors of one floating dtype");
+  }
+}
+
+template <typename T>
+Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                    bool softplus) {
+  return Inputs<T>{Rows<T>(u), Rows<T>(delta), Rows<T>(z), A.data_ptr<T>(),
+                   D.numel() > 0 ? D.data_ptr<T>() : nullptr, bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
+                   Proj<T>(B), Proj<T>(C), softplus};
+}
+
+#define WITH_STATE_SIZE(dstate, CALL)                 \
+  switch (dstate) {                                   \
+    case 4: { constexpr int NS = 4; CALL; break; }    \
+    case 8: { constexpr int NS = 8; CALL; break; }    \
+    case 16: { constexpr int NS = 16; CALL; break; }  \
+    case 32: { constexpr int NS = 32; CALL; break; }  \
+    default: { constexpr int NS = 0; CALL; break; }   \
+  }
+
+// Tasks: batch * G * splits, each a range of channel blocks of one (batch, group); enough of them to keep every
+// thread busy, and few enough that the backward's lane accumulators are reduced rarely.
+inline int64_t splits_of(const Shape& sh, int64_t threads) {
+  const int64_t groups = sh.batch * sh.groups;
+  return std::max<int64_t>(1, std::min(sh.blocks, (2 * threads + groups - 1) / groups));
+}
+
+template <typename T, int NS>
+void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last) {
+  const int64_t splits = sh.blocks;  // no reductions in the forward: one task per block
+  at::parallel_for(0, sh.batch * sh.groups * splits, 1, [&](int64_t begin, int64_t end) {
+    Block<T> blk;
+    for (int64_t index = begin; index < end; ++index) {
+      const Task task = task_of(sh, splits, index);
+      for (int64_t j = task.j0; j < task.j1; ++j) {
+        blk.load(in, sh, task.b, task.g, j);
+        forward_block<T, NS>(in, sh, blk, out, last);
+      }
+    }
+  });
+}
+
+template <typename T, int NS>
+void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, const T* dlast, Grads<T> gr,
+                  int64_t threads) {
+  const int64_t splits = splits_of(sh, threads);
+  const int64_t sB = sh.batch * sh.groups * sh.dstate * sh.length, sA = sh.dim * sh.dstate;
+  const int64_t cells = sh.length * sh.dstate * sh.width;
+  at::parallel_for(0, sh.batch * sh.groups * splits, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    Grads<T> mine = gr;
+    mine.dB += tid * sB, mine.dC += tid * sB, mine.dA += tid * sA;
+    if (mine.dD != nullptr) mine.dD += tid * sh.dim;
+    if (mine.dbias != nullptr) mine.dbias += tid * sh.dim;
+    BackwardScratch<T> s;
+    s.decays.resize(cells), s.states.resize(cells), s.rows.resize(4 * sh.length * sh.width);
+    for (int64_t index = begin; index < end; ++index) {
+      const Task task = task_of(sh, splits, index);
+      if (task.j0 >= task.j1) continue;
+      s.acc_B.assign(cells, T(0));
+      s.acc_C.assign(cells, T(0));
+      for (int64_t j = task.j0; j < task.j1; ++j) {
+        s.blk.load(in, sh, task.b, task.g, j);
+        backward_block<T, NS>(in, sh, s, dout, dlast, mine);
+      }
+      reduce_lanes(sh, task, s, mine);
+    }
+  });
+}
+
+}  // namespace
+
+// u, delta, z: (batch, dim, L), any strides; A: (dim, N); B, C: (batch, G, N, L), any strides; D, delta_bias:
+// (dim,) or empty. -> (out (batch, dim, L), last_state (batch, dim, N)), both contiguous.
+std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                                 const at::Tensor& delta_bias, bool softplus) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+  at::Tensor out = at::empty(u.sizes(), u.options());
+  at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
+    const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
+  });
+  return {out, last};
+}
+
+// dout: (batch, dim, L); dlast: (batch, dim, N) contiguous or empty (the gradient of the last state).
+// -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), contiguous; dD, dz, ddelta_bias empty when D, z, delta_bias are.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
+                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                                 const at::Tensor& z, const at::Tensor& delta_bias, const at::Tensor& dlast,
+                                 bool softplus) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
+  TORCH_CHECK(dlast.numel() == 0 || (dlast.is_contiguous() && dlast.numel() == u.size(0) * u.size(1) * A.size(1) &&
+                                     dlast.scalar_type() == u.scalar_type()),
+              "dlast must be empty or a contiguous (batch, dim, N) tensor");
+  const int64_t threads = std::max(1, at::get_num_threads());
+  auto opts = u.options();
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = B.size(1);
+  at::Tensor du = at::empty(u.sizes(), opts), ddelta = at::empty(u.sizes(), opts);
+  at::Tensor dz = z.numel() > 0 ? at::empty(u.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dB = at::zeros({threads, batch, G, N, L}, opts), dC = at::zeros({threads, batch, G, N, L}, opts);
+  at::Tensor dA = at::zeros({threads, dim, N}, opts);
+  at::Tensor dD = at::zeros({threads, D.numel() > 0 ? dim : 0}, opts);
+  at::Tensor dbias = at::zeros({threads, delta_bias.numel() > 0 ? dim : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_bwd", [&] {
+    using T = scalar_t;
+    const Shape sh = shape_of(u, A, B, Vectorized<T>::size());
+    const Inputs<T> in = inputs_of<T>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    Grads<T> gr{Rows<T>(du), Rows<T>(ddelta), Rows<T>(dz), dB.data_ptr<T>(), dC.data_ptr<T>(), dA.data_ptr<T>(),
+                D.numel() > 0 ? dD.data_ptr<T>() : nullptr, delta_bias.numel() > 0 ? dbias.data_ptr<T>() : nullptr};
+    const T* dl = dlast.numel() > 0 ? dlast.data_ptr<T>() : nullptr;
+    WITH_STATE_SIZE(sh.dstate, (run_backward<T, NS>(in, sh, Rows<T>(dout), dl, gr, threads)));
+  });
+  return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dz, dbias.sum(0)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_fwd", &scan_fwd, "selective scan forward (CPU)");
+  m.def("scan_bwd", &scan_bwd, "selective scan backward (CPU)");
+}
