@@ -61,8 +61,10 @@ def _build_directory(name: str) -> str:
 
 
 def load_cpu_extension(source: str):
-    """Build (first use on this machine, cached afterwards) and import the extension compiled from
-    ``dartmamba/ops/csrc/<source>``. Raises whatever the build raises (no compiler, no ninja, compile errors)."""
+    """Build (first use on this machine, cached afterwards) and load the library compiled from
+    ``dartmamba/ops/csrc/<source>``; returns its op namespace ``torch.ops.<name>`` (the source registers its ops
+    with ``TORCH_LIBRARY(TORCH_EXTENSION_NAME, m)``, so no Python bindings are compiled). Raises whatever the build
+    raises (no compiler, no ninja, compile errors)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime is found": moot
     from torch.utils.cpp_extension import load
 
@@ -74,8 +76,8 @@ def load_cpu_extension(source: str):
     if fresh:
         print(f"dartmamba: building the C++ kernel {source} for {capability} (first use on this machine; cached "
               f"in {build_dir})", file=sys.stderr, flush=True)
-    module = load(name=name, sources=[str(CSRC / source)], extra_cflags=_flags(capability),
-                  extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
+    load(name=name, sources=[str(CSRC / source)], extra_cflags=_flags(capability), extra_ldflags=["-fopenmp"],
+         build_directory=build_dir, verbose=False, is_python_module=False)
     if fresh:
         print(f"dartmamba: built {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return module
+    return getattr(torch.ops, name)

@@ -20,10 +20,13 @@
 // the block's decays and states, (L, N, W) each, and runs the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
 // backwards; dB and dC (sums over channels) collect in (L, N, W) lane accumulators and are reduced over the lanes
 // once per task; dA, dD and delta_bias's gradient (sums over the batch) go to per-thread partial sums.
-#include <torch/extension.h>
-
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -155,16 +158,77 @@ struct Shape {
   int width;                                                      // W, lanes per vector
 };
 
-// Copy lanes [0, valid) of rows d0.. of `src` into a time-major (L, W) scratch; the other lanes get 0.
+// Copy lanes [0, valid) of rows d0.. of `src` into a time-major (L, W) scratch; the other lanes get 0 (and the
+// reverse). With AVX-512, float rows of unit stride along L move as 16 x 16 tiles transposed in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void transpose16x16(__m512 r[16]) {  // r[i] holds row i; afterwards r[j] holds column j
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {  // 4 x 4 blocks within 128-bit lanes: permute the lanes
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+inline bool gather_tiles(const float* base, int64_t sd, int valid, int64_t L, int W, float* dst) {
+  if (W != 16) return false;
+  __m512 r[16];
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
+    for (int j = 0; j < 16; ++j) r[j] = j < valid ? _mm512_maskz_loadu_ps(mask, base + j * sd + t0) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (t0 + i) * 16, r[i]);
+  }
+  return true;
+}
+
+inline bool scatter_tiles(const float* src, int W, int64_t L, float* base, int64_t sd, int valid) {
+  if (W != 16) return false;
+  __m512 r[16];
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = i < nt ? _mm512_loadu_ps(src + (t0 + i) * 16) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int j = 0; j < valid; ++j) _mm512_mask_storeu_ps(base + j * sd + t0, mask, r[j]);
+  }
+  return true;
+}
+#endif
+
 template <typename T>
 void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, const Shape& sh, T* dst) {
   const int W = sh.width;
+  const int64_t L = sh.length;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (src.st == 1 && gather_tiles(src.row(b, d0), src.sd, valid, L, W, dst)) return;
+  }
+#endif
   for (int j = 0; j < W; ++j) {
     if (j < valid) {
       const T* row = src.row(b, d0 + j);
-      for (int64_t t = 0; t < sh.length; ++t) dst[t * W + j] = row[t * src.st];
+      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = row[t * src.st];
     } else {
-      for (int64_t t = 0; t < sh.length; ++t) dst[t * W + j] = T(0);
+      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = T(0);
     }
   }
 }
@@ -172,9 +236,15 @@ void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, const Shape& s
 template <typename T>
 void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid, const Shape& sh) {
   const int W = sh.width;
+  const int64_t L = sh.length;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (dst.st == 1 && scatter_tiles(src, W, L, dst.row(b, d0), dst.sd, valid)) return;
+  }
+#endif
   for (int j = 0; j < valid; ++j) {
     T* row = dst.row(b, d0 + j);
-    for (int64_t t = 0; t < sh.length; ++t) row[t * dst.st] = src[t * W + j];
+    for (int64_t t = 0; t < L; ++t) row[t * dst.st] = src[t * W + j];
   }
 }
 
@@ -189,6 +259,42 @@ struct Inputs {
   bool softplus;
 };
 
+// Software prefetch of the next block's rows (unit stride along L) into L2, spread over the current block's steps:
+// the gathers then read from cache instead of waiting for memory.
+template <typename T>
+struct Prefetcher {
+  static constexpr int kMaxRows = 8 * 64;
+  const char* rows[kMaxRows];
+  bool write[kMaxRows];
+  int64_t count = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+
+  void reset() { count = row = line = 0; }
+  // rows d0 .. d0 + valid - 1 of `r` (to be read, or written: `for_write`)
+  void add(const Rows<T>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
+    if (r.data == nullptr || r.st != 1) return;
+    for (int j = 0; j < valid && count < kMaxRows; ++j) {
+      write[count] = for_write;
+      rows[count++] = reinterpret_cast<const char*>(r.row(b, d0 + j));
+    }
+    lines_per_row = (L * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  }
+  void start(int64_t steps) {
+    const int64_t total = count * lines_per_row;
+    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+  }
+  inline void step() {  // the next per_step cache lines
+    for (int64_t i = 0; i < per_step && row < count; ++i) {
+      const char* at = rows[row] + line * 64;
+      if (write[row]) {
+        __builtin_prefetch(at, 1, 2);
+      } else {
+        __builtin_prefetch(at, 0, 2);
+      }
+      if (++line == lines_per_row) line = 0, ++row;
+    }
+  }
+};
+
 // One block of W channels d0 .. d0 + valid - 1 of batch b, group g, as time-major (L, W) rows.
 template <typename T>
 struct Block {
@@ -196,6 +302,8 @@ struct Block {
   int valid = 0;
   std::vector<T> pre, dt, u, z, gate, a_cols;  // pre = delta + bias, dt = softplus(pre) or pre, gate = silu(z),
                                                // a_cols: (N, W), A of the block's channels
+  std::vector<T> bc;                           // (L, 2, N): B_t and C_t of (b, g), contiguous per step
+  int64_t bc_of = -1;                          // the b * G + g they belong to
   const T* A_col(int64_t n, int W) const { return a_cols.data() + n * W; }
 
   Vectorized<T> lanes(const T* values) const {  // values[d0 + l] on the valid lanes, else 0
@@ -211,6 +319,15 @@ struct Block {
     const int W = sh.width;
     const int64_t L = sh.length, N = sh.dstate;
     b = b_, g = g_, d0 = g * sh.per_group + j * W;
+    if (bc_of != b * sh.groups + g) {
+      bc.resize(L * 2 * N);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* Bp = in.B.at(b, g, t);
+        const T* Cp = in.C.at(b, g, t);
+        for (int64_t n = 0; n < N; ++n) bc[t * 2 * N + n] = Bp[n * in.B.sn], bc[t * 2 * N + N + n] = Cp[n * in.C.sn];
+      }
+      bc_of = b * sh.groups + g;
+    }
     valid = static_cast<int>(std::min<int64_t>(W, sh.per_group - j * W));
     pre.resize(L * W), dt.resize(L * W), u.resize(L * W);
     gather(in.delta, b, d0, valid, sh, pre.data());
@@ -252,11 +369,12 @@ inline Task task_of(const Shape& sh, int64_t splits, int64_t index) {
 // registers for the common sizes.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T, int NS>
-void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Rows<T>& out, T* last) {
+void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Rows<T>& out, T* last,
+                   Prefetcher<T>& pf) {
   using Vec = Vectorized<T>;
   constexpr int kMaxN = NS > 0 ? NS : 256;
   const int W = sh.width;
-  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate, sBn = in.B.sn, sCn = in.C.sn;
+  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate;
   const Vec Dv = blk.lanes(in.D);
   const bool gated = in.z.data != nullptr;
   Vec h[kMaxN];
@@ -266,17 +384,18 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
     const Vec step = Vec::loadu(blk.dt.data() + t * W);
     const Vec uv = Vec::loadu(blk.u.data() + t * W);
     const Vec drive = step * uv;
-    const T* Bt = in.B.at(blk.b, blk.g, t);
-    const T* Ct = in.C.at(blk.b, blk.g, t);
+    const T* Bt = blk.bc.data() + t * 2 * N;
+    const T* Ct = Bt + N;
     Vec y = Dv * uv;
 #pragma GCC unroll 16
     for (int64_t n = 0; n < N; ++n) {
       const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
-      h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n * sBn]));
-      y = at::vec::fmadd(Vec(Ct[n * sCn]), h[n], y);
+      h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
+      y = at::vec::fmadd(Vec(Ct[n]), h[n], y);
     }
     if (gated) y = y * Vec::loadu(blk.gate.data() + t * W);
     y.store(y_rows + t * W);
+    pf.step();
   }
   scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh);
   T lanes[64];
@@ -308,13 +427,80 @@ struct BackwardScratch {
   std::vector<T> rows;            // (4, L, W): dy, y_pre then dz, dstep, du
 };
 
+constexpr int64_t kStateGroup = 8;  // states whose adjoints run together in the backward
+
+// The adjoint of states n0 .. n0 + K - 1 of the block in the scratch, backwards in time (K at compile time, so that
+// the carries and dA sums live in registers). Adds d(drive) = sum_n g_t B_t to du_rows and the decays' part of
+// dL/d(dt) to dstep_rows, the lanes of dB, dC to the scratch's accumulators and dA to the thread's partial sums.
+template <typename T, int K>
+void adjoint_group(const Shape& sh, BackwardScratch<T>& s, int64_t n0, int64_t, int64_t N, const T* dlast,
+                   const Grads<T>& gr, const T* dy_rows, T* dstep_rows, T* du_rows) {
+  using Vec = Vectorized<T>;
+  const int W = sh.width;
+  const int64_t L = sh.length;
+  const Block<T>& blk = s.blk;
+  const Vec zero(T(0));
+  Vec carry[K], dA_acc[K];
+  for (int k = 0; k < K; ++k) {
+    T lanes[64] = {};
+    if (dlast != nullptr) {
+      for (int l = 0; l < blk.valid; ++l) lanes[l] = dlast[(blk.b * sh.dim + blk.d0 + l) * N + n0 + k];
+    }
+    carry[k] = Vec::loadu(lanes);
+    dA_acc[k] = zero;
+  }
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const Vec dy = Vec::loadu(dy_rows + t * W);
+    const Vec step = Vec::loadu(blk.dt.data() + t * W);
+    const Vec drive = step * Vec::loadu(blk.u.data() + t * W);
+    const T* Bt = blk.bc.data() + t * 2 * N + n0;
+    const T* Ct = Bt + N;
+    const int64_t at = (t * N + n0) * W;
+    const T* a_t = s.decays.data() + at;
+    const T* h_t = s.states.data() + at;
+    T* accB_t = s.acc_B.data() + at;
+    T* accC_t = s.acc_C.data() + at;
+    Vec ddrive = zero, dstep = zero;
+    if (t > 0) {
+      const T* h_prev = h_t - N * W;
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) {
+        const Vec g = at::vec::fmadd(Vec(Ct[k]), dy, carry[k]);       // dL/dh_t
+        const Vec a = Vec::loadu(a_t + k * W);
+        at::vec::fmadd(dy, Vec::loadu(h_t + k * W), Vec::loadu(accC_t + k * W)).store(accC_t + k * W);
+        at::vec::fmadd(g, drive, Vec::loadu(accB_t + k * W)).store(accB_t + k * W);
+        ddrive = at::vec::fmadd(g, Vec(Bt[k]), ddrive);
+        const Vec q = g * a * Vec::loadu(h_prev + k * W);            // dL/d(dt_t A) = g_t exp(dt_t A) h_{t-1}
+        dstep = at::vec::fmadd(q, Vec::loadu(blk.A_col(n0 + k, W)), dstep);
+        dA_acc[k] = at::vec::fmadd(q, step, dA_acc[k]);
+        carry[k] = a * g;
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) {
+        const Vec g = at::vec::fmadd(Vec(Ct[k]), dy, carry[k]);
+        at::vec::fmadd(dy, Vec::loadu(h_t + k * W), Vec::loadu(accC_t + k * W)).store(accC_t + k * W);
+        at::vec::fmadd(g, drive, Vec::loadu(accB_t + k * W)).store(accB_t + k * W);
+        ddrive = at::vec::fmadd(g, Vec(Bt[k]), ddrive);
+      }
+    }
+    (Vec::loadu(du_rows + t * W) + ddrive).store(du_rows + t * W);
+    (Vec::loadu(dstep_rows + t * W) + dstep).store(dstep_rows + t * W);
+  }
+  T lanes[64];
+  for (int k = 0; k < K; ++k) {
+    dA_acc[k].store(lanes);
+    for (int l = 0; l < blk.valid; ++l) gr.dA[(blk.d0 + l) * N + n0 + k] += lanes[l];
+  }
+}
+
 template <typename T, int NS>
 void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s, const Rows<T>& dout,
-                    const T* dlast, const Grads<T>& gr) {
+                    const T* dlast, const Grads<T>& gr, Prefetcher<T>& pf) {
   using Vec = Vectorized<T>;
   constexpr int kMaxN = NS > 0 ? NS : 256;
   const int W = sh.width;
-  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate, sBn = in.B.sn, sCn = in.C.sn;
+  const int64_t L = sh.length, N = NS > 0 ? NS : sh.dstate;
   const bool gated = in.z.data != nullptr;
   Block<T>& blk = s.blk;
   const Vec Dv = blk.lanes(in.D);
@@ -332,80 +518,60 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
       const Vec step = Vec::loadu(blk.dt.data() + t * W);
       const Vec uv = Vec::loadu(blk.u.data() + t * W);
       const Vec drive = step * uv;
-      const T* Bt = in.B.at(blk.b, blk.g, t);
-      const T* Ct = in.C.at(blk.b, blk.g, t);
+      const T* Bt = blk.bc.data() + t * 2 * N;
+      const T* Ct = Bt + N;
       T* a_t = s.decays.data() + t * N * W;
       T* h_t = s.states.data() + t * N * W;
       Vec y = Dv * uv;
 #pragma GCC unroll 16
       for (int64_t n = 0; n < N; ++n) {
         const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
-        h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n * sBn]));
+        h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
         a.store(a_t + n * W);
         h[n].store(h_t + n * W);
-        if (gated) y = at::vec::fmadd(Vec(Ct[n * sCn]), h[n], y);
+        if (gated) y = at::vec::fmadd(Vec(Ct[n]), h[n], y);
       }
       if (gated) y.store(y_pre + t * W);
+      pf.step();
     }
   }
 
-  // the adjoint, backwards in time
-  Vec carry[kMaxN], dA_acc[kMaxN];
-  for (int64_t n = 0; n < N; ++n) {
-    T lanes[64] = {};
-    if (dlast != nullptr) {
-      for (int l = 0; l < blk.valid; ++l) lanes[l] = dlast[(blk.b * sh.dim + blk.d0 + l) * N + n];
-    }
-    carry[n] = Vec::loadu(lanes);
-    dA_acc[n] = Vec(T(0));
-  }
-  Vec dD_acc(T(0)), dbias_acc(T(0));
-  const Vec one(T(1)), threshold(static_cast<T>(kSoftplusThreshold));
-  for (int64_t t = L - 1; t >= 0; --t) {
-    Vec dy = Vec::loadu(dy_rows + t * W);
+  // dL/dy (through the gate) and dz, per step
+  const Vec one(T(1)), zero(T(0));
+  for (int64_t t = 0; t < L; ++t) {
     if (gated) {  // out = y_pre silu(z): dz = dout y_pre silu'(z), silu' = sig (1 + z (1 - sig)); dy = dout silu(z)
+      const Vec dout_t = Vec::loadu(dy_rows + t * W);
       const Vec zv = Vec::loadu(blk.z.data() + t * W);
       const Vec sig = sigmoid(zv);
-      (dy * Vec::loadu(y_pre + t * W) * sig * at::vec::fmadd(zv, one - sig, one)).store(y_pre + t * W);
-      dy = dy * Vec::loadu(blk.gate.data() + t * W);
+      (dout_t * Vec::loadu(y_pre + t * W) * sig * at::vec::fmadd(zv, one - sig, one)).store(y_pre + t * W);
+      (dout_t * Vec::loadu(blk.gate.data() + t * W)).store(dy_rows + t * W);
     }
+    zero.store(dstep_rows + t * W);
+    zero.store(du_rows + t * W);    // collects d(drive) = sum_n g_t B_t first
+  }
+
+  // the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}, backwards in time, kStateGroup states at a time (their
+  // recurrences are independent; the carries and dA sums stay in registers); the sums over the states, d(drive)
+  // and dL/d(dt) through the decays, collect in du_rows and dstep_rows
+  int64_t n0 = 0;
+  for (; n0 + kStateGroup <= N; n0 += kStateGroup) {
+    adjoint_group<T, kStateGroup>(sh, s, n0, kStateGroup, N, dlast, gr, dy_rows, dstep_rows, du_rows);
+  }
+  for (; n0 < N; ++n0) adjoint_group<T, 1>(sh, s, n0, 1, N, dlast, gr, dy_rows, dstep_rows, du_rows);
+
+  // through the drive dt u: du = d(drive) dt + D dy, dL/d(dt) += d(drive) u; then softplus' (sigmoid(pre), 1 above
+  // the threshold, as softplus_backward)
+  Vec dD_acc = zero, dbias_acc = zero;
+  const Vec threshold(static_cast<T>(kSoftplusThreshold));
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec dy = Vec::loadu(dy_rows + t * W);
     const Vec step = Vec::loadu(blk.dt.data() + t * W);
     const Vec uv = Vec::loadu(blk.u.data() + t * W);
-    const Vec drive = step * uv;
-    const T* Bt = in.B.at(blk.b, blk.g, t);
-    const T* Ct = in.C.at(blk.b, blk.g, t);
-    const T* a_t = s.decays.data() + t * N * W;
-    const T* h_t = s.states.data() + t * N * W;
-    T* accB_t = s.acc_B.data() + t * N * W;
-    T* accC_t = s.acc_C.data() + t * N * W;
-    Vec ddrive(T(0)), dstep(T(0));
-    if (t > 0) {
-      const T* h_prev = h_t - N * W;
-#pragma GCC unroll 16
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec g = at::vec::fmadd(Vec(Ct[n * sCn]), dy, carry[n]);   // dL/dh_t
-        const Vec a = Vec::loadu(a_t + n * W);
-        at::vec::fmadd(dy, Vec::loadu(h_t + n * W), Vec::loadu(accC_t + n * W)).store(accC_t + n * W);
-        at::vec::fmadd(g, drive, Vec::loadu(accB_t + n * W)).store(accB_t + n * W);
-        ddrive = at::vec::fmadd(g, Vec(Bt[n * sBn]), ddrive);
-        const Vec q = g * a * Vec::loadu(h_prev + n * W);               // dL/d(dt_t A) = g_t exp(dt_t A) h_{t-1}
-        dstep = at::vec::fmadd(q, Vec::loadu(blk.A_col(n, W)), dstep);
-        dA_acc[n] = at::vec::fmadd(q, step, dA_acc[n]);
-        carry[n] = a * g;
-      }
-    } else {
-#pragma GCC unroll 16
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec g = at::vec::fmadd(Vec(Ct[n * sCn]), dy, carry[n]);
-        at::vec::fmadd(dy, Vec::loadu(h_t + n * W), Vec::loadu(accC_t + n * W)).store(accC_t + n * W);
-        at::vec::fmadd(g, drive, Vec::loadu(accB_t + n * W)).store(accB_t + n * W);
-        ddrive = at::vec::fmadd(g, Vec(Bt[n * sBn]), ddrive);
-      }
-    }
-    dstep = at::vec::fmadd(ddrive, uv, dstep);                        // + through the drive dt u
-    at::vec::fmadd(ddrive, step, Dv * dy).store(du_rows + t * W);     // du = d(drive) dt + D dy
+    const Vec ddrive = Vec::loadu(du_rows + t * W);
+    Vec dstep = at::vec::fmadd(ddrive, uv, Vec::loadu(dstep_rows + t * W));
+    at::vec::fmadd(ddrive, step, Dv * dy).store(du_rows + t * W);
     dD_acc = at::vec::fmadd(dy, uv, dD_acc);
-    if (in.softplus) {  // softplus'(pre) = sigmoid(pre), 1 above the threshold (as softplus_backward)
+    if (in.softplus) {
       const Vec p = Vec::loadu(blk.pre.data() + t * W);
       dstep = Vec::blendv(dstep * sigmoid(p), dstep, p > threshold);
     }
@@ -416,10 +582,6 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
   scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh);
   if (gated) scatter(y_pre, gr.dz, blk.b, blk.d0, blk.valid, sh);
   T lanes[64];
-  for (int64_t n = 0; n < N; ++n) {
-    dA_acc[n].store(lanes);
-    for (int l = 0; l < blk.valid; ++l) gr.dA[(blk.d0 + l) * N + n] += lanes[l];
-  }
   if (gr.dD != nullptr) {
     dD_acc.store(lanes);
     for (int l = 0; l < blk.valid; ++l) gr.dD[blk.d0 + l] += lanes[l];
@@ -492,12 +654,11 @@ Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                    Proj<T>(B), Proj<T>(C), softplus};
 }
 
+// The state sizes compiled in (Mamba's 16, and 8); others run with N known at run time only.
 #define WITH_STATE_SIZE(dstate, CALL)                 \
   switch (dstate) {                                   \
-    case 4: { constexpr int NS = 4; CALL; break; }    \
     case 8: { constexpr int NS = 8; CALL; break; }    \
     case 16: { constexpr int NS = 16; CALL; break; }  \
-    case 32: { constexpr int NS = 32; CALL; break; }  \
     default: { constexpr int NS = 0; CALL; break; }   \
   }
 
@@ -509,15 +670,24 @@ inline int64_t splits_of(const Shape& sh, int64_t threads) {
 }
 
 template <typename T, int NS>
-void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last) {
-  const int64_t splits = sh.blocks;  // no reductions in the forward: one task per block
+void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last, int64_t threads) {
+  const int64_t splits = splits_of(sh, 2 * threads);
   at::parallel_for(0, sh.batch * sh.groups * splits, 1, [&](int64_t begin, int64_t end) {
     Block<T> blk;
+    Prefetcher<T> pf;
     for (int64_t index = begin; index < end; ++index) {
       const Task task = task_of(sh, splits, index);
       for (int64_t j = task.j0; j < task.j1; ++j) {
         blk.load(in, sh, task.b, task.g, j);
-        forward_block<T, NS>(in, sh, blk, out, last);
+        pf.reset();
+        if (j + 1 < task.j1) {
+          const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
+          const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
+          for (const Rows<T>* r : {&in.delta, &in.u, &in.z}) pf.add(*r, task.b, d1, valid, sh.length);
+          pf.add(out, task.b, d1, valid, sh.length, true);
+        }
+        pf.start(sh.length);
+        forward_block<T, NS>(in, sh, blk, out, last, pf);
       }
     }
   });
@@ -536,6 +706,7 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
     if (mine.dD != nullptr) mine.dD += tid * sh.dim;
     if (mine.dbias != nullptr) mine.dbias += tid * sh.dim;
     BackwardScratch<T> s;
+    Prefetcher<T> pf;
     s.decays.resize(cells), s.states.resize(cells), s.rows.resize(4 * sh.length * sh.width);
     for (int64_t index = begin; index < end; ++index) {
       const Task task = task_of(sh, splits, index);
@@ -544,7 +715,15 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
       s.acc_C.assign(cells, T(0));
       for (int64_t j = task.j0; j < task.j1; ++j) {
         s.blk.load(in, sh, task.b, task.g, j);
-        backward_block<T, NS>(in, sh, s, dout, dlast, mine);
+        pf.reset();
+        if (j + 1 < task.j1) {
+          const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
+          const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
+          for (const Rows<T>* r : {&in.delta, &in.u, &in.z, &dout}) pf.add(*r, task.b, d1, valid, sh.length);
+          for (const Rows<T>* r : {&mine.du, &mine.ddelta, &mine.dz}) pf.add(*r, task.b, d1, valid, sh.length, true);
+        }
+        pf.start(sh.length);
+        backward_block<T, NS>(in, sh, s, dout, dlast, mine, pf);
       }
       reduce_lanes(sh, task, s, mine);
     }
@@ -564,7 +743,9 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
     const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
-    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
+    const int64_t threads = std::max(1, at::get_num_threads());
+    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>(),
+                                                          threads)));
   });
   return {out, last};
 }
@@ -601,7 +782,10 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
   return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dz, dbias.sum(0)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_fwd", &scan_fwd, "selective scan forward (CPU)");
-  m.def("scan_bwd", &scan_bwd, "selective scan backward (CPU)");
+// Registered as torch.ops.<extension name>.scan_fwd / scan_bwd (dartmamba/ops/scan.py wraps them in its custom ops).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor delta_bias, "
+        "bool softplus) -> Tensor[]", &scan_fwd);
+  m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
+        "Tensor delta_bias, Tensor dlast, bool softplus) -> Tensor[]", &scan_bwd);
 }
