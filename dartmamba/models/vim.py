@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..modules.bimamba import BiMambaMixer, VimBlock
+from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL, BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
 from ._common import (ModelFamily, build_tokenizer, dart_scorer_cfg, model_cfg, package_intermediates,
@@ -54,6 +54,9 @@ class VisionMamba(nn.Module):
             trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
             its older name.
         global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
+        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both, the default)
+            or ``"two_pass"`` (one after the other); same parameters, same result (see
+            :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -61,7 +64,7 @@ class VisionMamba(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, tokenizer="grid", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token"):
+                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -87,7 +90,8 @@ class VisionMamba(nn.Module):
 
         drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.layers = nn.ModuleList([
-            VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i),
+            VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
+                                             bimamba_impl=bimamba_impl),
                      drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32)
             for i in range(depth)])
         self.final_drop_path = self.layers[-1].drop_path if depth else nn.Identity()

@@ -48,7 +48,6 @@ they are as stable as the sequential reference for any sequence length and any d
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -487,34 +486,22 @@ def _group_args(g: int, per_group: int, u, delta, A, B, C, D, z, delta_bias) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # C++ kernel for CPU tensors (built at first use)
 # ----------------------------------------------------------------------------------------------------------------
-_LOADED: dict = {}              # extension modules, imported or built on first use
-_CPP_SOURCE = "selective_scan_cpu.cpp"
+_LOADED: dict = {}              # mamba-ssm's extension, imported on first use
 _CPP_MAX_DSTATE = 256          # the kernel keeps the state in a fixed-size register array
 _CPP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _cpp_extension():
-    """The compiled kernel module (built on first use, then loaded from torch's extension cache)."""
-    if "cpp" not in _LOADED:
-        from ._jit import load_cpu_extension
+    """The C++ kernels' op namespace (built on first use, then loaded from torch's extension cache)."""
+    from ._jit import cpu_kernels
 
-        _LOADED["cpp"] = load_cpu_extension(_CPP_SOURCE)
-    return _LOADED["cpp"]
+    return cpu_kernels()
 
 
-def _cpp_check() -> Optional[str]:
-    if os.environ.get("DARTMAMBA_BUILD_CPU_KERNELS", "1") == "0":
-        return "DARTMAMBA_BUILD_CPU_KERNELS=0"
-    try:
-        _cpp_extension()
-    except Exception as exc:  # no compiler or ninja, a compile error: the torch scan stays
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        detail = " / ".join(lines[-3:])[-400:]
-        return f"building the C++ CPU kernel failed ({type(exc).__name__}: {detail})"
-    return None
+def _cpp_unavailable() -> Optional[str]:
+    from ._jit import cpu_kernels_unavailable
 
-
-_cpp_unavailable = backends.cached_check(_cpp_check)
+    return cpu_kernels_unavailable()
 
 
 def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -550,7 +537,7 @@ def _scan_cpp_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 @_scan_cpp_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
-    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+    return (torch.empty_like(u),                      # laid out as u, as the kernel allocates it
             u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=cdt))
 
 
@@ -602,8 +589,8 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        return_last_state: bool = False):
     """The C++ CPU kernel (the ``"cpp"`` backend), as a custom op torch.compile can trace.
 
-    Same arguments, shapes and result as :func:`selective_scan_reference` (grouped B, C included); any strides.
-    CPU tensors; math in float32 (float64 when any input is float64); gradients flow to every tensor argument and
+    Same arguments, shapes and result as :func:`selective_scan_reference` (grouped B, C included); any strides (the
+    output is laid out as ``u``, e.g. channel-last for a channel-last ``u``). CPU tensors; math in float32 (float64 when any input is float64); gradients flow to every tensor argument and
     from the last state. Nothing is saved for the backward but the inputs (the backward recomputes the states).
     Built at first use (a C++ compiler and ninja are needed; see :mod:`dartmamba.ops._jit`); raises
     :class:`~dartmamba.backends.BackendUnavailableError` when the build fails.

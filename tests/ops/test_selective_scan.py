@@ -254,43 +254,49 @@ def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
 def test_failed_kernel_build_falls_back_to_the_torch_scan_with_one_warning(seeds, monkeypatch, restore_backends):
     """Without a working compiler, "auto" runs the chunked scan on CPU tensors and warns once, naming why; forcing
     the kernel raises with that reason."""
-    def no_compiler(source):
+    from dartmamba.ops import _jit
+
+    def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions\nerror: c++: command not found")
 
-    monkeypatch.setattr(ss, "_LOADED", {})
-    monkeypatch.setattr("dartmamba.ops._jit.load_cpu_extension", no_compiler)
+    monkeypatch.setattr(_jit, "cpu_kernels", no_compiler)
     monkeypatch.delenv("DARTMAMBA_BUILD_CPU_KERNELS", raising=False)
-    reason = ss._cpp_check()
-    assert reason.startswith("building the C++ CPU kernel failed (RuntimeError: ") and "command not found" in reason
+    reason = _jit._check()
+    assert reason.startswith("building the C++ CPU kernels failed (RuntimeError: ") and "command not found" in reason
     monkeypatch.setenv("DARTMAMBA_BUILD_CPU_KERNELS", "0")
-    assert ss._cpp_check() == "DARTMAMBA_BUILD_CPU_KERNELS=0"
-    kernel = next(b for b in backends.implementations("scan") if b.name == "cpp")
-    monkeypatch.setattr(kernel, "available", lambda: reason)
+    assert _jit._check() == "DARTMAMBA_BUILD_CPU_KERNELS=0"
+    for op in ("scan", "conv1d"):
+        kernel = next(b for b in backends.implementations(op) if b.name == "cpp")
+        monkeypatch.setattr(kernel, "available", lambda: reason)
     monkeypatch.setattr(backends, "_WARNED", set())
     inputs = make_inputs(2, 3, 9, 2, torch.float64, seeds[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
             assert backends.resolve("scan", "cpu", *inputs).name == "cpu"
+            assert backends.resolve("conv1d", "cpu", inputs[0], torch.zeros(3, 4), None, "silu").name == "torch"
     runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(runtime) == 1 and "could not be built" in runtime[0] and "command not found" in runtime[0], runtime
+    assert len(runtime) == 2 and all("could not be built" in m and "command not found" in m for m in runtime), runtime
     with pytest.raises(BackendUnavailableError, match="scan backend 'cpp' is not available: building the C"):
         selective_scan(*inputs, backend="cpp")
 
 
-def test_extension_names_follow_the_source_flags_and_torch(tmp_path, monkeypatch):
-    """A changed source, ISA or torch version is a different module (never a stale or ABI-incompatible binary)."""
+def test_extension_names_follow_the_sources_flags_and_torch(tmp_path, monkeypatch):
+    """A changed source or header, ISA or torch version is a different library (never a stale or ABI-incompatible
+    binary)."""
     from dartmamba.ops import _jit
 
     monkeypatch.setattr(_jit, "CSRC", tmp_path)
     (tmp_path / "k.cpp").write_text("int a;")
-    (tmp_path / "l.cpp").write_text("int b;")
-    base = _jit.extension_name("k.cpp", "AVX2")
-    assert base.startswith("dartmamba_k_avx2_") and base == _jit.extension_name("k.cpp", "AVX2")
-    assert _jit.extension_name("l.cpp", "AVX2").split("_")[-1] != base.split("_")[-1]
-    assert _jit.extension_name("k.cpp", "AVX512") != base
+    (tmp_path / "k.h").write_text("int b;")
+    base = _jit.extension_name("AVX2")
+    assert base.startswith("dartmamba_cpu_avx2_") and base == _jit.extension_name("AVX2")
+    (tmp_path / "k.h").write_text("int c;")
+    changed = _jit.extension_name("AVX2")
+    assert changed != base
+    assert _jit.extension_name("AVX512") != changed
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert _jit.extension_name("k.cpp", "AVX2") != base
+    assert _jit.extension_name("AVX2") != changed
 
 
 @pytest.mark.parametrize("bad, message", [

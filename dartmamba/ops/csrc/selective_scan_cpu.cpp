@@ -22,126 +22,19 @@
 // once per task; dA, dD and delta_bias's gradient (sums over the batch) go to per-thread partial sums.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <limits>
-#include <type_traits>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace {
 
-using at::vec::Vectorized;
+using namespace dartmamba_cpu;
 
-
-// exp, inline (a call would spill the state vectors held in registers around it): x = k ln2 + r with
-// |r| <= ln2 / 2, exp(r) by Horner on 1/j! (truncation error below 1e-8 relative in float, 1e-17 in double: within
-// about an ulp, as Sleef's exp that torch.exp uses), times 2^k built as two factors, so results that underflow
-// into the subnormals, or to 0 below kMin, come out right and results above log(max) overflow to inf. The clamps
-// return x itself when it is NaN, so NaN propagates.
-template <typename T> struct ExpTraits;
-template <> struct ExpTraits<float> {
-  using Int = int32_t;
-  static constexpr int kMantissa = 23, kBias = 127, kDegree = 7, kLog1pTerms = 9;
-  static constexpr float kLog2e = 1.44269504088896341f;
-  static constexpr float kLn2Hi = 0.693115234375f;           // ln 2 with its low 12 mantissa bits cleared ...
-  static constexpr float kLn2Lo = 3.194618329871446e-05f;    // ... and the rest: k * kLn2Hi is exact
-  static constexpr float kMin = -104.0f;                     // exp(kMin) rounds to 0
-  static constexpr float kMax = 89.0f;                       // exp(kMax) overflows to inf
-};
-template <> struct ExpTraits<double> {
-  using Int = int64_t;
-  static constexpr int kMantissa = 52, kBias = 1023, kDegree = 13, kLog1pTerms = 17;
-  static constexpr double kLog2e = 1.4426950408889634074;
-  static constexpr double kLn2Hi = 0.6931471803691238;       // low 21 mantissa bits cleared
-  static constexpr double kLn2Lo = 1.9082146973659064e-10;
-  static constexpr double kMin = -746.0;
-  static constexpr double kMax = 710.0;
-};
-
-template <typename T>
-constexpr T inverse_factorial(int j) {
-  T f = T(1);
-  for (int i = 2; i <= j; ++i) f *= T(i);
-  return T(1) / f;
-}
-
-// p * 2^k for integral k: one instruction with AVX-512 (vscalef, which rounds subnormal results correctly);
-// else 2^k built in the exponent bits as two factors, so that results in the subnormal range come out right.
-template <typename T>
-inline Vectorized<T> scale_by_pow2(const Vectorized<T>& p, const Vectorized<T>& k) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    return Vectorized<T>(_mm512_scalef_ps(p, k));
-  } else {
-    return Vectorized<T>(_mm512_scalef_pd(p, k));
-  }
-#else
-  using Tr = ExpTraits<T>;
-  using IVec = Vectorized<typename Tr::Int>;
-  const IVec ki = at::vec::convert_to_int_of_same_size<T>(k);
-  const IVec k1 = ki >> IVec(1);
-  const IVec bias(Tr::kBias), shift(Tr::kMantissa);
-  return p * at::vec::cast<T>((k1 + bias) << shift) * at::vec::cast<T>((ki - k1 + bias) << shift);
-#endif
-}
-
-template <typename T>
-inline Vectorized<T> exp_inline(const Vectorized<T>& x) {
-  using Vec = Vectorized<T>;
-  using Tr = ExpTraits<T>;
-  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(Tr::kMin)), Vec(Tr::kMax));
-  const Vec k = at::vec::fmadd(xc, Vec(Tr::kLog2e), Vec(T(0.5))).floor();
-  const Vec r = at::vec::fmadd(k, Vec(-Tr::kLn2Lo), at::vec::fmadd(k, Vec(-Tr::kLn2Hi), xc));
-  Vec p(inverse_factorial<T>(Tr::kDegree));
-#pragma GCC unroll 16
-  for (int j = Tr::kDegree - 1; j >= 0; --j) p = at::vec::fmadd(p, r, Vec(inverse_factorial<T>(j)));
-  return scale_by_pow2(p, k);
-}
-
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + exp_inline(x.neg()));
-}
-
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above F.softplus's threshold 20. log1p(y) for y in
-// [0, 1] as 2 atanh(s), s = y / (2 + y) in [0, 1/3], by its odd series (error below 1e-9 relative in float).
-constexpr double kSoftplusThreshold = 20.0;
-
-template <typename T>
-inline Vectorized<T> softplus(const Vectorized<T>& x) {
-  using Vec = Vectorized<T>;
-  const Vec zero(T(0));
-  const Vec y = exp_inline(at::vec::minimum(x, x.neg()));
-  const Vec s = y / (Vec(T(2)) + y), s2 = s * s;
-  constexpr int terms = ExpTraits<T>::kLog1pTerms;
-  Vec series(T(1) / T(2 * terms - 1));
-#pragma GCC unroll 32
-  for (int j = terms - 2; j >= 0; --j) series = at::vec::fmadd(series, s2, Vec(T(1) / T(2 * j + 1)));
-  const Vec out = at::vec::fmadd(Vec(T(2)) * s, series, at::vec::clamp_min(x, zero));
-  return Vec::blendv(out, x, x > Vec(static_cast<T>(kSoftplusThreshold)));
-}
-
-// A (batch, channels, L) tensor addressed through its strides; absent tensors have data == nullptr.
-template <typename T>
-struct Rows {
-  T* data = nullptr;
-  int64_t sb = 0, sd = 0, st = 0;
-  Rows() = default;
-  explicit Rows(const at::Tensor& t) {
-    if (t.defined() && t.numel() > 0) {
-      data = t.data_ptr<T>();
-      sb = t.stride(0), sd = t.stride(1), st = t.stride(2);
-    }
-  }
-  T* row(int64_t b, int64_t d) const { return data + b * sb + d * sd; }
-};
 
 // B or C: (batch, G, N, L) through strides.
 template <typename T>
@@ -158,96 +51,6 @@ struct Shape {
   int width;                                                      // W, lanes per vector
 };
 
-// Copy lanes [0, valid) of rows d0.. of `src` into a time-major (L, W) scratch; the other lanes get 0 (and the
-// reverse). With AVX-512, float rows of unit stride along L move as 16 x 16 tiles transposed in registers.
-#if defined(CPU_CAPABILITY_AVX512)
-inline void transpose16x16(__m512 r[16]) {  // r[i] holds row i; afterwards r[j] holds column j
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-  for (int i = 0; i < 4; ++i) {  // 4 x 4 blocks within 128-bit lanes: permute the lanes
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
-inline bool gather_tiles(const float* base, int64_t sd, int valid, int64_t L, int W, float* dst) {
-  if (W != 16) return false;
-  __m512 r[16];
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
-    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
-    for (int j = 0; j < 16; ++j) r[j] = j < valid ? _mm512_maskz_loadu_ps(mask, base + j * sd + t0) : _mm512_setzero_ps();
-    transpose16x16(r);
-    for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (t0 + i) * 16, r[i]);
-  }
-  return true;
-}
-
-inline bool scatter_tiles(const float* src, int W, int64_t L, float* base, int64_t sd, int valid) {
-  if (W != 16) return false;
-  __m512 r[16];
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
-    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
-    for (int i = 0; i < 16; ++i) r[i] = i < nt ? _mm512_loadu_ps(src + (t0 + i) * 16) : _mm512_setzero_ps();
-    transpose16x16(r);
-    for (int j = 0; j < valid; ++j) _mm512_mask_storeu_ps(base + j * sd + t0, mask, r[j]);
-  }
-  return true;
-}
-#endif
-
-template <typename T>
-void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, const Shape& sh, T* dst) {
-  const int W = sh.width;
-  const int64_t L = sh.length;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    if (src.st == 1 && gather_tiles(src.row(b, d0), src.sd, valid, L, W, dst)) return;
-  }
-#endif
-  for (int j = 0; j < W; ++j) {
-    if (j < valid) {
-      const T* row = src.row(b, d0 + j);
-      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = row[t * src.st];
-    } else {
-      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = T(0);
-    }
-  }
-}
-
-template <typename T>
-void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid, const Shape& sh) {
-  const int W = sh.width;
-  const int64_t L = sh.length;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    if (dst.st == 1 && scatter_tiles(src, W, L, dst.row(b, d0), dst.sd, valid)) return;
-  }
-#endif
-  for (int j = 0; j < valid; ++j) {
-    T* row = dst.row(b, d0 + j);
-    for (int64_t t = 0; t < L; ++t) row[t * dst.st] = src[t * W + j];
-  }
-}
-
 // The inputs, shared by the forward and the backward.
 template <typename T>
 struct Inputs {
@@ -257,42 +60,6 @@ struct Inputs {
   const T* bias;     // (dim,) or nullptr
   Proj<T> B, C;
   bool softplus;
-};
-
-// Software prefetch of the next block's rows (unit stride along L) into L2, spread over the current block's steps:
-// the gathers then read from cache instead of waiting for memory.
-template <typename T>
-struct Prefetcher {
-  static constexpr int kMaxRows = 8 * 64;
-  const char* rows[kMaxRows];
-  bool write[kMaxRows];
-  int64_t count = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
-
-  void reset() { count = row = line = 0; }
-  // rows d0 .. d0 + valid - 1 of `r` (to be read, or written: `for_write`)
-  void add(const Rows<T>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
-    if (r.data == nullptr || r.st != 1) return;
-    for (int j = 0; j < valid && count < kMaxRows; ++j) {
-      write[count] = for_write;
-      rows[count++] = reinterpret_cast<const char*>(r.row(b, d0 + j));
-    }
-    lines_per_row = (L * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  }
-  void start(int64_t steps) {
-    const int64_t total = count * lines_per_row;
-    per_step = steps > 0 ? (total + steps - 1) / steps : total;
-  }
-  inline void step() {  // the next per_step cache lines
-    for (int64_t i = 0; i < per_step && row < count; ++i) {
-      const char* at = rows[row] + line * 64;
-      if (write[row]) {
-        __builtin_prefetch(at, 1, 2);
-      } else {
-        __builtin_prefetch(at, 0, 2);
-      }
-      if (++line == lines_per_row) line = 0, ++row;
-    }
-  }
 };
 
 // One block of W channels d0 .. d0 + valid - 1 of batch b, group g, as time-major (L, W) rows.
@@ -330,11 +97,11 @@ struct Block {
     }
     valid = static_cast<int>(std::min<int64_t>(W, sh.per_group - j * W));
     pre.resize(L * W), dt.resize(L * W), u.resize(L * W);
-    gather(in.delta, b, d0, valid, sh, pre.data());
-    gather(in.u, b, d0, valid, sh, u.data());
+    gather(in.delta, b, d0, valid, sh.width, sh.length, pre.data());
+    gather(in.u, b, d0, valid, sh.width, sh.length, u.data());
     if (in.z.data != nullptr) {
       z.resize(L * W), gate.resize(L * W);
-      gather(in.z, b, d0, valid, sh, z.data());
+      gather(in.z, b, d0, valid, sh.width, sh.length, z.data());
       for (int64_t t = 0; t < L; ++t) {
         const Vec zv = Vec::loadu(z.data() + t * W);
         (zv * sigmoid(zv)).store(gate.data() + t * W);
@@ -397,7 +164,7 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
     y.store(y_rows + t * W);
     pf.step();
   }
-  scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh);
+  scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   T lanes[64];
   for (int64_t n = 0; n < N; ++n) {
     h[n].store(lanes);
@@ -508,7 +275,7 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
   T* y_pre = dy_rows + L * W;
   T* dstep_rows = y_pre + L * W;
   T* du_rows = dstep_rows + L * W;
-  gather(dout, blk.b, blk.d0, blk.valid, sh, dy_rows);
+  gather(dout, blk.b, blk.d0, blk.valid, sh.width, sh.length, dy_rows);
 
   // recompute decays and states (and the ungated output when gated)
   {
@@ -578,9 +345,9 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
     dstep.store(dstep_rows + t * W);
     dbias_acc = dbias_acc + dstep;
   }
-  scatter(du_rows, gr.du, blk.b, blk.d0, blk.valid, sh);
-  scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh);
-  if (gated) scatter(y_pre, gr.dz, blk.b, blk.d0, blk.valid, sh);
+  scatter(du_rows, gr.du, blk.b, blk.d0, blk.valid, sh.width, sh.length);
+  scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh.width, sh.length);
+  if (gated) scatter(y_pre, gr.dz, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   T lanes[64];
   if (gr.dD != nullptr) {
     dD_acc.store(lanes);
@@ -733,12 +500,12 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
 }  // namespace
 
 // u, delta, z: (batch, dim, L), any strides; A: (dim, N); B, C: (batch, G, N, L), any strides; D, delta_bias:
-// (dim,) or empty. -> (out (batch, dim, L), last_state (batch, dim, N)), both contiguous.
+// (dim,) or empty. -> (out (batch, dim, L) laid out as u, last_state (batch, dim, N) contiguous).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                                  const at::Tensor& delta_bias, bool softplus) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
-  at::Tensor out = at::empty(u.sizes(), u.options());
+  at::Tensor out = at::empty_like(u, at::MemoryFormat::Preserve);   // laid out as u (when u is dense)
   at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
