@@ -54,9 +54,9 @@ class VisionMamba(nn.Module):
             trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
             its older name.
         global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
-        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both, the default)
-            or ``"two_pass"`` (one after the other); same parameters, same result (see
-            :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
+        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both), ``"two_pass"``
+            (one after the other) or ``"auto"`` (the default: fused on CUDA, two-pass on CPU, where it measured
+            faster); same parameters, same result (see :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,

@@ -6,7 +6,10 @@ one place. Parameter names and shapes follow hustvl/Vim so its checkpoints load 
 Two implementations of the same mixer (``bimamba_impl``): ``"fused"`` runs both directions as one problem of
 2 * d_inner channels (one causal conv, one batched GEMM for each of x_proj and dt_proj, one selective scan with B
 and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does (the reference the
-fused path is tested against).
+fused path is tested against). ``"auto"`` (the default) takes, per call, the one for the input's device: two-pass
+on CPU, where it measured faster (2-core AMD EPYC, 1 thread: Vim-Ti inference at batch 8 and the demo's training
+step, see docs/benchmarks.md), fused on CUDA, where one launch per stage replaces two (the GPU check times both:
+benchmarks/model_table.py).
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ from torch import Tensor
 
 from ..ops import RMSNorm, causal_conv1d, rms_norm, selective_scan
 
-BIMAMBA_IMPLS = ("fused", "two_pass")
-# The default: "fused" measured faster on CPU (2 threads, see docs/benchmarks.md) and is what the GPU check times
-# against "two_pass" (benchmarks/model_table.py).
-DEFAULT_BIMAMBA_IMPL = "fused"
+BIMAMBA_IMPLS = ("auto", "fused", "two_pass")
+DEFAULT_BIMAMBA_IMPL = "auto"
+_AUTO_IMPL = {"cuda": "fused"}          # device type -> implementation of "auto"; every other device: "two_pass"
+
+
+def resolve_bimamba_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` means for inputs on ``device`` ("auto": see the module docstring)."""
+    return _AUTO_IMPL.get(device.type, "two_pass") if impl == "auto" else impl
 
 
 def _grouped_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -58,8 +65,9 @@ class BiMambaMixer(nn.Module):
     Both branches run on every backend.
 
     ``bimamba_impl``: ``"fused"`` (both directions in one pass over 2 * d_inner channels; the stacked weights are
-    built from the two branches' parameters on every call, so there is no second copy to drift) or
-    ``"two_pass"`` (one direction after the other). Same parameters, same result to rounding.
+    built from the two branches' parameters on every call, so there is no second copy to drift), ``"two_pass"``
+    (one direction after the other) or ``"auto"`` (per call: fused on CUDA, two-pass elsewhere). Same parameters,
+    same result to rounding.
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
@@ -151,7 +159,7 @@ class BiMambaMixer(nn.Module):
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        if self.bimamba_impl == "fused":
+        if resolve_bimamba_impl(self.bimamba_impl, hidden_states.device) == "fused":
             return self.forward_fused(hidden_states)
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)

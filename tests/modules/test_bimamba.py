@@ -7,7 +7,7 @@ import torch
 import dartmamba.models  # noqa: F401  (registers the models)
 from dartmamba import backends
 from dartmamba.flops import count_flops
-from dartmamba.modules.bimamba import BIMAMBA_IMPLS, BiMambaMixer
+from dartmamba.modules.bimamba import BiMambaMixer, resolve_bimamba_impl
 from dartmamba.ops import scan as ss
 
 
@@ -84,7 +84,7 @@ def test_vim_passes_the_option_and_both_give_the_same_model(seed):
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5)
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     outs, flops = {}, {}
-    for impl in BIMAMBA_IMPLS:
+    for impl in ("fused", "two_pass"):
         torch.manual_seed(seed)
         model = timm.create_model("vim_tiny_patch16_224", bimamba_impl=impl, **kwargs).double().eval()
         assert all(layer.mixer.bimamba_impl == impl for layer in model.layers)
@@ -92,5 +92,19 @@ def test_vim_passes_the_option_and_both_give_the_same_model(seed):
         flops[impl] = count_flops(model.float(), input_size=(3, 32, 32)).total
     torch.testing.assert_close(outs["fused"], outs["two_pass"], rtol=1e-12, atol=1e-13)
     assert flops["fused"] == flops["two_pass"]          # the same work, batched differently
-    with pytest.raises(ValueError, match=r"bimamba_impl must be one of \('fused', 'two_pass'\), got 'both'"):
+    with pytest.raises(ValueError, match=r"bimamba_impl must be one of \('auto', 'fused', 'two_pass'\), got 'both'"):
         timm.create_model("vim_tiny_patch16_224", bimamba_impl="both", **kwargs)
+    assert timm.create_model("vim_tiny_patch16_224", **kwargs).layers[0].mixer.bimamba_impl == "auto"
+
+
+def test_auto_takes_fused_on_cuda_and_two_pass_elsewhere(monkeypatch):
+    assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"
+    assert resolve_bimamba_impl("auto", torch.device("cpu")) == "two_pass"
+    assert resolve_bimamba_impl("fused", torch.device("cpu")) == "fused"
+    mixer = random_mixer(16, 4, 0)
+    ran = []
+    monkeypatch.setattr(mixer, "forward_fused", lambda h: ran.append("fused") or h)
+    mixer(torch.randn(1, 3, 16, dtype=torch.float64))          # auto on CPU: the two-pass body
+    mixer.bimamba_impl = "fused"
+    mixer(torch.randn(1, 3, 16, dtype=torch.float64))
+    assert ran == ["fused"]
