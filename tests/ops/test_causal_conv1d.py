@@ -80,6 +80,23 @@ def test_cpp_output_is_laid_out_as_its_input_and_passes_opcheck(seeds):
     torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False))
 
 
+def test_cpp_gradients_do_not_depend_on_the_thread_count(seeds):
+    backend_or_skip("cpp")
+    g = torch.Generator().manual_seed(seeds[0])
+    x, w, b = torch.randn(5, 40, 23, generator=g), torch.randn(40, 4, generator=g), torch.randn(40, generator=g)
+    grad = torch.randn(5, 40, 23, generator=g)
+    saved, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            args = leaves(x, w, b)
+            causal_conv1d(*args, backend="cpp").backward(grad)
+            grads.append([a.grad for a in args])
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_mixed_dtypes_compute_in_the_wider_one(backend, seeds):
     backend_or_skip(backend)

@@ -336,6 +336,27 @@ def test_custom_ops_pass_opcheck(seeds):
                                                                                False))
 
 
+def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):
+    """Tasks are handed out dynamically, but every partial sum has one writer and is reduced in a fixed order: the
+    forward and every gradient are bitwise the same on 1 and 2 threads (so a resumed run replays its losses)."""
+    cpp_or_skip()
+    inputs = make_inputs(3, 40, 29, 8, torch.float32, seeds[0], groups=2)
+    grad_last = torch.randn(3, 40, 8, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, grads, _, last = run(selective_scan_cpp, inputs, True, torch.ones(3, 40, 29), grad_last)
+            results.append((out, last, grads))
+    finally:
+        torch.set_num_threads(saved)
+    (o1, l1, g1), (o2, l2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for name, a, b in zip(NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
 def test_cpp_kernel_flops_are_its_registered_formula(seeds):
     """The kernel's custom ops count as the scan formula, forward and backward (grouped B/C cost the same)."""
     cpp_or_skip()

@@ -67,35 +67,42 @@ void conv_forward(const Rows<T>& x, const T* weight, const T* bias, const ConvSh
                   const Rows<T>& out) {
   using Vec = Vectorized<T>;
   const int W = sh.width;
-  at::parallel_for(0, sh.batch * sh.blocks, 1, [&](int64_t begin, int64_t end) {
+  struct Scratch {
     ConvBlock<T> blk;
-    std::vector<T> rows(sh.length * W);
-    for (int64_t task = begin; task < end; ++task) {
-      blk.load(x, weight, bias, sh, task);
-      for (int64_t t = 0; t < sh.length; ++t) {
-        Vec y = blk.pre(t, sh.taps, W);
-        if (silu) y = y * sigmoid(y);
-        y.store(rows.data() + t * W);
-      }
-      scatter(rows.data(), out, blk.b, blk.d0, blk.valid, W, sh.length);
+    std::vector<T> rows;
+  };
+  for_each_task(sh.batch * sh.blocks, [&] { return Scratch{ConvBlock<T>(), std::vector<T>(sh.length * W)}; },
+                [&](int64_t task, Scratch& s) {
+    s.blk.load(x, weight, bias, sh, task);
+    for (int64_t t = 0; t < sh.length; ++t) {
+      Vec y = s.blk.pre(t, sh.taps, W);
+      if (silu) y = y * sigmoid(y);
+      y.store(s.rows.data() + t * W);
     }
+    scatter(s.rows.data(), out, s.blk.b, s.blk.d0, s.blk.valid, W, sh.length);
   });
 }
 
+// dw_part (batch, dim, K), db_part (batch, dim) or nullptr: partial sums per batch element (each written by the
+// one task of its (batch, block)), reduced in order by the caller.
 template <typename T>
 void conv_backward(const Rows<T>& dout, const Rows<T>& x, const T* weight, const T* bias, const ConvShape& sh,
-                   bool silu, const Rows<T>& dx, T* dw_part, T* db_part, int64_t threads) {
+                   bool silu, const Rows<T>& dx, T* dw_part, T* db_part) {
   using Vec = Vectorized<T>;
   const int W = sh.width;
   const int64_t K = sh.taps, L = sh.length;
-  at::parallel_for(0, sh.batch * sh.blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    T* dw = dw_part + tid * sh.dim * K;
-    T* db = db_part != nullptr ? db_part + tid * sh.dim : nullptr;
+  struct Scratch {
     ConvBlock<T> blk;
-    std::vector<T> dpre((L + K - 1) * W), rows(L * W);
-    for (int64_t task = begin; task < end; ++task) {
+    std::vector<T> dpre, rows;
+  };
+  auto make = [&] { return Scratch{ConvBlock<T>(), std::vector<T>((L + K - 1) * W), std::vector<T>(L * W)}; };
+  for_each_task(sh.batch * sh.blocks, make, [&](int64_t task, Scratch& s) {
+      ConvBlock<T>& blk = s.blk;
+      std::vector<T>& dpre = s.dpre;
+      std::vector<T>& rows = s.rows;
       blk.load(x, weight, bias, sh, task);
+      T* dw = dw_part + blk.b * sh.dim * K;
+      T* db = db_part != nullptr ? db_part + blk.b * sh.dim : nullptr;
       gather(dout, blk.b, blk.d0, blk.valid, W, L, dpre.data());
       std::fill(dpre.begin() + L * W, dpre.end(), T(0));         // K - 1 zero steps after the end
       const Vec one(T(1));
@@ -129,7 +136,6 @@ void conv_backward(const Rows<T>& dout, const Rows<T>& x, const T* weight, const
         db_acc.store(lanes);
         for (int l = 0; l < blk.valid; ++l) db[blk.d0 + l] += lanes[l];
       }
-    }
   });
 }
 
@@ -165,17 +171,19 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tens
                                           const at::Tensor& bias, bool silu) {
   check_conv(x, weight, bias);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout must match x");
-  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t batch = x.size(0), dim = x.size(1), K = weight.size(1);
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Preserve);
-  at::Tensor dw = at::zeros({threads, weight.size(0), weight.size(1)}, x.options());
-  at::Tensor db = at::zeros({threads, bias.numel() > 0 ? x.size(1) : 0}, x.options());
+  at::Tensor pw = at::zeros({batch, dim, K}, x.options()), pb = at::zeros({batch, bias.numel() > 0 ? dim : 0}, x.options());
+  at::Tensor dw = at::empty({dim, K}, x.options()), db = at::empty({bias.numel() > 0 ? dim : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_bwd", [&] {
     using T = scalar_t;
     const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size());
     conv_backward<T>(Rows<T>(dout), Rows<T>(x), weight.data_ptr<T>(), bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
-                     sh, silu, Rows<T>(dx), dw.data_ptr<T>(), bias.numel() > 0 ? db.data_ptr<T>() : nullptr, threads);
+                     sh, silu, Rows<T>(dx), pw.data_ptr<T>(), bias.numel() > 0 ? pb.data_ptr<T>() : nullptr);
+    sum_leading(pw.data_ptr<T>(), batch, dw.numel(), dw.data_ptr<T>());
+    if (db.numel() > 0) sum_leading(pb.data_ptr<T>(), batch, db.numel(), db.data_ptr<T>());
   });
-  return {dx, dw.sum(0), db.sum(0)};
+  return {dx, dw, db};
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // Exact selective scan (Mamba-1 recurrence) for CPU tensors, forward and backward.
 //
-// Built at first use by dartmamba/ops/scan.py (torch.utils.cpp_extension.load, with the vector ISA torch itself
-// dispatches to on this CPU) and registered as the "cpp" backend of the op "scan". For every batch b, channel d and
-// state index n:
+// Built at first use by dartmamba/ops/_jit.py (torch.utils.cpp_extension.load, with the vector ISA torch itself
+// dispatches to on this CPU) and registered as the "cpp" backend of the op "scan" (dartmamba/ops/scan.py). For
+// every batch b, channel d and state index n:
 //
 //   dt_t = softplus(delta_t + delta_bias)              (bias and softplus optional)
 //   h_t  = exp(dt_t A[d, n]) h_{t-1} + dt_t u_t B[b, g(d), n, t],        h_{-1} = 0
@@ -10,16 +10,18 @@
 //
 // with g(d) = d / (dim / G) for G groups of B and C. The recurrence is evaluated as written (no cumulative
 // log-decays, no division by decays), so it is as stable as the sequential reference for any length and any decay
-// in [0, 1]; exp, log1p and the gate use torch's own vector functions (at::vec, Sleef), as torch.exp does.
+// in [0, 1]; exp, softplus and sigmoid are inline at::vec code within about an ulp (cpu_kernels.h).
 //
 // Layout of the work: the vector lanes run over W = Vectorized<T>::size() adjacent channels of one group, so B_t[n]
 // and C_t[n] are broadcast scalars and the state update, the output and the adjoint are vertical vector
 // arithmetic (no horizontal sums in the time loop). A task is one (batch, group, block of W channels); its rows of
 // u, delta, z, dout are gathered into a time-major (L, W) scratch through the tensors' strides (any layout), the
-// recurrence runs with the N state vectors in registers, and the results are scattered back. The backward keeps
-// the block's decays and states, (L, N, W) each, and runs the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
-// backwards; dB and dC (sums over channels) collect in (L, N, W) lane accumulators and are reduced over the lanes
-// once per task; dA, dD and delta_bias's gradient (sums over the batch) go to per-thread partial sums.
+// recurrence runs with the N state vectors in registers, and the results are scattered back. The backward
+// recomputes the block's decays and states, (L, N, W) each (dC's lanes are summed on the way, while the states are
+// in registers), and runs the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1} backwards, 8 states at a time; dB
+// and dC (sums over channels) collect in (L, N, W) lane accumulators and are reduced over the lanes once per task; dA, dD and delta_bias's gradient (sums over the batch) go to partial sums per batch element. The
+// tasks are handed out dynamically (for_each_task), and every partial sum has one writer and is reduced in a fixed
+// order, so the results do not depend on the number of threads or on which thread ran what.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -67,7 +69,7 @@ template <typename T>
 struct Block {
   int64_t b = 0, g = 0, d0 = 0;
   int valid = 0;
-  std::vector<T> pre, dt, u, z, gate, a_cols;  // pre = delta + bias, dt = softplus(pre) or pre, gate = silu(z),
+  std::vector<T> pre, dt, u, z, sig, a_cols;   // pre = delta + bias, dt = softplus(pre) or pre, sig = sigmoid(z),
                                                // a_cols: (N, W), A of the block's channels
   std::vector<T> bc;                           // (L, 2, N): B_t and C_t of (b, g), contiguous per step
   int64_t bc_of = -1;                          // the b * G + g they belong to
@@ -100,11 +102,11 @@ struct Block {
     gather(in.delta, b, d0, valid, sh.width, sh.length, pre.data());
     gather(in.u, b, d0, valid, sh.width, sh.length, u.data());
     if (in.z.data != nullptr) {
-      z.resize(L * W), gate.resize(L * W);
+      z.resize(L * W), sig.resize(L * W);
       gather(in.z, b, d0, valid, sh.width, sh.length, z.data());
       for (int64_t t = 0; t < L; ++t) {
         const Vec zv = Vec::loadu(z.data() + t * W);
-        (zv * sigmoid(zv)).store(gate.data() + t * W);
+        sigmoid(zv).store(sig.data() + t * W);
       }
     }
     a_cols.assign(N * W, T(0));
@@ -160,7 +162,7 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
       h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
       y = at::vec::fmadd(Vec(Ct[n]), h[n], y);
     }
-    if (gated) y = y * Vec::loadu(blk.gate.data() + t * W);
+    if (gated) y = y * Vec::loadu(blk.z.data() + t * W) * Vec::loadu(blk.sig.data() + t * W);   // silu(z)
     y.store(y_rows + t * W);
     pf.step();
   }
@@ -178,11 +180,11 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
 template <typename T>
 struct Grads {
   Rows<T> du, ddelta, dz;  // (batch, dim, L)
-  T* dB;                   // (batch, G, N, L) contiguous: this thread's partial sums
+  T* dB;                   // (batch, G, N, L) contiguous: the task's slot of the partial sums
   T* dC;
-  T* dA;                   // (dim, N): this thread's partial sums
-  T* dD;                   // (dim,) or nullptr
-  T* dbias;                // (dim,) or nullptr
+  T* dA;                   // (dim, N): the task's batch element's slot
+  T* dD;                   // (dim,) or nullptr: likewise
+  T* dbias;                // (dim,) or nullptr: likewise
 };
 
 // Per-thread scratch of the backward.
@@ -191,7 +193,7 @@ struct BackwardScratch {
   Block<T> blk;
   std::vector<T> decays, states;  // (L, N, W): exp(dt_t A) and h_t of the block
   std::vector<T> acc_B, acc_C;    // (L, N, W): dB, dC summed over the task's blocks, per lane
-  std::vector<T> rows;            // (4, L, W): dy, y_pre then dz, dstep, du
+  std::vector<T> rows;            // (4, L, W): dy, dz, dstep, du
 };
 
 constexpr int64_t kStateGroup = 8;  // states whose adjoints run together in the backward
@@ -226,7 +228,6 @@ void adjoint_group(const Shape& sh, BackwardScratch<T>& s, int64_t n0, int64_t, 
     const T* a_t = s.decays.data() + at;
     const T* h_t = s.states.data() + at;
     T* accB_t = s.acc_B.data() + at;
-    T* accC_t = s.acc_C.data() + at;
     Vec ddrive = zero, dstep = zero;
     if (t > 0) {
       const T* h_prev = h_t - N * W;
@@ -234,7 +235,6 @@ void adjoint_group(const Shape& sh, BackwardScratch<T>& s, int64_t n0, int64_t, 
       for (int k = 0; k < K; ++k) {
         const Vec g = at::vec::fmadd(Vec(Ct[k]), dy, carry[k]);       // dL/dh_t
         const Vec a = Vec::loadu(a_t + k * W);
-        at::vec::fmadd(dy, Vec::loadu(h_t + k * W), Vec::loadu(accC_t + k * W)).store(accC_t + k * W);
         at::vec::fmadd(g, drive, Vec::loadu(accB_t + k * W)).store(accB_t + k * W);
         ddrive = at::vec::fmadd(g, Vec(Bt[k]), ddrive);
         const Vec q = g * a * Vec::loadu(h_prev + k * W);            // dL/d(dt_t A) = g_t exp(dt_t A) h_{t-1}
@@ -246,7 +246,6 @@ void adjoint_group(const Shape& sh, BackwardScratch<T>& s, int64_t n0, int64_t, 
 #pragma GCC unroll 16
       for (int k = 0; k < K; ++k) {
         const Vec g = at::vec::fmadd(Vec(Ct[k]), dy, carry[k]);
-        at::vec::fmadd(dy, Vec::loadu(h_t + k * W), Vec::loadu(accC_t + k * W)).store(accC_t + k * W);
         at::vec::fmadd(g, drive, Vec::loadu(accB_t + k * W)).store(accB_t + k * W);
         ddrive = at::vec::fmadd(g, Vec(Bt[k]), ddrive);
       }
@@ -272,12 +271,27 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
   Block<T>& blk = s.blk;
   const Vec Dv = blk.lanes(in.D);
   T* dy_rows = s.rows.data();
-  T* y_pre = dy_rows + L * W;
-  T* dstep_rows = y_pre + L * W;
+  T* dz_rows = dy_rows + L * W;       // dout silu'(z) first, then dz = that times the ungated output
+  T* dstep_rows = dz_rows + L * W;
   T* du_rows = dstep_rows + L * W;
   gather(dout, blk.b, blk.d0, blk.valid, sh.width, sh.length, dy_rows);
 
-  // recompute decays and states (and the ungated output when gated)
+  // dL/dy through the gate: out = y_pre silu(z), so dy = dout silu(z), dz = dout y_pre silu'(z) with
+  // silu'(z) = sig (1 + z (1 - sig)), sig = sigmoid(z)
+  const Vec one(T(1)), zero(T(0));
+  for (int64_t t = 0; t < L; ++t) {
+    if (gated) {
+      const Vec dout_t = Vec::loadu(dy_rows + t * W);
+      const Vec zv = Vec::loadu(blk.z.data() + t * W), sig = Vec::loadu(blk.sig.data() + t * W);
+      (dout_t * sig * at::vec::fmadd(zv, one - sig, one)).store(dz_rows + t * W);
+      (dout_t * zv * sig).store(dy_rows + t * W);
+    }
+    zero.store(dstep_rows + t * W);
+    zero.store(du_rows + t * W);    // collects d(drive) = sum_n g_t B_t first
+  }
+
+  // recompute decays and states; with them the ungated output (for dz) and dC's lanes, dy_t h_t (so that the
+  // adjoint pass, which is bound by memory traffic, reads fewer rows)
   {
     Vec h[kMaxN];
     for (int64_t n = 0; n < N; ++n) h[n] = Vec(T(0));
@@ -285,10 +299,12 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
       const Vec step = Vec::loadu(blk.dt.data() + t * W);
       const Vec uv = Vec::loadu(blk.u.data() + t * W);
       const Vec drive = step * uv;
+      const Vec dy = Vec::loadu(dy_rows + t * W);
       const T* Bt = blk.bc.data() + t * 2 * N;
       const T* Ct = Bt + N;
       T* a_t = s.decays.data() + t * N * W;
       T* h_t = s.states.data() + t * N * W;
+      T* accC_t = s.acc_C.data() + t * N * W;
       Vec y = Dv * uv;
 #pragma GCC unroll 16
       for (int64_t n = 0; n < N; ++n) {
@@ -296,25 +312,12 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
         h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
         a.store(a_t + n * W);
         h[n].store(h_t + n * W);
+        at::vec::fmadd(dy, h[n], Vec::loadu(accC_t + n * W)).store(accC_t + n * W);
         if (gated) y = at::vec::fmadd(Vec(Ct[n]), h[n], y);
       }
-      if (gated) y.store(y_pre + t * W);
+      if (gated) (y * Vec::loadu(dz_rows + t * W)).store(dz_rows + t * W);
       pf.step();
     }
-  }
-
-  // dL/dy (through the gate) and dz, per step
-  const Vec one(T(1)), zero(T(0));
-  for (int64_t t = 0; t < L; ++t) {
-    if (gated) {  // out = y_pre silu(z): dz = dout y_pre silu'(z), silu' = sig (1 + z (1 - sig)); dy = dout silu(z)
-      const Vec dout_t = Vec::loadu(dy_rows + t * W);
-      const Vec zv = Vec::loadu(blk.z.data() + t * W);
-      const Vec sig = sigmoid(zv);
-      (dout_t * Vec::loadu(y_pre + t * W) * sig * at::vec::fmadd(zv, one - sig, one)).store(y_pre + t * W);
-      (dout_t * Vec::loadu(blk.gate.data() + t * W)).store(dy_rows + t * W);
-    }
-    zero.store(dstep_rows + t * W);
-    zero.store(du_rows + t * W);    // collects d(drive) = sum_n g_t B_t first
   }
 
   // the adjoint g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}, backwards in time, kStateGroup states at a time (their
@@ -347,7 +350,7 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
   }
   scatter(du_rows, gr.du, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh.width, sh.length);
-  if (gated) scatter(y_pre, gr.dz, blk.b, blk.d0, blk.valid, sh.width, sh.length);
+  if (gated) scatter(dz_rows, gr.dz, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   T lanes[64];
   if (gr.dD != nullptr) {
     dD_acc.store(lanes);
@@ -429,20 +432,28 @@ Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tens
     default: { constexpr int NS = 0; CALL; break; }   \
   }
 
-// Tasks: batch * G * splits, each a range of channel blocks of one (batch, group); enough of them to keep every
-// thread busy, and few enough that the backward's lane accumulators are reduced rarely.
-inline int64_t splits_of(const Shape& sh, int64_t threads) {
+// Tasks: batch * G * splits, each a range of channel blocks of one (batch, group); at least about `min_tasks` of
+// them (from the shape alone, so that the partial sums, and the results, do not depend on the thread count), and
+// few enough that the backward's lane accumulators are reduced rarely.
+inline int64_t splits_of(const Shape& sh, int64_t min_tasks) {
   const int64_t groups = sh.batch * sh.groups;
-  return std::max<int64_t>(1, std::min(sh.blocks, (2 * threads + groups - 1) / groups));
+  return std::max<int64_t>(1, std::min(sh.blocks, (min_tasks + groups - 1) / groups));
 }
+constexpr int64_t kForwardTasks = 16, kBackwardTasks = 8;
+
+template <typename T>
+struct ForwardScratch {
+  Block<T> blk;
+  Prefetcher<T> pf;
+};
 
 template <typename T, int NS>
-void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last, int64_t threads) {
-  const int64_t splits = splits_of(sh, 2 * threads);
-  at::parallel_for(0, sh.batch * sh.groups * splits, 1, [&](int64_t begin, int64_t end) {
-    Block<T> blk;
-    Prefetcher<T> pf;
-    for (int64_t index = begin; index < end; ++index) {
+void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last) {
+  const int64_t splits = splits_of(sh, kForwardTasks);
+  for_each_task(sh.batch * sh.groups * splits, [] { return ForwardScratch<T>(); },
+                [&](int64_t index, ForwardScratch<T>& scratch) {
+      Block<T>& blk = scratch.blk;
+      Prefetcher<T>& pf = scratch.pf;
       const Task task = task_of(sh, splits, index);
       for (int64_t j = task.j0; j < task.j1; ++j) {
         blk.load(in, sh, task.b, task.g, j);
@@ -456,44 +467,45 @@ void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* la
         pf.start(sh.length);
         forward_block<T, NS>(in, sh, blk, out, last, pf);
       }
-    }
   });
 }
 
 template <typename T, int NS>
 void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, const T* dlast, Grads<T> gr,
-                  int64_t threads) {
-  const int64_t splits = splits_of(sh, threads);
-  const int64_t sB = sh.batch * sh.groups * sh.dstate * sh.length, sA = sh.dim * sh.dstate;
+                  int64_t splits) {
+  const int64_t sBC = sh.batch * sh.groups * sh.dstate * sh.length, sA = sh.dim * sh.dstate;
   const int64_t cells = sh.length * sh.dstate * sh.width;
-  at::parallel_for(0, sh.batch * sh.groups * splits, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    Grads<T> mine = gr;
-    mine.dB += tid * sB, mine.dC += tid * sB, mine.dA += tid * sA;
-    if (mine.dD != nullptr) mine.dD += tid * sh.dim;
-    if (mine.dbias != nullptr) mine.dbias += tid * sh.dim;
+  auto make_scratch = [&] {
     BackwardScratch<T> s;
-    Prefetcher<T> pf;
     s.decays.resize(cells), s.states.resize(cells), s.rows.resize(4 * sh.length * sh.width);
-    for (int64_t index = begin; index < end; ++index) {
-      const Task task = task_of(sh, splits, index);
-      if (task.j0 >= task.j1) continue;
-      s.acc_B.assign(cells, T(0));
-      s.acc_C.assign(cells, T(0));
-      for (int64_t j = task.j0; j < task.j1; ++j) {
-        s.blk.load(in, sh, task.b, task.g, j);
-        pf.reset();
-        if (j + 1 < task.j1) {
-          const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
-          const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
-          for (const Rows<T>* r : {&in.delta, &in.u, &in.z, &dout}) pf.add(*r, task.b, d1, valid, sh.length);
-          for (const Rows<T>* r : {&mine.du, &mine.ddelta, &mine.dz}) pf.add(*r, task.b, d1, valid, sh.length, true);
-        }
-        pf.start(sh.length);
-        backward_block<T, NS>(in, sh, s, dout, dlast, mine, pf);
+    return s;
+  };
+  for_each_task(sh.batch * sh.groups * splits, make_scratch, [&](int64_t index, BackwardScratch<T>& s) {
+    const Task task = task_of(sh, splits, index);
+    if (task.j0 >= task.j1) return;
+    // this task's partial sums: dB, dC of its (batch, group) in its split's slot, dA, dD, dbias of its batch
+    // element (its channels only, so no other task writes them)
+    Grads<T> mine = gr;
+    const int64_t split = index % splits;
+    mine.dB += split * sBC, mine.dC += split * sBC, mine.dA += task.b * sA;
+    if (mine.dD != nullptr) mine.dD += task.b * sh.dim;
+    if (mine.dbias != nullptr) mine.dbias += task.b * sh.dim;
+    Prefetcher<T> pf;
+    s.acc_B.assign(cells, T(0));
+    s.acc_C.assign(cells, T(0));
+    for (int64_t j = task.j0; j < task.j1; ++j) {
+      s.blk.load(in, sh, task.b, task.g, j);
+      pf.reset();
+      if (j + 1 < task.j1) {
+        const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
+        const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
+        for (const Rows<T>* r : {&in.delta, &in.u, &in.z, &dout}) pf.add(*r, task.b, d1, valid, sh.length);
+        for (const Rows<T>* r : {&mine.du, &mine.ddelta, &mine.dz}) pf.add(*r, task.b, d1, valid, sh.length, true);
       }
-      reduce_lanes(sh, task, s, mine);
+      pf.start(sh.length);
+      backward_block<T, NS>(in, sh, s, dout, dlast, mine, pf);
     }
+    reduce_lanes(sh, task, s, mine);
   });
 }
 
@@ -510,9 +522,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
     const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
-    const int64_t threads = std::max(1, at::get_num_threads());
-    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>(),
-                                                          threads)));
+    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
   });
   return {out, last};
 }
@@ -528,25 +538,32 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
   TORCH_CHECK(dlast.numel() == 0 || (dlast.is_contiguous() && dlast.numel() == u.size(0) * u.size(1) * A.size(1) &&
                                      dlast.scalar_type() == u.scalar_type()),
               "dlast must be empty or a contiguous (batch, dim, N) tensor");
-  const int64_t threads = std::max(1, at::get_num_threads());
   auto opts = u.options();
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1), G = B.size(1);
   at::Tensor du = at::empty(u.sizes(), opts), ddelta = at::empty(u.sizes(), opts);
   at::Tensor dz = z.numel() > 0 ? at::empty(u.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor dB = at::zeros({threads, batch, G, N, L}, opts), dC = at::zeros({threads, batch, G, N, L}, opts);
-  at::Tensor dA = at::zeros({threads, dim, N}, opts);
-  at::Tensor dD = at::zeros({threads, D.numel() > 0 ? dim : 0}, opts);
-  at::Tensor dbias = at::zeros({threads, delta_bias.numel() > 0 ? dim : 0}, opts);
+  at::Tensor dA = at::empty({dim, N}, opts), dB = at::empty({batch, G, N, L}, opts), dC = at::empty_like(dB);
+  at::Tensor dD = at::empty({D.numel() > 0 ? dim : 0}, opts), dbias = at::empty({delta_bias.numel() > 0 ? dim : 0}, opts);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_bwd", [&] {
     using T = scalar_t;
     const Shape sh = shape_of(u, A, B, Vectorized<T>::size());
+    const int64_t splits = splits_of(sh, kBackwardTasks);
+    // partial sums, one slot per writer (see run_backward), reduced in order: the same result on any thread count
+    at::Tensor pB = at::zeros({splits, batch, G, N, L}, opts), pC = at::zeros({splits, batch, G, N, L}, opts);
+    at::Tensor pA = at::zeros({batch, dim, N}, opts);
+    at::Tensor pD = at::zeros({batch, dD.numel()}, opts), pbias = at::zeros({batch, dbias.numel()}, opts);
     const Inputs<T> in = inputs_of<T>(u, delta, A, B, C, D, z, delta_bias, softplus);
-    Grads<T> gr{Rows<T>(du), Rows<T>(ddelta), Rows<T>(dz), dB.data_ptr<T>(), dC.data_ptr<T>(), dA.data_ptr<T>(),
-                D.numel() > 0 ? dD.data_ptr<T>() : nullptr, delta_bias.numel() > 0 ? dbias.data_ptr<T>() : nullptr};
+    Grads<T> gr{Rows<T>(du), Rows<T>(ddelta), Rows<T>(dz), pB.data_ptr<T>(), pC.data_ptr<T>(), pA.data_ptr<T>(),
+                D.numel() > 0 ? pD.data_ptr<T>() : nullptr, delta_bias.numel() > 0 ? pbias.data_ptr<T>() : nullptr};
     const T* dl = dlast.numel() > 0 ? dlast.data_ptr<T>() : nullptr;
-    WITH_STATE_SIZE(sh.dstate, (run_backward<T, NS>(in, sh, Rows<T>(dout), dl, gr, threads)));
+    WITH_STATE_SIZE(sh.dstate, (run_backward<T, NS>(in, sh, Rows<T>(dout), dl, gr, splits)));
+    sum_leading(pB.data_ptr<T>(), splits, dB.numel(), dB.data_ptr<T>());
+    sum_leading(pC.data_ptr<T>(), splits, dC.numel(), dC.data_ptr<T>());
+    sum_leading(pA.data_ptr<T>(), batch, dA.numel(), dA.data_ptr<T>());
+    if (dD.numel() > 0) sum_leading(pD.data_ptr<T>(), batch, dD.numel(), dD.data_ptr<T>());
+    if (dbias.numel() > 0) sum_leading(pbias.data_ptr<T>(), batch, dbias.numel(), dbias.data_ptr<T>());
   });
-  return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dz, dbias.sum(0)};
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
 // Registered as torch.ops.<extension name>.scan_fwd / scan_bwd (dartmamba/ops/scan.py wraps them in its custom ops).
