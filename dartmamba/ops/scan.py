@@ -426,10 +426,24 @@ def _grad_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def _grads_like(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, ...]:
+    """The backward ops' fake outputs: a contiguous gradient per input, 0-element for absent ones."""
+    return tuple(_grad_like(t, u) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _grads_as_inputs(grads, u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, ...]:
+    """A kernel's (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in each input's dtype and B, C's layout (the kernels
+    take them grouped); absent inputs get a 0-element placeholder."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.view(B.shape).to(B.dtype),
+            dC.view(C.shape).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
+            dz.to(z.dtype) if z is not None else _empty(u),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+
+
 @_scan_cpu_bwd_op.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, dlast, delta_softplus, chunk):
-    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
-            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _scan_cpu_setup_context(ctx, inputs, output):
@@ -548,17 +562,13 @@ def _scan_cpp_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tenso
     args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias)
     cdt = args[0].dtype
     dlast = u.new_empty(0, dtype=cdt) if dlast is None else dlast.to(cdt).contiguous()
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _cpp_extension().scan_bwd(dout.to(cdt), *args, dlast, delta_softplus)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.view(B.shape).to(B.dtype),
-            dC.view(C.shape).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
-            dz.to(z.dtype) if z is not None else _empty(u),
-            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+    grads = _cpp_extension().scan_bwd(dout.to(cdt), *args, dlast, delta_softplus)
+    return _grads_as_inputs(grads, u, delta, A, B, C, D, z, delta_bias)
 
 
 @_scan_cpp_bwd_op.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus):
-    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
-            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
 register_flops(torch.ops.dartmamba.selective_scan_cpp_fwd, _scan_fwd_flops, part="scan")
@@ -685,16 +695,13 @@ def _scan_cuda_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tens
     du, ddelta, dA, dB, dC, dD, dbias, *rest = _call_mamba(
         ext.bwd, uk, dk, Ak, Bk, Ck, Dk, zk, bk, dout, x, out_before_gate if z is not None else None, None,
         delta_softplus, False)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.view(B.shape).to(B.dtype),
-            dC.view(C.shape).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
-            rest[0].to(z.dtype) if z is not None else _empty(u),
-            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+    dz = rest[0] if z is not None else None
+    return _grads_as_inputs((du, ddelta, dA, dB, dC, dD, dz, dbias), u, delta, A, B, C, D, z, delta_bias)
 
 
 @_scan_cuda_bwd_op.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, x, out_before_gate, delta_softplus):
-    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
-            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
 register_flops(torch.ops.dartmamba.selective_scan_cuda_fwd, _scan_fwd_flops, part="scan")
