@@ -8,8 +8,8 @@ Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAM
   never at module import. causal-conv1d >= 1.5.1 registers its kernels as custom ops, so torch.compile traces it.
 - ``"cpp"``: dartmamba's C++ kernel for CPU tensors (``csrc/causal_conv1d_cpu.cpp``, custom ops
   ``dartmamba::causal_conv1d_cpp_fwd`` / ``_bwd``), built at first use with the selective scan's kernel (see
-  :mod:`dartmamba.ops._jit`): vectorised over channels, the SiLU fused, any input layout, the output laid out as
-  the input. Where it cannot be built, CPU tensors take ``"torch"`` with one RuntimeWarning.
+  :mod:`dartmamba.ops._jit`): vectorised over channels, the SiLU fused, any input layout; the output is
+  channel-last when the input's channels are adjacent (a slice of a (B, L, C) projection), else laid out as it. Where it cannot be built, CPU tensors take ``"torch"`` with one RuntimeWarning.
 - ``"torch"``: ``F.conv1d`` with ``groups=dim`` and left padding, any device, traced by dynamo as plain ops.
 
 :func:`causal_conv1d_reference` is an explicit loop over the taps, for tests.
@@ -187,9 +187,17 @@ def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bo
     return cpu_kernels().causal_conv1d_fwd(*_cpp_inputs(x, weight, bias), silu).to(x.dtype)
 
 
+def _like_input(x: Tensor) -> Tensor:
+    """The kernel's output layout: channel-last when x's channels are adjacent (a slice of a (B, L, C) projection),
+    so that the GEMM after the conv reads it without a copy; else as x (dense) or contiguous."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[1])).transpose(1, 2)
+    return torch.empty_like(x)
+
+
 @_conv_cpp_fwd_op.register_fake
 def _(x, weight, bias, silu):
-    return torch.empty_like(x)
+    return _like_input(x)
 
 
 @torch.library.custom_op("dartmamba::causal_conv1d_cpp_bwd", mutates_args=())
@@ -204,7 +212,7 @@ def _conv_cpp_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Ten
 
 @_conv_cpp_bwd_op.register_fake
 def _(dout, x, weight, bias, silu):
-    return (torch.empty_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
+    return (_like_input(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
 
@@ -232,8 +240,8 @@ def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                       activation: Optional[str] = "silu") -> Tensor:
     """The ``"cpp"`` backend: dartmamba's C++ kernel. CPU tensors, any width K and any layout of x.
 
-    Shapes as :func:`causal_conv1d_reference`; the result is in ``x.dtype`` and laid out as ``x`` (math in float32,
-    float64 for float64 inputs). Raises :class:`~dartmamba.backends.BackendUnavailableError` when the kernel cannot
+    Shapes as :func:`causal_conv1d_reference`; the result is in ``x.dtype``, channel-last when x's channels are
+    adjacent (else laid out as ``x``), math in float32 (float64 for float64 inputs). Raises :class:`~dartmamba.backends.BackendUnavailableError` when the kernel cannot
     be built.
     """
     _check_args(x, weight, bias, activation)

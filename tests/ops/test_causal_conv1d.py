@@ -67,7 +67,7 @@ def test_is_causal_and_matches_a_hand_computed_case(backend):
     assert torch.equal(causal_conv1d(x2, w, backend=backend)[..., :3], causal_conv1d(x, w, backend=backend)[..., :3])
 
 
-def test_cpp_output_is_laid_out_as_its_input_and_passes_opcheck(seeds):
+def test_cpp_output_layout_and_opcheck(seeds):
     backend_or_skip("cpp")
     g = torch.Generator().manual_seed(seeds[0])
     x = channel_last(torch.randn(2, 20, 9, generator=g))
@@ -75,9 +75,18 @@ def test_cpp_output_is_laid_out_as_its_input_and_passes_opcheck(seeds):
     out = causal_conv1d(x, w, b, backend="cpp")
     assert out.stride() == x.stride()
     torch.testing.assert_close(out, causal_conv1d_reference(x, w, b))
+    # a slice of a (B, L, 2C) projection (channels adjacent, not dense): channel-last out, so (B*L, C) is a view
+    xz = torch.randn(2, 9, 40, generator=g).transpose(1, 2)
+    out = causal_conv1d(xz[:, :20], w, b, backend="cpp")
+    assert out.stride() == (9 * 20, 1, 20) and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, causal_conv1d_reference(xz[:, :20], w, b))
+    contiguous = torch.randn(2, 20, 9, generator=g)
+    assert causal_conv1d(contiguous, w, b, backend="cpp").is_contiguous()
     args = [t.requires_grad_() for t in (x, w, b)]
     torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True))
     torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False))
+    sliced = [xz[:, :20].detach().requires_grad_(), w, b]
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True))
 
 
 def test_cpp_gradients_do_not_depend_on_the_thread_count(seeds):

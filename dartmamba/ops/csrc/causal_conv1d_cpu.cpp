@@ -5,8 +5,8 @@
 //
 // The vector lanes run over W adjacent channels: a task is one (batch, block of W channels); its rows are gathered
 // into a time-major scratch behind K - 1 rows of zeros (any input layout), the K taps are vertical multiply-adds,
-// the activation is applied in registers and the rows are scattered into an output laid out as the input (a
-// channel-last input gives a channel-last output). The backward recomputes the pre-activation, and gets
+// the activation is applied in registers and the rows are scattered into an output laid out as the input's
+// channels (channel-adjacent inputs give a channel-last output). The backward recomputes the pre-activation, and gets
 // dx[t] = sum_k w[k] dpre[t + K - 1 - k], dw[k] = sum_t dpre[t] x[t - (K - 1) + k] and dbias = sum_t dpre[t].
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -149,14 +149,22 @@ void check_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
               "bias must be empty or a contiguous (dim,) tensor of x's dtype");
 }
 
+// The output layout: channel-last when x's channels are adjacent (e.g. a (B, L, 2D) projection's slice), so that a
+// GEMM over channels reads it without a copy; else as x (dense) or contiguous. dartmamba/ops/conv1d.py's fake
+// applies the same rule.
+at::Tensor like_input(const at::Tensor& x) {
+  if (x.size(1) > 1 && x.stride(1) == 1) return at::empty({x.size(0), x.size(2), x.size(1)}, x.options()).transpose(1, 2);
+  return at::empty_like(x, at::MemoryFormat::Preserve);
+}
+
 ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int width) {
   return ConvShape{x.size(0), x.size(1), x.size(2), weight.size(1), (x.size(1) + width - 1) / width, width};
 }
 
-// x: (batch, dim, L), any strides; weight: (dim, K); bias: (dim,) or empty. -> out laid out as x (when dense).
+// x: (batch, dim, L), any strides; weight: (dim, K); bias: (dim,) or empty. -> out laid out by like_input(x).
 at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool silu) {
   check_conv(x, weight, bias);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Preserve);
+  at::Tensor out = like_input(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_fwd", [&] {
     using T = scalar_t;
     const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size());
@@ -166,13 +174,13 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   return out;
 }
 
-// -> (dx laid out as x, dweight (dim, K), dbias (dim,) or empty)
+// -> (dx laid out by like_input(x), dweight (dim, K), dbias (dim,) or empty)
 std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
                                           const at::Tensor& bias, bool silu) {
   check_conv(x, weight, bias);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout must match x");
   const int64_t batch = x.size(0), dim = x.size(1), K = weight.size(1);
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Preserve);
+  at::Tensor dx = like_input(x);
   at::Tensor pw = at::zeros({batch, dim, K}, x.options()), pb = at::zeros({batch, bias.numel() > 0 ? dim : 0}, x.options());
   at::Tensor dw = at::empty({dim, K}, x.options()), db = at::empty({bias.numel() > 0 ? dim : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_bwd", [&] {
