@@ -2,7 +2,9 @@
 
 Rows: DeiT-S, Vim-S (fixed grid) and Vim-S-DART (448 input) at 196 tokens ("224") and 784 tokens ("448"; fixed
 grids through a 448 image, DART through ``num_tokens=784``); inference and training img/s, ms/batch and peak
-memory; bf16 autocast by default. A batch that does not fit is halved until it does (the batch used is printed).
+memory; bf16 autocast by default. Vim-S at 196 tokens runs twice, with the one-pass bidirectional mixer
+(``bimamba_impl="fused"``) and the two-pass one (``"two_pass"``), side by side; the other Vim rows use the default
+(``"auto"``: one-pass on CUDA). A batch that does not fit is halved until it does (the batch used is printed).
 ``--compile`` adds torch.compile'd rows for Vim-S and Vim-S-DART at 196 tokens. The target (H200, bf16, batch
 256, 224): fixed-grid Vim-S >= 4,500 img/s inference and >= 1,300 img/s training; other cards are compared against
 it as they are, with the card named.
@@ -32,7 +34,8 @@ TARGET_NOTE = "target (H200, bf16, batch 256, 224): Vim-S >= 4,500 img/s inferen
 # (label, model, kwargs, tokens)
 ROWS = [
     ("DeiT-S", "deit_small_patch16_224", {}, 196),
-    ("Vim-S", "vim_small_patch16_224", {}, 196),
+    ("Vim-S one-pass", "vim_small_patch16_224", {"bimamba_impl": "fused"}, 196),
+    ("Vim-S two-pass", "vim_small_patch16_224", {"bimamba_impl": "two_pass"}, 196),
     ("Vim-S-DART", "vim_small_dart", {"num_tokens": 196}, 196),
     ("DeiT-S", "deit_small_patch16_224", {"img_size": 448}, 784),
     ("Vim-S", "vim_small_patch16_224", {"img_size": 448}, 784),

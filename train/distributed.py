@@ -6,6 +6,13 @@ free port), so DeepSpeed never falls back to MPI discovery.
 
 On CPU the process group is gloo, and DeepSpeed's shared-memory all-reduce op (a ~100 s JIT build on first use)
 is switched off before the engine is created; everything else is DeepSpeed's own code path.
+
+Threads. Each process runs torch's intra-op work on the node's threads (torch's default count: its physical cores,
+at most the CPUs this process may use) divided by the processes of its node (``LOCAL_WORLD_SIZE`` from torchrun,
+``LOCAL_SIZE`` from the deepspeed launcher, else ``WORLD_SIZE``), as torchrun does with OMP_NUM_THREADS: with 2
+threads each, two processes on 2 cores ran 20-25x slower than with 1 each. A choice
+the user made is kept: OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (also what launchers set), or
+``torch.set_num_threads`` called before the run started. The choice and its reason go into the run's log.
 """
 from __future__ import annotations
 
@@ -15,7 +22,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "launch_rank_and_world", "apply_env_defaults", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "configure_threads", "init_distributed", "barrier",
+           "all_reduce_mean", "all_reduce_sum"]
+
+# torch's own intra-op thread count, read when this module is first imported (before a run can change it): a
+# different count at the start of a run means torch.set_num_threads was called by the user
+_STARTUP_THREADS = torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    threads: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''} per process ({self.reason})"
 
 
 @dataclass(frozen=True)
@@ -24,6 +45,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    threads: ThreadChoice | None = None
 
     @property
     def is_main(self) -> bool:
@@ -75,6 +97,44 @@ def apply_env_defaults(local_rank: int | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), else the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def local_processes() -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else
+    WORLD_SIZE (one node), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        value = os.environ.get(name)
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+    return 1
+
+
+def configure_threads() -> ThreadChoice:
+    """Set torch's intra-op threads to the node's threads // local processes unless the user chose (see the module
+    docstring); returns the count in force and why."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(name):
+            return ThreadChoice(torch.get_num_threads(), f"{name}={os.environ[name]} set by the user or launcher")
+    current = torch.get_num_threads()
+    if current != _STARTUP_THREADS:
+        return ThreadChoice(current, "set with torch.set_num_threads before the run")
+    cores, procs = min(available_cores(), _STARTUP_THREADS), local_processes()
+    threads = max(1, cores // procs)
+    if threads != current:
+        torch.set_num_threads(threads)
+    return ThreadChoice(threads, f"{cores} core{'s' if cores != 1 else ''} / {procs} local "
+                                 f"process{'es' if procs != 1 else ''}")
+
+
 def _disable_cpu_shm_comm() -> None:
     """Keep DeepSpeed from JIT-building its shared-memory comm op on CPU (~100 s on 2 cores); gloo is used."""
     import deepspeed.ops
@@ -85,8 +145,9 @@ def _disable_cpu_shm_comm() -> None:
 
 
 def init_distributed(local_rank: int | None = None) -> DistInfo:
-    """Join (or create) the process group through DeepSpeed and pick this process's device."""
+    """Join (or create) the process group through DeepSpeed, pick this process's device and its intra-op threads."""
     apply_env_defaults(local_rank)
+    threads = configure_threads()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -103,7 +164,7 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     else:
         accelerator.set_device(local)
         device = torch.device(accelerator.device_name(local))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, threads=threads)
 
 
 def barrier() -> None:

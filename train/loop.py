@@ -276,6 +276,8 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
                 f"{parts.zero_stage}, {t.precision}, compile {parts.compile_scope or 'off'}; global batch "
                 f"{t.batch_size * t.grad_accum * dist.world_size}, peak lr {resolved_lr(cfg, dist.world_size):.3e}; "
                 f"{len(bundle.train_set)} train / {len(bundle.val_set)} val images; outputs in {out_dir}")
+    if dist.threads is not None:
+        logger.info(f"threads: {dist.threads.describe()}")
 
     timing = {"updates": 0.0, "seconds": 0.0}
     start = time.perf_counter()

@@ -199,8 +199,9 @@ class ClutteredCanvas(Dataset):
             self._paste(canvas, fragment, int(rng.integers(size - ch + 1)), int(rng.integers(size - cw + 1)))
         return canvas
 
-    def render(self, index: int) -> CanvasSample:
-        """The canvas ``index`` (0 <= index < len) without normalisation."""
+    def render(self, index: int, with_mask: bool = True) -> CanvasSample:
+        """The canvas ``index`` (0 <= index < len) without normalisation; ``with_mask=False`` skips the object's
+        mask (``mask`` is None; the image, label and box are the same)."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a ClutteredCanvas of length {self.length}")
         rng = self._rng(index)
@@ -213,26 +214,32 @@ class ClutteredCanvas(Dataset):
         oh, ow = obj.shape[-2:]
         top, left = int(rng.integers(size - oh + 1)), int(rng.integers(size - ow + 1))
         self._paste(canvas, obj, top, left)
-        mask = np.zeros((1, size, size), dtype=np.float32)
-        mask[0, top:top + oh, left:left + ow] = ink.max(axis=0) >= MASK_THRESHOLD
+        mask_t = None
+        if with_mask:
+            mask = np.zeros((1, size, size), dtype=np.float32)
+            mask[0, top:top + oh, left:left + ow] = ink.max(axis=0) >= MASK_THRESHOLD
+            mask_t = torch.from_numpy(mask)
 
         if self.noise_std > 0:
-            canvas += self.noise_std * rng.standard_normal(canvas.shape, dtype=np.float32)
+            noise = rng.standard_normal(canvas.shape, dtype=np.float32)
+            noise *= self.noise_std                       # in place: the same float32 products as std * noise
+            canvas += noise
             np.clip(canvas, 0, 1, out=canvas)
-        image, mask_t = torch.from_numpy(canvas), torch.from_numpy(mask)
+        image = torch.from_numpy(canvas)
         box = (float(left), float(top), float(left + ow), float(top + oh))
         if self.output_size != size:
             out = (self.output_size, self.output_size)
             image = F.interpolate(image[None], size=out, mode="area")[0]
-            mask_t = F.interpolate(mask_t[None], size=out, mode="area")[0]
+            if mask_t is not None:
+                mask_t = F.interpolate(mask_t[None], size=out, mode="area")[0]
             ratio = self.output_size / size
             box = tuple(v * ratio for v in box)
         return CanvasSample(image.contiguous(), int(self.labels[source_index]), box, source_index,
-                            mask_t[0].contiguous())
+                            None if mask_t is None else mask_t[0].contiguous())
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """-> (image (C, S, S) float32, normalised if mean/std were given; label)."""
-        sample = self.render(index)
+        sample = self.render(index, with_mask=False)
         image = sample.image
         if self.mean is not None:
             image = (image - self.mean) / self.std

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..modules.bimamba import BiMambaMixer, VimBlock
+from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL, BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
 from ._checks import check_backbone_args
@@ -54,6 +54,9 @@ class VisionMamba(nn.Module):
             trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
             its older name.
         global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
+        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both), ``"two_pass"``
+            (one after the other) or ``"auto"`` (the default: fused on CUDA, two-pass on CPU, where it measured
+            faster); same parameters, same result (see :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -61,7 +64,7 @@ class VisionMamba(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, tokenizer="grid", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token", device=None, dtype=None):
+                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_backbone_args(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
@@ -93,7 +96,7 @@ class VisionMamba(nn.Module):
         drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.layers = nn.ModuleList([
             VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
-                                             **dd),
+                                             bimamba_impl=bimamba_impl, **dd),
                      drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32, **dd)
             for i in range(depth)])
         self.final_drop_path = self.layers[-1].drop_path if depth else nn.Identity()

@@ -2,6 +2,14 @@
 
 Built only from :mod:`dartmamba.ops`, so the backend (mamba-ssm CUDA kernels or the exact CPU scan) is chosen in
 one place. Parameter names and shapes follow hustvl/Vim so its checkpoints load unchanged.
+
+Two implementations of the same mixer (``bimamba_impl``): ``"fused"`` runs both directions as one problem of
+2 * d_inner channels (one causal conv, one batched GEMM for each of x_proj and dt_proj, one selective scan with B
+and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does (the reference the
+fused path is tested against). ``"auto"`` (the default) takes, per call, the one for the input's device: two-pass
+on CPU, where it measured faster (2-core AMD EPYC, 1 thread: Vim-Ti inference at batch 8 and the demo's training
+step, see docs/benchmarks.md), fused on CUDA, where one launch per stage replaces two (the GPU check times both:
+benchmarks/model_table.py).
 """
 from __future__ import annotations
 
@@ -15,6 +23,29 @@ from timm.layers import DropPath, register_notrace_function, register_notrace_mo
 from torch import Tensor
 
 from ..ops import RMSNorm, causal_conv1d, rms_norm, selective_scan
+
+BIMAMBA_IMPLS = ("auto", "fused", "two_pass")
+DEFAULT_BIMAMBA_IMPL = "auto"
+_AUTO_IMPL = {"cuda": "fused"}          # device type -> implementation of "auto"; every other device: "two_pass"
+
+
+def resolve_bimamba_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` means for inputs on ``device`` ("auto": see the module docstring)."""
+    return _AUTO_IMPL.get(device.type, "two_pass") if impl == "auto" else impl
+
+
+def _grouped_mm(a: Tensor, b: Tensor) -> Tensor:
+    """(G, M, K) @ (G, K, N) -> (G, M, N): one batched GEMM on the GPU; on the CPU one GEMM per group, because
+    torch's CPU bmm copies operands whose rows are strided (the fused mixer's channel-last views) first."""
+    if a.device.type == "cuda":
+        return torch.bmm(a, b)
+    return torch.stack([torch.mm(a[g], b[g]) for g in range(a.shape[0])])
+
+
+def check_bimamba_impl(impl: str) -> str:
+    if impl not in BIMAMBA_IMPLS:
+        raise ValueError(f"bimamba_impl must be one of {BIMAMBA_IMPLS}, got {impl!r}")
+    return impl
 
 
 def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int, dd: dict):
@@ -37,7 +68,6 @@ def _check_mixer_args(**sizes) -> None:
             raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-
 # torch.fx (timm's feature extraction, get_graph_node_names): the fused ops check their arguments in Python and call
 # custom ops, so they are leaves of the graph, and so is the mixer (einops reshapes of traced sizes).
 register_notrace_function(rms_norm)
@@ -51,13 +81,19 @@ class BiMambaMixer(nn.Module):
     (``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``) and a backward branch with the same names suffixed
     ``_b`` that runs on the flipped sequence (x and the gate z). Output ``out_proj((y_f + flip(y_b)) / 2)``.
     Both branches run on every backend.
+
+    ``bimamba_impl``: ``"fused"`` (both directions in one pass over 2 * d_inner channels; the stacked weights are
+    built from the two branches' parameters on every call, so there is no second copy to drift), ``"two_pass"``
+    (one direction after the other) or ``"auto"`` (per call: fused on CUDA, two-pass elsewhere). Same parameters,
+    same result to rounding.
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-                 layer_idx: int | None = None, device=None, dtype=None):
+                 layer_idx: int | None = None, *, bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None):
         super().__init__()
         _check_mixer_args(dim=dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
+        self.bimamba_impl = check_bimamba_impl(bimamba_impl)
         dd = {"device": device, "dtype": dtype}
         self.dim, self.d_state, self.d_conv, self.expand = dim, d_state, d_conv, expand
         self.d_inner = expand * dim
@@ -108,7 +144,46 @@ class BiMambaMixer(nn.Module):
         A = -torch.exp(A_log.float())
         return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
 
+    def _stacked(self) -> dict:
+        """Both branches' parameters stacked (forward first), in the one-pass layout: conv (2 d_inner, K) and bias,
+        x_proj (2, R, d_inner), dt_proj (2, d_inner, dt_rank) and bias (2 d_inner,), A (2 d_inner, N) and D."""
+        return {"conv_w": torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1),
+                "conv_b": torch.cat([self.conv1d.bias, self.conv1d_b.bias]),
+                "x_proj": torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
+                "dt_proj": torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
+                "dt_bias": torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+                "A": -torch.exp(torch.cat([self.A_log, self.A_b_log]).float()),
+                "D": torch.cat([self.D, self.D_b]).float()}
+
+    def forward_fused(self, hidden_states: Tensor) -> Tensor:
+        """Both directions in one pass. (B, L, D) -> (B, L, D).
+
+        Channels [0, d_inner) are the forward branch, [d_inner, 2 d_inner) the backward branch on the flipped
+        sequence; the scan takes B and C grouped per branch, (B, 2, N, L). The activations stay channel-last
+        (B, L, 2 d_inner) where the backends keep that layout (the C++ CPU kernels do), so that x_proj reads the
+        conv's output and out_proj the scan's without a transposing copy.
+        """
+        seq_len = hidden_states.shape[1]
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        w = self._stacked()
+        x, z = self.in_proj(hidden_states).split(d, dim=-1)                                 # (B, L, d) views
+        x = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)                               # (B, 2d, L)
+        x = causal_conv1d(x, w["conv_w"], w["conv_b"], activation="silu")
+        # x_proj of both branches: one batched GEMM (2, B*L, d) @ (2, d, R)
+        x_dbl = _grouped_mm(rearrange(x, "b (g d) l -> g (b l) d", g=2), w["x_proj"].transpose(1, 2))
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        # dt_proj of both branches: (2, d, r) @ (2, r, B*L), laid out (B, 2d, L) with unit stride along L
+        dt = rearrange(_grouped_mm(w["dt_proj"], dt.transpose(1, 2)), "g d (b l) -> b (g d) l", l=seq_len)
+        B = rearrange(B, "g (b l) n -> b g n l", l=seq_len)
+        C = rearrange(C, "g (b l) n -> b g n l", l=seq_len)
+        z = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)                               # (B, 2d, L)
+        y = selective_scan(x, dt, w["A"], B, C, w["D"], z=z, delta_bias=w["dt_bias"], delta_softplus=True)
+        y = (y[:, :d] + y[:, d:].flip(-1)).mul_(0.5)                                        # (B, d, L)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
+
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if resolve_bimamba_impl(self.bimamba_impl, hidden_states.device) == "fused":
+            return self.forward_fused(hidden_states)
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)
         y_forward = self._scan(x, z, "forward")

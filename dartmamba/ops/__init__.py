@@ -3,22 +3,24 @@
 Each op has one entry point that dispatches through the registry in :mod:`dartmamba.backends` (``backend=``
 argument, ``dartmamba.backends.set_backend(op, name)`` / ``use_backend``, or ``DARTMAMBA_<OP>_BACKEND``):
 
-- :func:`selective_scan` (op ``"scan"``, module :mod:`.scan`): ``"cuda"`` (mamba-ssm), ``"cpu"`` (exact chunked
-  scan, any device), ``"reference"``.
+- :func:`selective_scan` (op ``"scan"``, module :mod:`.scan`): ``"cuda"`` (mamba-ssm), ``"cpp"`` (a C++ kernel for
+  CPU tensors, built at first use), ``"cpu"`` (exact chunked torch scan, any device), ``"reference"``.
 - :func:`causal_conv1d` (op ``"conv1d"``, module :mod:`.conv1d`): ``"cuda"`` (causal-conv1d), ``"torch"``.
 - :func:`rms_norm` / :class:`RMSNorm` (op ``"rmsnorm"``, module :mod:`.rmsnorm`): ``"triton"`` (mamba-ssm),
   ``"torch"``.
 
-Nothing here imports CUDA extensions, mamba-ssm, causal-conv1d or triton at import time.
+Nothing here imports CUDA extensions, mamba-ssm, causal-conv1d or triton, or builds anything, at import time.
 """
 from .conv1d import causal_conv1d, causal_conv1d_reference
 from .rmsnorm import RMSNorm, rms_norm, rms_norm_reference
-from .scan import selective_scan, selective_scan_cpu, selective_scan_mamba_cuda, selective_scan_reference
+from .scan import (selective_scan, selective_scan_cpp, selective_scan_cpu, selective_scan_mamba_cuda,
+                   selective_scan_reference)
 
 __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_cpu",
+    "selective_scan_cpp",
     "selective_scan_mamba_cuda",
     "causal_conv1d",
     "causal_conv1d_reference",

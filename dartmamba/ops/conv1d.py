@@ -6,6 +6,10 @@ Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAM
 
 - ``"cuda"``: the causal-conv1d package's ``causal_conv1d_fn`` (CUDA tensors, kernel width 2..4); imported lazily,
   never at module import. causal-conv1d >= 1.5.1 registers its kernels as custom ops, so torch.compile traces it.
+- ``"cpp"``: dartmamba's C++ kernel for CPU tensors (``csrc/causal_conv1d_cpu.cpp``, custom ops
+  ``dartmamba::causal_conv1d_cpp_fwd`` / ``_bwd``), built at first use with the selective scan's kernel (see
+  :mod:`dartmamba.ops._jit`): vectorised over channels, the SiLU fused, any input layout; the output is
+  channel-last when the input's channels are adjacent (a slice of a (B, L, C) projection), else laid out as it. Where it cannot be built, CPU tensors take ``"torch"`` with one RuntimeWarning.
 - ``"torch"``: ``F.conv1d`` with ``groups=dim`` and left padding, any device, traced by dynamo as plain ops.
 
 :func:`causal_conv1d_reference` is an explicit loop over the taps, for tests.
@@ -21,7 +25,7 @@ from torch import Tensor
 from .. import backends
 from ._common import register_flops
 
-__all__ = ["causal_conv1d", "causal_conv1d_reference"]
+__all__ = ["causal_conv1d", "causal_conv1d_reference", "causal_conv1d_cpp"]
 
 _ACTIVATIONS = (None, "silu", "swish")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,6 +94,11 @@ def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
 _LOADED: dict = {}
 
 
+def conv_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a depthwise causal conv (input shapes in): K multiply-adds per output element."""
+    return 2 * x[0] * x[1] * x[2] * weight[-1]
+
+
 def _conv_fn():
     """causal-conv1d's ``causal_conv1d_fn`` (imported on first use)."""
     if "fn" not in _LOADED:
@@ -134,9 +143,6 @@ def _register_package_flops() -> None:
     exist get one): a depthwise conv, K multiply-adds per output element."""
     from torch.utils.flop_counter import flop_registry
 
-    def conv_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
-        return 2 * x[0] * x[1] * x[2] * weight[-1]
-
     for namespace in ("mamba_causal_conv1d", "causal_conv1d"):
         for name in ("causal_conv1d_fwd", "causal_conv1d_bwd"):
             try:
@@ -147,10 +153,112 @@ def _register_package_flops() -> None:
                 register_flops(op, conv_flops)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# C++ kernel for CPU tensors (built at first use)
+# ----------------------------------------------------------------------------------------------------------------
+_CPP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _cpp_unavailable() -> Optional[str]:
+    from ._jit import cpu_kernels_unavailable
+
+    return cpu_kernels_unavailable()
+
+
+def _cpp_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     activation: Optional[str] = "silu") -> Optional[str]:
+    bad = [t.dtype for t in (x, weight, bias) if t is not None and t.dtype not in _CPP_DTYPES]
+    if bad:
+        return f"its kernel computes float16/bfloat16/float32/float64 inputs, got {bad[0]}"
+    return None
+
+
+def _cpp_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """x, weight (contiguous) and bias (contiguous, or 0-element) in the promoted compute dtype (float32 at least)."""
+    cdt = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    b = x.new_empty(0, dtype=cdt) if bias is None else bias.to(cdt).contiguous()
+    return x.to(cdt), weight.to(cdt).contiguous(), b
+
+
+@torch.library.custom_op("dartmamba::causal_conv1d_cpp_fwd", mutates_args=())
+def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    from ._jit import cpu_kernels
+
+    return cpu_kernels().causal_conv1d_fwd(*_cpp_inputs(x, weight, bias), silu).to(x.dtype)
+
+
+def _like_input(x: Tensor) -> Tensor:
+    """The kernel's output layout: channel-last when x's channels are adjacent (a slice of a (B, L, C) projection),
+    so that the GEMM after the conv reads it without a copy; else as x (dense) or contiguous."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[1])).transpose(1, 2)
+    return torch.empty_like(x)
+
+
+@_conv_cpp_fwd_op.register_fake
+def _(x, weight, bias, silu):
+    return _like_input(x)
+
+
+@torch.library.custom_op("dartmamba::causal_conv1d_cpp_bwd", mutates_args=())
+def _conv_cpp_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ._jit import cpu_kernels
+
+    xc, wc, bc = _cpp_inputs(x, weight, bias)
+    dx, dw, db = cpu_kernels().causal_conv1d_bwd(dout.to(xc.dtype), xc, wc, bc, silu)
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
+
+
+@_conv_cpp_bwd_op.register_fake
+def _(dout, x, weight, bias, silu):
+    return (_like_input(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(bias) if bias is not None else x.new_empty(0))
+
+
+register_flops(torch.ops.dartmamba.causal_conv1d_cpp_fwd, conv_flops)
+register_flops(torch.ops.dartmamba.causal_conv1d_cpp_bwd, lambda dout, x, weight, *args, out_shape=None, **kw:
+               2 * conv_flops(x, weight))    # dx and dweight: K multiply-adds per element each
+
+
+def _conv_cpp_setup_context(ctx, inputs, output):
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+
+
+def _conv_cpp_autograd(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _conv_cpp_bwd_op(grad_out, x, weight, bias, ctx.silu)
+    return dx, dw, db if bias is not None else None, None
+
+
+_conv_cpp_fwd_op.register_autograd(_conv_cpp_autograd, setup_context=_conv_cpp_setup_context)
+
+
+def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                      activation: Optional[str] = "silu") -> Tensor:
+    """The ``"cpp"`` backend: dartmamba's C++ kernel. CPU tensors, any width K and any layout of x.
+
+    Shapes as :func:`causal_conv1d_reference`; the result is in ``x.dtype``, channel-last when x's channels are
+    adjacent (else laid out as ``x``), math in float32 (float64 for float64 inputs). Raises :class:`~dartmamba.backends.BackendUnavailableError` when the kernel cannot
+    be built.
+    """
+    _check_args(x, weight, bias, activation)
+    reason = _cpp_unavailable() or _cpp_unsupported(x, weight, bias)
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"conv1d backend 'cpp' is not available: {reason}")
+    return _conv_cpp_fwd_op(x, weight, bias, activation in ("silu", "swish"))
+
+
 backends.register(
     "conv1d", "cuda", causal_conv1d_cuda, devices=("cuda",), available=_cuda_unavailable, supports=_cuda_unsupported,
     fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use F.conv1d; install "
                      "causal-conv1d (pip install 'dartmamba[cuda]')")
+backends.register(
+    "conv1d", "cpp", causal_conv1d_cpp, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
+    fallback_warning="dartmamba's C++ causal conv1d for CPU tensors could not be built, so they use F.conv1d "
+                     "(a C++ compiler and ninja are needed)")
 backends.register("conv1d", "torch", causal_conv1d_torch, devices=backends.ANY_DEVICE)
 
 
@@ -162,7 +270,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
         activation: ``"silu"`` (default) / ``"swish"`` or ``None``.
         backend: ``None``/``"auto"`` (causal-conv1d for CUDA tensors when it imports and supports the width and
-            dtypes, else ``"torch"``), ``"cuda"`` or ``"torch"``. The global setting is
+            dtypes, else ``"torch"``; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else ``"torch"``),
+            ``"cuda"``, ``"cpp"`` or ``"torch"``. The global setting is
             ``dartmamba.backends.set_backend("conv1d", ...)`` or ``DARTMAMBA_CONV1D_BACKEND``.
 
     Returns:

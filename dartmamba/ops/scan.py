@@ -1,35 +1,50 @@
-"""Selective scan (Mamba-1 SSM recurrence), with one dispatch point over three backends.
+"""Selective scan (Mamba-1 SSM recurrence), with one dispatch point over four backends.
 
 For every batch ``b``, channel ``d`` and state index ``n`` the scan runs the linear recurrence::
 
     dt_t = softplus(delta_t + delta_bias)            (bias and softplus optional)
-    h_t  = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B[b, n, t] * u_t,      h_{-1} = 0
-    y_t  = sum_n C[b, n, t] * h_t[n]  +  D[d] * u_t
+    h_t  = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B[b, g, n, t] * u_t,      h_{-1} = 0
+    y_t  = sum_n C[b, g, n, t] * h_t[n]  +  D[d] * u_t
     out  = y * silu(z)                               (gate optional)
 
-Shapes follow mamba-ssm's ``selective_scan_fn`` (input-dependent, ungrouped B and C only):
-u, delta, z: (batch, dim, L); A: (dim, N), real; B, C: (batch, N, L); D, delta_bias: (dim,).
+Shapes follow mamba-ssm's ``selective_scan_fn`` (input-dependent B and C, ungrouped or grouped): u, delta, z:
+(batch, dim, L); A: (dim, N), real; B, C: (batch, N, L), or (batch, G, N, L) with channel ``d`` in group
+``g = d // (dim / G)`` (the one-pass bidirectional mixer stacks both directions as G = 2); D, delta_bias: (dim,).
+``return_last_state=True`` also returns the state after the last step, h_{L-1}: (batch, dim, N), as mamba-ssm does.
 
-Backends (registry op ``"scan"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_SCAN_BACKEND``):
+Backends (registry op ``"scan"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_SCAN_BACKEND``), in preference
+order:
 
 - ``"cuda"``: mamba-ssm's fused CUDA kernel (``selective_scan_cuda.fwd/bwd``), wrapped as the custom op
   ``dartmamba::selective_scan_cuda_fwd`` / ``_bwd`` so ``torch.compile`` traces it without a graph break.
   CUDA tensors only; imported lazily, never at module import. (The custom ops are registered for every device so
   their plumbing can be tested on CPU against a stand-in extension; mamba-ssm itself only takes CUDA tensors.)
+  As in mamba-ssm, the returned last state carries no gradient.
+- ``"cpp"``: :func:`selective_scan_cpp`, a C++ kernel for CPU tensors (``csrc/selective_scan_cpu.cpp``, custom
+  ops ``dartmamba::selective_scan_cpp_fwd`` / ``_bwd``), built with torch's extension tooling at first use and
+  cached (see :mod:`dartmamba.ops._jit`). Where it cannot be built (no compiler, no ninja) CPU tensors fall back to
+  ``"cpu"`` with one RuntimeWarning.
 - ``"cpu"``: :func:`selective_scan_cpu`, an exact chunked scan with a hand-written backward (custom ops
   ``dartmamba::selective_scan_cpu_fwd`` / ``_bwd``). Written with plain torch ops, so it runs on any device; it
-  is the fallback on CUDA when mamba-ssm is missing.
+  is the fallback on CUDA when mamba-ssm is missing, and on CPU when the C++ kernel cannot be built.
 - ``"reference"``: :func:`selective_scan_reference`, a sequential loop under plain autograd.
 
-How the fast scan works (memory traffic, not arithmetic, decides on CPU): all tensors are moved to a time-major
-layout, and the time axis is cut into chunks of ``T`` steps. Per chunk, the decays ``exp(dt*A)`` and the inputs
-``dt*B*u`` are materialised as (T, batch, dim, N) buffers that are reused from chunk to chunk (a few MB, cache
-sized), the recurrence runs as one in-place ``addcmul_`` per step on contiguous (batch, dim, N) slices, and ``y``
-comes from one batched matmul per chunk. Only the state entering each chunk is saved for the backward, which
+How the C++ kernel works: the vector lanes run over adjacent channels of one group, so B_t and C_t are broadcast
+scalars and the recurrence, the output and the adjoint are vertical vector arithmetic with the state in registers;
+exp is inline (Cody-Waite reduction and a degree-7 Taylor polynomial in float, within about an ulp), the backward
+keeps each channel block's decays and states and runs the adjoint recurrence backwards. See the source's header.
+
+How the chunked torch scan works (memory traffic, not arithmetic, decides on CPU): all tensors are moved to a
+time-major layout, and the time axis is cut into chunks of ``T`` steps. Per chunk, the decays ``exp(dt*A)`` and the
+inputs ``dt*B*u`` are materialised as (T, batch, dim, N) buffers that are reused from chunk to chunk (a few MB,
+cache sized), the recurrence runs as one in-place ``addcmul_`` per step on contiguous (batch, dim, N) slices, and
+``y`` comes from one batched matmul per chunk. Only the state entering each chunk is saved for the backward, which
 walks the chunks in reverse, recomputes the chunk's states from the saved one, runs the adjoint recurrence
 ``g_t = C_t * dy_t + exp(dt_{t+1} A) * g_{t+1}`` the same way, and reduces the gradients with batched matmuls.
-The recurrence is evaluated exactly as written (no cumulative log-decays, no division by decays), so it is as
-stable as the sequential reference for any sequence length and any decay in [0, 1].
+Grouped B/C run group by group.
+
+Both fast scans evaluate the recurrence exactly as written (no cumulative log-decays, no division by decays), so
+they are as stable as the sequential reference for any sequence length and any decay in [0, 1].
 """
 from __future__ import annotations
 
@@ -46,6 +61,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_cpu",
+    "selective_scan_cpp",
     "selective_scan_mamba_cuda",
     "scan_forward_macs",
     "scan_backward_macs",
@@ -82,9 +98,15 @@ def _check_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
         raise ValueError(f"selective_scan: A must have shape (dim, N) with dim = {dim}, got {_shape(A)}")
     dstate = A.shape[1]
     for name, t in (("B", B), ("C", C)):
-        if t.dim() != 3 or tuple(t.shape) != (batch, dstate, length):
-            raise ValueError(f"selective_scan: {name} must have shape (batch, N, L) = {(batch, dstate, length)} "
-                             f"(input-dependent, ungrouped), got {_shape(t)}")
+        grouped = t.dim() == 4 and t.shape[1] >= 1 and dim % t.shape[1] == 0
+        if not (tuple(t.shape) == (batch, dstate, length) or
+                (grouped and tuple(t.shape) == (batch, t.shape[1], dstate, length))):
+            raise ValueError(f"selective_scan: {name} must have shape (batch, N, L) = {(batch, dstate, length)} or "
+                             f"(batch, G, N, L) = {(batch, 'G', dstate, length)} with G dividing dim = {dim} "
+                             f"(input-dependent), got {_shape(t)}")
+    if B.dim() != C.dim() or (B.dim() == 4 and B.shape[1] != C.shape[1]):
+        raise ValueError(f"selective_scan: B and C must have the same layout (both (batch, N, L) or both "
+                         f"(batch, G, N, L) with one G), got B {_shape(B)} and C {_shape(C)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"selective_scan: {name} must have shape (dim,) = {(dim,)}, got {_shape(t)}")
@@ -133,24 +155,35 @@ def _scan_bwd_flops(dout, u, delta, A, B, C, D, z, delta_bias, *args, out_shape=
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
+def _grouped(t: Tensor) -> Tensor:
+    """B or C as (batch, G, N, L) (a view)."""
+    return t if t.dim() == 4 else t.unsqueeze(1)
+
+
+def _with_state(out: Tensor, last_state: Tensor, return_last_state: bool):
+    return (out, last_state) if return_last_state else out
+
+
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                             delta_softplus: bool = False) -> Tensor:
+                             delta_softplus: bool = False, return_last_state: bool = False):
     """Sequential selective scan under plain autograd: the definition the fast backends are tested against.
 
     Args:
         u: (batch, dim, L) input.
         delta: (batch, dim, L) step sizes (before ``delta_bias`` and softplus).
         A: (dim, N) real state matrix (diagonal per channel), usually negative.
-        B: (batch, N, L) input projection.
-        C: (batch, N, L) output projection.
+        B: (batch, N, L) input projection, or (batch, G, N, L): channel d uses group d // (dim / G).
+        C: output projection, laid out as B.
         D: optional (dim,) skip connection.
         z: optional (batch, dim, L) gate; the output is multiplied by ``silu(z)``.
         delta_bias: optional (dim,) added to ``delta``.
         delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the state after the last step.
 
     Returns:
-        (batch, dim, L) in ``u.dtype``. Internal math is float32 (float64 when any input is float64).
+        out (batch, dim, L) in ``u.dtype``; with ``return_last_state``, (out, last_state (batch, dim, N)) in the
+        compute dtype. Internal math is float32 (float64 when any input is float64).
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
@@ -159,21 +192,27 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    uf, Af, Bf, Cf = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
     batch, dim, length = u.shape
-    h = uf.new_zeros(batch, dim, A.shape[1])
+    groups, dstate = _grouped(B).shape[1], A.shape[1]
+    per_group = dim // groups
+    uf = u.to(cdt)
+    # channels as (group, channel in group): B_t and C_t broadcast over a group's channels
+    dtg, ug = dt.view(batch, groups, per_group, length), uf.view(batch, groups, per_group, length)
+    Af = A.to(cdt).view(groups, per_group, dstate)
+    Bf, Cf = _grouped(B).to(cdt), _grouped(C).to(cdt)                          # (batch, G, N, L)
+    h = uf.new_zeros(batch, groups, per_group, dstate)
     ys = []
     for t in range(length):
-        decay = torch.exp(dt[:, :, t, None] * Af)                                   # (batch, dim, N)
-        drive = (dt[:, :, t] * uf[:, :, t])[:, :, None] * Bf[:, None, :, t]         # (batch, dim, N)
+        decay = torch.exp(dtg[..., t, None] * Af)                                 # (batch, G, dim/G, N)
+        drive = (dtg[..., t] * ug[..., t])[..., None] * Bf[:, :, None, :, t]      # (batch, G, dim/G, N)
         h = decay * h + drive
-        ys.append((h * Cf[:, None, :, t]).sum(-1))                                  # (batch, dim)
-    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+        ys.append((h * Cf[:, :, None, :, t]).sum(-1))                            # (batch, G, dim/G)
+    y = torch.stack(ys, dim=-1).view(batch, dim, length) if ys else uf.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + uf * D.to(cdt)[:, None]
     if z is not None:
         y = y * F.silu(z.to(cdt))
-    return y.to(u.dtype)
+    return _with_state(y.to(u.dtype), h.reshape(batch, dim, dstate), return_last_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,8 +276,9 @@ def _recompute_states(tm: _TimeMajor, t0: int, t1: int, h0: Tensor, decay: Tenso
 
 def _scan_cpu_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                      chunk: int) -> tuple[Tensor, Tensor]:
-    """Returns out (batch, dim, L) in u.dtype and the states entering each chunk (n_chunks, batch, dim, N)."""
+                      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Ungrouped B, C. Returns out (batch, dim, L) in u.dtype, the states entering each chunk (n_chunks, batch,
+    dim, N) and the last state (batch, dim, N), both in the compute dtype."""
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     dstate = A.shape[1]
@@ -258,17 +298,22 @@ def _scan_cpu_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   out=y[t0:t1].view(n * batch, dim, 1))
         if c + 1 < n_chunks:
             chunk_states[c + 1].copy_(states[n - 1])
+        else:
+            last_state = states[n - 1].clone()
+    if n_chunks == 0:
+        last_state = u.new_zeros((batch, dim, dstate), dtype=cdt)
     if D is not None:
         y.addcmul_(tm.u, D.to(cdt))
     if z is not None:
         y.mul_(F.silu(_to_time_major(z, cdt)))
-    return _from_time_major(y, u.dtype), chunk_states
+    return _from_time_major(y, u.dtype), chunk_states, last_state
 
 
 def _scan_cpu_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor,
-                       delta_softplus: bool, chunk: int) -> tuple[Tensor, ...]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype and shape.
+                       dlast: Optional[Tensor], delta_softplus: bool, chunk: int) -> tuple[Tensor, ...]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its input's dtype and shape; ``dlast``
+    (batch, dim, N) is the gradient of the last state (None: zero). Ungrouped B, C.
 
     Absent optional inputs (D, z, delta_bias) get a 0-element placeholder.
     """
@@ -293,7 +338,8 @@ def _scan_cpu_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Ten
     decay_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
     state_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
     adj_buf = u.new_empty((width, batch, dim, dstate), dtype=cdt)
-    carry = None                                                         # exp(dt_{t1} A) * g_{t1} from the next chunk
+    # exp(dt_{t1} A) * g_{t1} from the next chunk; into the last step: the last state's gradient
+    carry = None if dlast is None else dlast.to(cdt)
     for c in range(n_chunks - 1, -1, -1):
         t0, t1 = c * chunk, min(length, (c + 1) * chunk)
         n, nb = t1 - t0, (t1 - t0) * batch
@@ -347,7 +393,8 @@ def _scan_cpu_backward(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Ten
 @torch.library.custom_op("dartmamba::selective_scan_cpu_fwd", mutates_args=())
 def _scan_cpu_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                     chunk: int) -> tuple[Tensor, Tensor]:
+                     chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (out, chunk_states, last_state); ungrouped B, C."""
     return _scan_cpu_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
 
 
@@ -356,15 +403,17 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
     n_chunks = (length + chunk - 1) // chunk
-    return torch.empty_like(u, memory_format=torch.contiguous_format), \
-        u.new_empty((n_chunks, batch, dim, A.shape[1]), dtype=cdt)
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty((n_chunks, batch, dim, A.shape[1]), dtype=cdt),
+            u.new_empty((batch, dim, A.shape[1]), dtype=cdt))
 
 
 @torch.library.custom_op("dartmamba::selective_scan_cpu_bwd", mutates_args=())
 def _scan_cpu_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor, delta_softplus: bool,
-                     chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _scan_cpu_backward(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk)
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], chunk_states: Tensor, dlast: Optional[Tensor],
+                     delta_softplus: bool, chunk: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_cpu_backward(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, dlast, delta_softplus, chunk)
 
 
 register_flops(torch.ops.dartmamba.selective_scan_cpu_fwd, _scan_fwd_flops, part="scan")
@@ -377,10 +426,24 @@ def _grad_like(t: Optional[Tensor], ref: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def _grads_like(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, ...]:
+    """The backward ops' fake outputs: a contiguous gradient per input, 0-element for absent ones."""
+    return tuple(_grad_like(t, u) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _grads_as_inputs(grads, u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, ...]:
+    """A kernel's (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in each input's dtype and B, C's layout (the kernels
+    take them grouped); absent inputs get a 0-element placeholder."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.view(B.shape).to(B.dtype),
+            dC.view(C.shape).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
+            dz.to(z.dtype) if z is not None else _empty(u),
+            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+
+
 @_scan_cpu_bwd_op.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, chunk):
-    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
-            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+def _(dout, u, delta, A, B, C, D, z, delta_bias, chunk_states, dlast, delta_softplus, chunk):
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
 def _scan_cpu_setup_context(ctx, inputs, output):
@@ -391,10 +454,10 @@ def _scan_cpu_setup_context(ctx, inputs, output):
     ctx.chunk = chunk
 
 
-def _scan_cpu_autograd(ctx, grad_out, grad_states):
+def _scan_cpu_autograd(ctx, grad_out, grad_states, grad_last):
     u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_cpu_bwd_op(grad_out, u, delta, A, B, C, D, z, delta_bias,
-                                                             chunk_states, ctx.delta_softplus, ctx.chunk)
+                                                             chunk_states, grad_last, ctx.delta_softplus, ctx.chunk)
     has_D, has_z, has_bias = ctx.has
     return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
             None, None)
@@ -405,18 +468,149 @@ _scan_cpu_fwd_op.register_autograd(_scan_cpu_autograd, setup_context=_scan_cpu_s
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                       delta_softplus: bool = False) -> Tensor:
+                       delta_softplus: bool = False, return_last_state: bool = False):
     """Exact chunked selective scan with a hand-written backward (the ``"cpu"`` backend; runs on any device).
 
     Same arguments, shapes and result as :func:`selective_scan_reference`: u, delta, z (batch, dim, L); A (dim, N);
-    B, C (batch, N, L); D, delta_bias (dim,). Returns (batch, dim, L) in ``u.dtype``; math in float32 (float64
-    when any input is float64). Gradients flow to every tensor argument. Memory saved for the backward: the inputs
-    and one (batch, dim, N) state per chunk of time steps.
+    B, C (batch, N, L) or (batch, G, N, L); D, delta_bias (dim,). Returns (batch, dim, L) in ``u.dtype`` (and the
+    last state (batch, dim, N) with ``return_last_state``); math in float32 (float64 when any input is float64).
+    Gradients flow to every tensor argument, and from the last state. Memory saved for the backward: the inputs and
+    one (batch, dim, N) state per chunk of time steps. Grouped B, C run one group at a time.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
+    if B.dim() == 4:
+        per_group = u.shape[1] // B.shape[1]
+        parts = [selective_scan_cpu(*_group_args(g, per_group, u, delta, A, B, C, D, z, delta_bias),
+                                    delta_softplus=delta_softplus, return_last_state=True)
+                 for g in range(B.shape[1])]
+        out, last = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return _with_state(out, last, return_last_state)
     chunk = _chunk_len(u.shape[0], u.shape[1], A.shape[1])
-    out, _ = _scan_cpu_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
-    return out
+    out, _, last = _scan_cpu_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk)
+    return _with_state(out, last, return_last_state)
+
+
+def _group_args(g: int, per_group: int, u, delta, A, B, C, D, z, delta_bias) -> list:
+    """The arguments of group ``g`` alone: its channels, and its (batch, N, L) slice of B and C."""
+    sl = slice(g * per_group, (g + 1) * per_group)
+    return [u[:, sl], delta[:, sl], A[sl], B[:, g], C[:, g], None if D is None else D[sl],
+            None if z is None else z[:, sl], None if delta_bias is None else delta_bias[sl]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# C++ kernel for CPU tensors (built at first use)
+# ----------------------------------------------------------------------------------------------------------------
+_LOADED: dict = {}              # mamba-ssm's extension, imported on first use
+_CPP_MAX_DSTATE = 256          # the kernel keeps the state in a fixed-size register array
+_CPP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _cpp_extension():
+    """The C++ kernels' op namespace (built on first use, then loaded from torch's extension cache)."""
+    from ._jit import cpu_kernels
+
+    return cpu_kernels()
+
+
+def _cpp_unavailable() -> Optional[str]:
+    from ._jit import cpu_kernels_unavailable
+
+    return cpu_kernels_unavailable()
+
+
+def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                     return_last_state=False) -> Optional[str]:
+    """Why the C++ kernel cannot take these inputs (None when it can)."""
+    if A.shape[1] > _CPP_MAX_DSTATE:
+        return f"its kernel supports N <= {_CPP_MAX_DSTATE}, got A of shape {_shape(A)}"
+    bad = [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None and t.dtype not in _CPP_DTYPES]
+    if bad:
+        return f"its kernel computes float16/bfloat16/float32/float64 inputs, got {bad[0]}"
+    return None
+
+
+def _cpp_inputs(u, delta, A, B, C, D, z, delta_bias) -> list[Tensor]:
+    """All in the compute dtype; B, C grouped (views); A, D, delta_bias contiguous; absent ones 0-element."""
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+
+    def cast(t):
+        return u.new_empty(0, dtype=cdt) if t is None else t.to(cdt)
+
+    return [cast(u), cast(delta), cast(A).contiguous(), _grouped(cast(B)), _grouped(cast(C)), cast(D).contiguous(),
+            cast(z), cast(delta_bias).contiguous()]
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cpp_fwd", mutates_args=())
+def _scan_cpp_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """-> (out (batch, dim, L) in u.dtype, last_state (batch, dim, N) in the compute dtype)."""
+    out, last = _cpp_extension().scan_fwd(*_cpp_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+    return out.to(u.dtype), last
+
+
+@_scan_cpp_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    return (torch.empty_like(u),                      # laid out as u, as the kernel allocates it
+            u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=cdt))
+
+
+@torch.library.custom_op("dartmamba::selective_scan_cpp_bwd", mutates_args=())
+def _scan_cpp_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], dlast: Optional[Tensor], delta_softplus: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias)
+    cdt = args[0].dtype
+    dlast = u.new_empty(0, dtype=cdt) if dlast is None else dlast.to(cdt).contiguous()
+    grads = _cpp_extension().scan_bwd(dout.to(cdt), *args, dlast, delta_softplus)
+    return _grads_as_inputs(grads, u, delta, A, B, C, D, z, delta_bias)
+
+
+@_scan_cpp_bwd_op.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus):
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
+
+
+register_flops(torch.ops.dartmamba.selective_scan_cpp_fwd, _scan_fwd_flops, part="scan")
+register_flops(torch.ops.dartmamba.selective_scan_cpp_bwd, _scan_bwd_flops, part="scan")
+
+
+def _scan_cpp_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.has = (D is not None, z is not None, delta_bias is not None)
+    ctx.delta_softplus = delta_softplus
+
+
+def _scan_cpp_autograd(ctx, grad_out, grad_last):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_cpp_bwd_op(grad_out, u, delta, A, B, C, D, z, delta_bias,
+                                                             grad_last, ctx.delta_softplus)
+    has_D, has_z, has_bias = ctx.has
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
+            None)
+
+
+_scan_cpp_fwd_op.register_autograd(_scan_cpp_autograd, setup_context=_scan_cpp_setup_context)
+
+
+def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False):
+    """The C++ CPU kernel (the ``"cpp"`` backend), as a custom op torch.compile can trace.
+
+    Same arguments, shapes and result as :func:`selective_scan_reference` (grouped B, C included); any strides (the
+    output is laid out as ``u``, e.g. channel-last for a channel-last ``u``). CPU tensors; math in float32 (float64 when any input is float64); gradients flow to every tensor argument and
+    from the last state. Nothing is saved for the backward but the inputs (the backward recomputes the states).
+    Built at first use (a C++ compiler and ninja are needed; see :mod:`dartmamba.ops._jit`); raises
+    :class:`~dartmamba.backends.BackendUnavailableError` when the build fails.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    reason = _cpp_unavailable() or _cpp_unsupported(u, delta, A, B, C, D, z, delta_bias)
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"scan backend 'cpp' is not available: {reason}")
+    out, last = _scan_cpp_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return _with_state(out, last, return_last_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,7 +618,6 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # ----------------------------------------------------------------------------------------------------------------
 # mamba-ssm's kernel keeps one checkpoint of the state every 2048 steps: x is (batch, dim, n_chunks, 2N) float32.
 _MAMBA_CHUNK = 2048
-_LOADED: dict = {}
 
 
 def _mamba_extension():
@@ -451,7 +644,7 @@ def _call_mamba(fn, *args):
 
 def _mamba_inputs(u, delta, A, B, C, D, z, delta_bias):
     """Cast and lay out the inputs as the kernel requires: delta, B, C, z in u's dtype (half, bfloat16 or float32),
-    A, D, delta_bias in float32, unit stride along L; B and C as (batch, 1, N, L)."""
+    A, D, delta_bias in float32, unit stride along L; B and C as (batch, G, N, L) (G = 1 when ungrouped)."""
     if u.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         u = u.float()
     itype = u.dtype
@@ -460,8 +653,8 @@ def _mamba_inputs(u, delta, A, B, C, D, z, delta_bias):
         t = t.to(dtype)
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    return (lay(u, itype), lay(delta, itype), A.float().contiguous(), lay(B, itype).unsqueeze(1),
-            lay(C, itype).unsqueeze(1), None if D is None else D.float().contiguous(),
+    return (lay(u, itype), lay(delta, itype), A.float().contiguous(), _grouped(lay(B, itype)),
+            _grouped(lay(C, itype)), None if D is None else D.float().contiguous(),
             None if z is None else lay(z, itype), None if delta_bias is None else delta_bias.float().contiguous())
 
 
@@ -502,16 +695,13 @@ def _scan_cuda_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tens
     du, ddelta, dA, dB, dC, dD, dbias, *rest = _call_mamba(
         ext.bwd, uk, dk, Ak, Bk, Ck, Dk, zk, bk, dout, x, out_before_gate if z is not None else None, None,
         delta_softplus, False)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.squeeze(1).to(B.dtype),
-            dC.squeeze(1).to(C.dtype), dD.to(D.dtype) if D is not None else _empty(u),
-            rest[0].to(z.dtype) if z is not None else _empty(u),
-            dbias.to(delta_bias.dtype) if delta_bias is not None else _empty(u))
+    dz = rest[0] if z is not None else None
+    return _grads_as_inputs((du, ddelta, dA, dB, dC, dD, dz, dbias), u, delta, A, B, C, D, z, delta_bias)
 
 
 @_scan_cuda_bwd_op.register_fake
 def _(dout, u, delta, A, B, C, D, z, delta_bias, x, out_before_gate, delta_softplus):
-    return (_grad_like(u, u), _grad_like(delta, u), _grad_like(A, u), _grad_like(B, u), _grad_like(C, u),
-            _grad_like(D, u), _grad_like(z, u), _grad_like(delta_bias, u))
+    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
 register_flops(torch.ops.dartmamba.selective_scan_cuda_fwd, _scan_fwd_flops, part="scan")
@@ -539,19 +729,21 @@ _scan_cuda_fwd_op.register_autograd(_scan_cuda_autograd, setup_context=_scan_cud
 
 def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                               z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                              delta_softplus: bool = False) -> Tensor:
+                              delta_softplus: bool = False, return_last_state: bool = False):
     """mamba-ssm's fused CUDA selective scan (the ``"cuda"`` backend), as a custom op torch.compile can trace.
 
-    Shapes as :func:`selective_scan_reference`. CUDA tensors only. The kernel computes in float32 and takes
-    u/delta/B/C/z in half, bfloat16 or float32 (cast to u's dtype) and A/D/delta_bias in float32; the result is in
-    ``u.dtype``. Raises :class:`~dartmamba.backends.BackendUnavailableError` when mamba-ssm cannot be imported.
+    Shapes as :func:`selective_scan_reference` (grouped B, C go to the kernel as they are). CUDA tensors only. The
+    kernel computes in float32 and takes u/delta/B/C/z in half, bfloat16 or float32 (cast to u's dtype) and
+    A/D/delta_bias in float32; the result is in ``u.dtype``. The last state (``return_last_state``) is read from
+    the kernel's state checkpoints, float32, without gradient (as mamba-ssm's ``selective_scan_fn``). Raises
+    :class:`~dartmamba.backends.BackendUnavailableError` when mamba-ssm cannot be imported.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
     reason = _mamba_unavailable()
     if reason is not None:
         raise backends.BackendUnavailableError(f"scan backend 'cuda' is not available: {reason}")
-    out, _, _ = _scan_cuda_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-    return out
+    out, x, _ = _scan_cuda_fwd_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return _with_state(out, x[:, :, -1, 1::2].detach(), return_last_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,25 +753,34 @@ backends.register(
     "scan", "cuda", selective_scan_mamba_cuda, devices=("cuda",), available=_mamba_unavailable,
     fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's portable "
                      "chunked scan (much slower); install mamba-ssm (pip install 'dartmamba[cuda]')")
+backends.register(
+    "scan", "cpp", selective_scan_cpp, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
+    fallback_warning="dartmamba's C++ selective scan for CPU tensors could not be built, so they use the portable "
+                     "chunked torch scan (slower; a C++ compiler and ninja are needed)")
 backends.register("scan", "cpu", selective_scan_cpu, devices=backends.ANY_DEVICE)
 backends.register("scan", "reference", selective_scan_reference, devices=backends.ANY_DEVICE)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   backend: Optional[str] = None) -> Tensor:
+                   return_last_state: bool = False, backend: Optional[str] = None):
     """Selective scan through the backend registry (op ``"scan"``).
 
     Args:
-        u: (batch, dim, L). delta: (batch, dim, L). A: (dim, N), real. B, C: (batch, N, L).
-        D: optional (dim,). z: optional (batch, dim, L) gate. delta_bias: optional (dim,).
+        u: (batch, dim, L). delta: (batch, dim, L). A: (dim, N), real. B, C: (batch, N, L), or (batch, G, N, L)
+            grouped (channel d uses group d // (dim / G)). D: optional (dim,). z: optional (batch, dim, L) gate.
+            delta_bias: optional (dim,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the state after the last step, (batch, dim, N).
         backend: ``None``/``"auto"`` (mamba-ssm's kernel for CUDA tensors when it imports, else the chunked
-            ``"cpu"`` scan, with one RuntimeWarning), ``"cuda"``, ``"cpu"`` or ``"reference"``. The global setting
-            is ``dartmamba.backends.set_backend("scan", ...)`` or ``DARTMAMBA_SCAN_BACKEND``.
+            ``"cpu"`` scan, with one RuntimeWarning; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else
+            ``"cpu"``, with one RuntimeWarning), ``"cuda"``, ``"cpp"``, ``"cpu"`` or ``"reference"``. The global
+            setting is ``dartmamba.backends.set_backend("scan", ...)`` or ``DARTMAMBA_SCAN_BACKEND``;
+            ``DARTMAMBA_BUILD_CPU_KERNELS=0`` never builds the C++ kernel.
 
     Returns:
-        (batch, dim, L) in ``u.dtype``.
+        (batch, dim, L) in ``u.dtype``; with ``return_last_state``, (out, last_state).
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
-    return backends.dispatch("scan", u.device, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+    return backends.dispatch("scan", u.device, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state, backend=backend)

@@ -47,10 +47,12 @@ def test_table_halves_the_batch_on_oom_and_compares_with_deit(monkeypatch):
     calls = []
 
     def fake_run_one(name, kwargs, batch, mode, device, amp, compile, warmup, repeats, iters):
-        calls.append((name, batch, mode, compile))
+        calls.append((name, batch, mode, compile, kwargs.get("bimamba_impl")))
         if "vim_small_dart" in name and batch > 64:
             return {"model": name, "batch": batch, "mode": mode, "status": "oom"}
         speed = {"deit_small_patch16_224": 4000.0, "vim_small_patch16_224": 5000.0, "vim_small_dart": 1000.0}[name]
+        if kwargs.get("bimamba_impl") == "two_pass":
+            speed /= 2
         tokens = kwargs.get("num_tokens") or (784 if kwargs.get("img_size") == 448 else 196)
         return {"model": name, "batch": batch, "mode": mode, "status": "ok", "tokens": tokens,
                 "img_per_s": speed / (1 if mode == "infer" else 4)}
@@ -60,14 +62,19 @@ def test_table_halves_the_batch_on_oom_and_compares_with_deit(monkeypatch):
     saved = []
     rows = model_table.run_table("cpu", batch_size=256, compile_rows=True, on_row=lambda r: saved.append(len(r)),
                                  log=lambda *a: None)
-    assert len(rows) == 16 and saved == list(range(1, 17))
+    assert len(rows) == 18 and saved == list(range(1, 19))
     dart = [r for r in rows if r["label"].startswith("Vim-S-DART")]
     assert all(r["batch"] == 64 and r["status"] == "ok" for r in dart)
     assert [c[1] for c in calls if c[0] == "vim_small_dart"][:3] == [256, 128, 64]
-    vim = {(r["tokens"], r["mode"]): r for r in rows if r["label"] == "Vim-S"}
-    assert vim[(196, "infer")]["vs_deit"] == pytest.approx(1.25)
-    assert vim[(196, "infer")]["target"] == ">= 4,500: ok"
-    assert vim[(196, "train")]["target"] == ">= 1,300: MISS"            # 1250 img/s
+    # one-pass and two-pass Vim-S at 224 (196 tokens), batch 256, inference and training, side by side
+    impls = {(c[2], c[4]) for c in calls if c[0] == "vim_small_patch16_224" and c[1] == 256 and not c[3]}
+    assert {("infer", "fused"), ("infer", "two_pass"), ("train", "fused"), ("train", "two_pass")} <= impls
+    one = {(r["tokens"], r["mode"]): r for r in rows if r["label"] == "Vim-S one-pass"}
+    two = {(r["tokens"], r["mode"]): r for r in rows if r["label"] == "Vim-S two-pass"}
+    assert set(one) == set(two) == {(196, "infer"), (196, "train")}
+    assert one[(196, "infer")]["vs_deit"] == pytest.approx(1.25) and two[(196, "infer")]["vs_deit"] == pytest.approx(0.625)
+    assert one[(196, "infer")]["target"] == ">= 4,500: ok" and two[(196, "infer")]["target"] == ">= 4,500: MISS"
+    assert one[(196, "train")]["target"] == ">= 1,300: MISS"            # 1250 img/s
     assert sum(1 for c in calls if c[3]) >= 4                              # compiled rows
     text = model_table.render(rows, {"device": "Some GPU", "torch": "x", "backends": {"scan": "cuda"}}, "bf16")
     assert text.startswith("### Vim-S / Vim-S-DART vs DeiT-S on Some GPU") and "scan=cuda" in text
@@ -78,7 +85,25 @@ def test_table_time_budget_skips_the_rest(monkeypatch):
     monkeypatch.setattr(throughput, "run_one", lambda name, kwargs, batch, mode, *a: {
         "model": name, "batch": batch, "mode": mode, "status": "ok", "tokens": 196, "img_per_s": 1.0})
     rows = model_table.run_table("cpu", time_budget=0.0, log=lambda *a: None)
-    assert len(rows) == 12 and all(r["status"] == "skipped (time budget)" for r in rows)
-    assert model_table.render(rows, {"device": "d", "torch": "t"}, "bf16").count("skipped (time budget)") == 12
+    assert len(rows) == 14 and all(r["status"] == "skipped (time budget)" for r in rows)
+    assert model_table.render(rows, {"device": "d", "torch": "t"}, "bf16").count("skipped (time budget)") == 14
     rows = model_table.run_table("cpu", time_budget=1e9, log=lambda *a: None)
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_cpu_smoke_run_times_both_mixers(tmp_path):
+    """The script's CPU smoke settings (tiny models, batch 2): the one-pass and two-pass rows really build their
+    mixer and run."""
+    import timm
+
+    import dartmamba.models  # noqa: F401
+
+    rows = model_table.run_table("cpu", batch_size=2, amp="none", modes=("infer", "train"), warmup=1, repeats=1,
+                                 iters=1, tiny=True, log=lambda *a: None)
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    for label, impl in (("Vim-S one-pass", "fused"), ("Vim-S two-pass", "two_pass")):
+        mine = [r for r in rows if r["label"] == label]
+        assert [r["mode"] for r in mine] == ["infer", "train"] and all(f'"bimamba_impl": "{impl}"' in r["kwargs"]
+                                                                       for r in mine)
+        model = timm.create_model("vim_small_patch16_224", bimamba_impl=impl, **model_table.TINY)
+        assert model.layers[0].mixer.bimamba_impl == impl

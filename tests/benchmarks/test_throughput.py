@@ -81,3 +81,32 @@ def test_token_counts_map_to_models():
     assert cell_model("vim", "ti", "fixed", 16, overrides={"patch_size": 8, "img_size": 99, "depth": 1}) == (
         "vim_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1})
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_cpu_inference_table_plans_every_cell_and_runs_tiny_ones(monkeypatch):
+    """The CPU inference table: Vim fixed and DART, DeiT fixed, at 196 / 784 tokens (DART through num_tokens, fixed
+    grids through the image), batch 1 / 32, eager and compiled; each cell goes through run_one."""
+    from benchmarks import cpu_inference
+
+    cells = cpu_inference.plan(["vim", "deit"], ["tiny", "small"], ["fixed", "dart"], [196, 784], [1, 32],
+                               [False, True])
+    labels = {c["label"] for c in cells}
+    assert labels == {"Vim-Ti", "Vim-Ti-DART", "Vim-S", "Vim-S-DART", "DeiT-Ti", "DeiT-S"}
+    assert len(cells) == 6 * 2 * 2 * 2
+    dart = next(c for c in cells if c["label"] == "Vim-S-DART" and c["tokens"] == 784)
+    assert dart["model"] == "vim_small_dart" and dart["kwargs"] == {"num_tokens": 784}
+    fixed = next(c for c in cells if c["label"] == "DeiT-Ti" and c["tokens"] == 784)
+    assert fixed["kwargs"] == {"img_size": 448}
+    seen = []
+
+    def fake_run_one(name, kwargs, batch, mode, device, amp, compile, warmup, repeats, iters):
+        seen.append((name, batch, compile, iters))
+        return {"model": name, "batch": batch, "status": "ok", "img_per_s": 1.0, "latency_ms": 1.0}
+
+    monkeypatch.setattr(throughput, "run_one", fake_run_one)
+    rows = cpu_inference.run_table(cells[:4], warmup=1, repeats=1, log=lambda *a: None)
+    assert [(r["label"], r["compile"]) for r in rows] == [(c["label"], "yes" if c["compile"] else "no")
+                                                          for c in cells[:4]]
+    assert [s[3] for s in seen] == [5 if c["batch"] == 1 else 1 for c in cells[:4]]
+    text = cpu_inference.render(rows, {"host_cpu": "Some CPU", "torch": "x", "backends": {"scan": "cpp"}}, 2)
+    assert text.startswith("### CPU inference on Some CPU (2 threads") and "scan=cpp" in text

@@ -2,7 +2,8 @@
 
 - The CUDA path (mamba-ssm's scan, its Triton RMSNorm, the Triton resampler, causal-conv1d when installed) against
   the CPU path (the exact chunked scan and plain torch ops on CPU tensors): logits and every parameter gradient of
-  a small Vim and a small Vim-DART, fp32 (tight; TF32 off) and bf16 autocast (loose, both paths on the GPU).
+  a small Vim and a small Vim-DART, fp32 (tight; TF32 off) and bf16 autocast (loose, both paths on the GPU); the
+  one-pass bidirectional mixer against the two-pass one on the CUDA kernels.
 - Zero graph breaks under torch.compile (``torch._dynamo.explain`` of forward + loss, fp32 and bf16), and an
   inductor-compiled training step that matches eager.
 - The throughput table of the Vim issue (Vim-S, Vim-S-DART, DeiT-S; 196 and 784 tokens; inference and training),
@@ -163,6 +164,25 @@ def test_cuda_path_matches_portable_path_bf16(kind):
     if kind == "vim":   # (DART's geometry follows bf16 rounding of the scorer's features: not comparable to fp32)
         fp32 = forward_backward(model, images, labels, forced={"scan": "cuda"})
         assert rel_err(got[0], fp32[0]) < 5e-2, "bf16 logits far from fp32 logits"
+
+
+@needs_mamba
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_one_pass_mixer_matches_two_pass_on_the_gpu(amp, no_tf32):
+    """The fused bidirectional mixer (grouped B/C through mamba-ssm's kernel, causal-conv1d over 2 * d_inner) against
+    the two-pass reference, same weights, on the CUDA kernels: logits and every parameter gradient."""
+    model, images, labels = build("vim")
+    model = model.cuda()
+    images, labels = images.cuda(), labels.cuda()
+    for layer in model.layers:
+        layer.mixer.bimamba_impl = "two_pass"
+    want = forward_backward(model, images, labels, forced={"scan": "cuda"}, amp=amp)
+    for layer in model.layers:
+        layer.mixer.bimamba_impl = "fused"
+    got = forward_backward(model, images, labels, forced={"scan": "cuda"}, amp=amp)
+    tol = (3e-2, 8e-2) if amp else (1e-5, 1e-4)
+    assert_close_models(got, want, tol_logits=tol[0], tol_grads=tol[1],
+                        what=f"fused vs two-pass mixer {'bf16' if amp else 'fp32'}")
 
 
 @needs_mamba

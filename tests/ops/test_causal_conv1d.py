@@ -1,4 +1,5 @@
-"""Causal depthwise conv1d: the F.conv1d backend against the explicit tap loop, dtypes, argument checks."""
+"""Causal depthwise conv1d: the F.conv1d and C++ backends against the explicit tap loop (any layout for the C++
+kernel, whose output is laid out as its input), dtypes, argument checks."""
 
 import pytest
 import torch
@@ -12,21 +13,37 @@ def leaves(*tensors):
     return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
 
 
+def backend_or_skip(name):
+    if name == "cpp" and cc._cpp_unavailable() is not None:
+        pytest.skip(f"the C++ CPU kernels are not available here: {cc._cpp_unavailable()}")
+    return name
+
+
+def channel_last(x):
+    """The same values laid out (batch, L, dim), as the fused mixer keeps them."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kernel", [1, 2, 4])
 @pytest.mark.parametrize("activation", ["silu", None, "swish"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("length", [1, 3, 50])
-def test_torch_backend_matches_reference(dtype, kernel, activation, with_bias, length, seeds):
+def test_backends_match_reference(backend, dtype, kernel, activation, with_bias, length, seeds):
+    backend_or_skip(backend)
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, 6, length, generator=g, dtype=dtype)
-        w = torch.randn(6, kernel, generator=g, dtype=dtype)
-        b = torch.randn(6, generator=g, dtype=dtype) if with_bias else None
-        grad = torch.randn(2, 6, length, generator=g, dtype=dtype)
+        # 37 channels: several vector blocks and a partial one; every third seed channel-last
+        x = torch.randn(2, 37, length, generator=g, dtype=dtype)
+        if seed % 3 == 0:
+            x = channel_last(x)
+        w = torch.randn(37, kernel, generator=g, dtype=dtype)
+        b = torch.randn(37, generator=g, dtype=dtype) if with_bias else None
+        grad = torch.randn(2, 37, length, generator=g, dtype=dtype)
         args_r, args_t = leaves(x, w, b), leaves(x, w, b)
         out_r = causal_conv1d_reference(*args_r, activation=activation)
-        out_t = causal_conv1d(*args_t, activation=activation, backend="torch")
+        out_t = causal_conv1d(*args_t, activation=activation, backend=backend)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out_t, out_r, **tol, msg=lambda m: f"seed {seed}: {m}")
         out_r.backward(grad)
@@ -36,24 +53,67 @@ def test_torch_backend_matches_reference(dtype, kernel, activation, with_bias, l
                 torch.testing.assert_close(a.grad, r.grad, **tol, msg=lambda m: f"seed {seed}, d{name}: {m}")
 
 
-def test_is_causal_and_matches_a_hand_computed_case():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_is_causal_and_matches_a_hand_computed_case(backend):
+    backend_or_skip(backend)
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
     w = torch.tensor([[0.5, -1.0, 2.0]])                      # taps for t-2, t-1, t
     expected = torch.tensor([[[2.0, 3.0, 4.5, 6.0]]]) + 0.25  # e.g. t=2: 0.5*1 - 1*2 + 2*3
-    for fn in (causal_conv1d_reference, lambda *a, **k: causal_conv1d(*a, **k, backend="torch")):
+    for fn in (causal_conv1d_reference, lambda *a, **k: causal_conv1d(*a, **k, backend=backend)):
         torch.testing.assert_close(fn(x, w, torch.tensor([0.25]), activation=None), expected)
     # perturbing the future never changes the past
     x2 = x.clone()
     x2[..., 3] = 100.0
-    assert torch.equal(causal_conv1d(x2, w)[..., :3], causal_conv1d(x, w)[..., :3])
+    assert torch.equal(causal_conv1d(x2, w, backend=backend)[..., :3], causal_conv1d(x, w, backend=backend)[..., :3])
 
 
-def test_mixed_dtypes_compute_in_the_wider_one(seeds):
+def test_cpp_output_layout_and_opcheck(seeds):
+    backend_or_skip("cpp")
+    g = torch.Generator().manual_seed(seeds[0])
+    x = channel_last(torch.randn(2, 20, 9, generator=g))
+    w, b = torch.randn(20, 4, generator=g), torch.randn(20, generator=g)
+    out = causal_conv1d(x, w, b, backend="cpp")
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, causal_conv1d_reference(x, w, b))
+    # a slice of a (B, L, 2C) projection (channels adjacent, not dense): channel-last out, so (B*L, C) is a view
+    xz = torch.randn(2, 9, 40, generator=g).transpose(1, 2)
+    out = causal_conv1d(xz[:, :20], w, b, backend="cpp")
+    assert out.stride() == (9 * 20, 1, 20) and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, causal_conv1d_reference(xz[:, :20], w, b))
+    contiguous = torch.randn(2, 20, 9, generator=g)
+    assert causal_conv1d(contiguous, w, b, backend="cpp").is_contiguous()
+    args = [t.requires_grad_() for t in (x, w, b)]
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True))
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False))
+    sliced = [xz[:, :20].detach().requires_grad_(), w, b]
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True))
+
+
+def test_cpp_gradients_do_not_depend_on_the_thread_count(seeds):
+    backend_or_skip("cpp")
+    g = torch.Generator().manual_seed(seeds[0])
+    x, w, b = torch.randn(5, 40, 23, generator=g), torch.randn(40, 4, generator=g), torch.randn(40, generator=g)
+    grad = torch.randn(5, 40, 23, generator=g)
+    saved, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            args = leaves(x, w, b)
+            causal_conv1d(*args, backend="cpp").backward(grad)
+            grads.append([a.grad for a in args])
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mixed_dtypes_compute_in_the_wider_one(backend, seeds):
+    backend_or_skip(backend)
     g = torch.Generator().manual_seed(seeds[0])
     x = torch.randn(2, 8, 20, generator=g).bfloat16()
     w = torch.randn(8, 4, generator=g)
     b = torch.randn(8, generator=g)
-    out = causal_conv1d(x, w, b)
+    out = causal_conv1d(x, w, b, backend=backend)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, causal_conv1d_reference(x, w, b))
     torch.testing.assert_close(out.float(), causal_conv1d_reference(x.float(), w, b), rtol=1e-2, atol=1e-2)
@@ -69,7 +129,7 @@ def test_mixed_dtypes_compute_in_the_wider_one(seeds):
 def test_bad_arguments_are_named(bad, message):
     args = dict(x=torch.zeros(2, 3, 5), weight=torch.zeros(3, 4), bias=torch.zeros(3), activation="silu")
     args.update(bad)
-    for fn in (causal_conv1d, causal_conv1d_reference):
+    for fn in (causal_conv1d, cc.causal_conv1d_cpp, causal_conv1d_reference):
         with pytest.raises(ValueError, match=message):
             fn(**args)
 

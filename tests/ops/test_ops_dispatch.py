@@ -133,9 +133,13 @@ def test_forcing_cuda_on_cpu_tensors_names_the_backend(restore_backends):
             selective_scan(*scan_inputs())
 
 
-def test_cpu_tensors_default_to_the_portable_backends(restore_backends):
-    assert backends.choose("scan", "cpu") == "cpu"
-    assert backends.choose("conv1d", "cpu") == "torch"
+def test_cpu_tensors_default_to_the_cpu_kernels_or_the_portable_backends(restore_backends):
+    """dartmamba's C++ kernels for CPU tensors where they build, else the portable torch implementations."""
+    from dartmamba.ops._jit import cpu_kernels_unavailable
+
+    built = cpu_kernels_unavailable() is None
+    assert backends.choose("scan", "cpu") == ("cpp" if built else "cpu")
+    assert backends.choose("conv1d", "cpu") == ("cpp" if built else "torch")
     assert backends.choose("rmsnorm", "cpu") == "torch"
 
 

@@ -1,21 +1,43 @@
-"""Selective scan: the chunked CPU scan against the sequential reference (forward and every input gradient),
-numerical stability, argument checks, and the mamba-ssm wrapper's plumbing against a stand-in extension."""
+"""Selective scan: the fast scans (the chunked torch scan "cpu" and the C++ kernel "cpp") against the sequential
+reference (forward, every input gradient, grouped B/C, the last state), numerical stability, argument checks, the
+kernel's build fallback, and the mamba-ssm wrapper's plumbing against a stand-in extension."""
 import types
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import selective_scan, selective_scan_cpu, selective_scan_reference
+from dartmamba.ops import selective_scan, selective_scan_cpp, selective_scan_cpu, selective_scan_reference
 from dartmamba.ops import scan as ss
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def make_inputs(batch, dim, length, dstate, dtype, seed, *, D=True, z=True, delta_bias=True, softplus=True):
+def cpp_or_skip():
+    reason = ss._cpp_unavailable()
+    if reason is not None:
+        pytest.skip(f"the C++ scan kernel is not available here: {reason}")
+
+
+def fast_scan(name):
+    """The fast scan under test (the C++ kernel skips where it cannot be built)."""
+    if name == "cpp":
+        cpp_or_skip()
+        return selective_scan_cpp
+    return selective_scan_cpu
+
+
+FAST = ("cpu", "cpp")
+
+
+def make_inputs(batch, dim, length, dstate, dtype, seed, *, D=True, z=True, delta_bias=True, softplus=True,
+                groups=None):
     """Random scan inputs; with softplus off, delta and delta_bias are made positive directly (a negative step
-    size makes the state grow exponentially)."""
+    size makes the state grow exponentially). ``groups``: B and C as (batch, groups, N, L)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -26,33 +48,50 @@ def make_inputs(batch, dim, length, dstate, dtype, seed, *, D=True, z=True, delt
     if not softplus:
         delta = F.softplus(delta)
     A = -torch.exp(rand(dim, dstate))
-    inputs = [u, delta, A, rand(batch, dstate, length), rand(batch, dstate, length),
+    bc = (batch, dstate, length) if groups is None else (batch, groups, dstate, length)
+    inputs = [u, delta, A, rand(*bc), rand(*bc),
               rand(dim) if D else None, rand(batch, dim, length) if z else None,
               (0.3 * rand(dim)).abs() if delta_bias and not softplus else 0.3 * rand(dim) if delta_bias else None]
     return [t.to(dtype) if t is not None else None for t in inputs]
 
 
-def run(fn, inputs, softplus, grad_out=None):
+def run(fn, inputs, softplus, grad_out=None, grad_last=None):
+    """Forward and backward of ``fn``; with ``grad_last`` the last state is returned and gets that gradient too."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    out = fn(*leaves, delta_softplus=softplus)
+    if grad_last is None:
+        out = fn(*leaves, delta_softplus=softplus)
+        last = None
+    else:
+        out, last = fn(*leaves, delta_softplus=softplus, return_last_state=True)
     if grad_out is None:
         grad_out = torch.randn_like(out, dtype=torch.float64).to(out.dtype)
-    out.backward(grad_out)
-    return out.detach(), [t.grad if t is not None else None for t in leaves], grad_out
+    if last is None:
+        out.backward(grad_out)
+    else:
+        torch.autograd.backward([out, last], [grad_out, grad_last.to(last.dtype)])
+        last = last.detach()
+    return out.detach(), [t.grad if t is not None else None for t in leaves], grad_out, last
 
 
 def assert_rel_close(actual, expected, rtol, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+        f"{what}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * scale + 1e-30, f"{what}: max abs error {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
 
 
-def compare_to_reference(inputs, softplus, rtol, what):
-    out_r, grads_r, grad_out = run(selective_scan_reference, inputs, softplus)
-    out_f, grads_f, _ = run(selective_scan_cpu, inputs, softplus, grad_out)
+def compare_to_reference(fn, inputs, softplus, rtol, what, last_state=False):
+    grad_last = None
+    if last_state:
+        u, A = inputs[0], inputs[2]
+        grad_last = torch.randn(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
+    out_r, grads_r, grad_out, last_r = run(selective_scan_reference, inputs, softplus, grad_last=grad_last)
+    out_f, grads_f, _, last_f = run(fn, inputs, softplus, grad_out, grad_last=grad_last)
     assert_rel_close(out_f, out_r, rtol, f"{what}: out")
+    if last_state:
+        assert_rel_close(last_f, last_r, rtol, f"{what}: last state")
     for name, gf, gr in zip(NAMES, grads_f, grads_r):
         if gr is None:
             assert gf is None, f"{what}: d{name} should be None"
@@ -69,13 +108,50 @@ OPTION_SETS = [
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(2, 4, 1, 3), (2, 5, 7, 4), (2, 8, 197, 16)], ids=lambda s: f"L{s[2]}")
 @pytest.mark.parametrize("options", OPTION_SETS, ids=["vim", "bare", "D-bias", "z-softplus"])
-def test_matches_reference(dtype, shape, options, seeds):
+def test_matches_reference(backend, dtype, shape, options, seeds):
+    fn = fast_scan(backend)
     for seed in seeds[:2] if shape[2] > 100 else seeds:
         inputs = make_inputs(*shape, dtype, seed, **options)
-        compare_to_reference(inputs, options["softplus"], TOLERANCE[dtype], f"seed {seed}")
+        compare_to_reference(fn, inputs, options["softplus"], TOLERANCE[dtype], f"seed {seed}")
+
+
+# (batch, dim, L, N, groups): the C++ kernel runs blocks of 16 (float) / 8 (double) channels of one group with the
+# common state sizes compiled in: partial and several blocks per group, every compiled N and a run-time one
+GROUPED_SHAPES = [(1, 2, 1, 3, 2), (2, 6, 7, 4, 2), (3, 40, 33, 5, 2), (2, 34, 19, 8, 1), (1, 36, 12, 32, 3),
+                  (2, 16, 29, 16, 4), (2, 768, 17, 16, 2)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: f"b{s[0]}d{s[1]}L{s[2]}N{s[3]}G{s[4]}")
+def test_grouped_and_last_state_match_reference(backend, dtype, shape, seeds):
+    """Grouped B/C (channel d reads group d // (dim / G)) and the last state, forward and every gradient, with the
+    last state's gradient flowing in."""
+    fn = fast_scan(backend)
+    batch, dim, length, dstate, groups = shape
+    for seed, options in zip(seeds, OPTION_SETS[:3]):
+        inputs = make_inputs(batch, dim, length, dstate, dtype, seed, groups=groups, **options)
+        compare_to_reference(fn, inputs, options["softplus"], TOLERANCE[dtype], f"seed {seed}", last_state=True)
+
+
+def test_grouped_reference_is_the_scan_of_each_group(seeds):
+    """The reference's grouping is the definition: each group's channels scanned with that group's B and C."""
+    inputs = make_inputs(2, 6, 9, 3, torch.float64, seeds[0], groups=3)
+    out, last = selective_scan_reference(*inputs, delta_softplus=True, return_last_state=True)
+    for g in range(3):
+        part, part_last = selective_scan_reference(*ss._group_args(g, 2, *inputs), delta_softplus=True,
+                                                   return_last_state=True)
+        torch.testing.assert_close(out[:, 2 * g:2 * g + 2], part, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(last[:, 2 * g:2 * g + 2], part_last, rtol=1e-13, atol=1e-15)
+    # and the last state is the state the output reads: y_{L-1} = <C_{L-1}, h_{L-1}> without D and z
+    bare = make_inputs(2, 6, 9, 3, torch.float64, seeds[1], D=False, z=False, groups=3)
+    out, last = selective_scan_reference(*bare, delta_softplus=True, return_last_state=True)
+    C = bare[4].repeat_interleave(2, dim=1)                      # (batch, dim, N, L)
+    torch.testing.assert_close(out[..., -1], (last * C[..., -1]).sum(-1))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8])
@@ -84,17 +160,21 @@ def test_chunk_boundaries(chunk, seeds, monkeypatch):
     monkeypatch.setattr(ss, "_chunk_len", lambda *args: chunk)
     for seed in seeds:
         inputs = make_inputs(2, 3, 23, 4, torch.float64, seed)
-        compare_to_reference(inputs, True, 1e-11, f"chunk {chunk}, seed {seed}")
+        compare_to_reference(selective_scan_cpu, inputs, True, 1e-11, f"chunk {chunk}, seed {seed}",
+                             last_state=True)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_long_sequence(dtype, seeds):
+def test_long_sequence(backend, dtype, seeds):
     inputs = make_inputs(1, 3, 1200, 4, dtype, seeds[0])
-    compare_to_reference(inputs, True, TOLERANCE[dtype] * 5, f"L=1200, seed {seeds[0]}")
+    compare_to_reference(fast_scan(backend), inputs, True, TOLERANCE[dtype] * 5, f"L=1200, seed {seeds[0]}")
 
 
-def test_extreme_decays_are_stable(seeds):
+@pytest.mark.parametrize("backend", FAST)
+def test_extreme_decays_are_stable(backend, seeds):
     """delta*|A| from 1e-9 (decay ~1, the state accumulates) to 1e4 (decay underflows to 0), mixed in one tensor."""
+    fn = fast_scan(backend)
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         batch, dim, length, dstate = 2, 6, 300, 4
@@ -107,23 +187,25 @@ def test_extreme_decays_are_stable(seeds):
         inputs[1][:, 0] = 1e-6
         inputs[2][1] = -100.0                         # ... and one whose decays are exactly 0
         inputs[1][:, 1] = 100.0
-        compare_to_reference(inputs, False, 1e-10, f"fp64, seed {seed}")
+        compare_to_reference(fn, inputs, False, 1e-10, f"fp64, seed {seed}")
         # fp32: finite, and close to the fp64 truth
         inputs32 = [t.float() if t is not None else None for t in inputs]
-        out64, grads64, grad_out = run(selective_scan_reference, inputs, False)
-        out32, grads32, _ = run(selective_scan_cpu, inputs32, False, grad_out.float())
+        out64, grads64, grad_out, _ = run(selective_scan_reference, inputs, False)
+        out32, grads32, _, _ = run(fn, inputs32, False, grad_out.float())
         assert_rel_close(out32.double(), out64, 1e-4, f"fp32 out, seed {seed}")
         for name, g32, g64 in zip(NAMES, grads32, grads64):
             if g64 is not None:
                 assert_rel_close(g32.double(), g64, 1e-3, f"fp32 d{name}, seed {seed}")
 
 
-def test_low_precision_inputs_compute_in_fp32(seeds):
+@pytest.mark.parametrize("backend", FAST)
+def test_low_precision_inputs_compute_in_fp32(backend, seeds):
+    fn = fast_scan(backend)
     inputs = make_inputs(2, 4, 33, 4, torch.bfloat16, seeds[0])
     inputs[2] = inputs[2].float()                     # A, D, delta_bias stay fp32 in Vim
     inputs[5], inputs[7] = inputs[5].float(), inputs[7].float()
-    out_r, grads_r, grad_out = run(selective_scan_reference, inputs, True)
-    out_f, grads_f, _ = run(selective_scan_cpu, inputs, True, grad_out)
+    out_r, grads_r, grad_out, _ = run(selective_scan_reference, inputs, True)
+    out_f, grads_f, _, _ = run(fn, inputs, True, grad_out)
     assert out_f.dtype == torch.bfloat16
     assert_rel_close(out_f.float(), out_r.float(), 1e-2, "bf16 out")
     for name, t, gf, gr in zip(NAMES, inputs, grads_f, grads_r):
@@ -131,7 +213,9 @@ def test_low_precision_inputs_compute_in_fp32(seeds):
         assert_rel_close(gf.float(), gr.float(), 2e-2, f"bf16 d{name}")
 
 
-def test_non_contiguous_inputs(seeds):
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_inputs(backend, seeds):
+    fn = fast_scan(backend)
     inputs = make_inputs(2, 5, 11, 3, torch.float64, seeds[0])
     u, delta, A, B, C, D, z, bias = inputs
     # the same values, laid out (batch, L, dim) / (batch, L, N) and transposed back, as Vim's projections give them
@@ -141,23 +225,78 @@ def test_non_contiguous_inputs(seeds):
                bias]
     assert not flipped[0].is_contiguous()
     expected = selective_scan_reference(*inputs, delta_softplus=True)
-    torch.testing.assert_close(selective_scan_cpu(*flipped, delta_softplus=True), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fn(*flipped, delta_softplus=True), expected, rtol=1e-12, atol=1e-12)
+    # gradients of strided inputs come back in the inputs' shapes, matching the reference's
+    compare_to_reference(fn, flipped, True, 1e-11, "strided")
 
 
 def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
-    """Each name runs its own implementation (spied in the registry), and every CPU backend gives the reference's
-    numbers."""
-    from dartmamba import backends
-
+    """Each name runs its own implementation (spied in the registry), "auto" takes the C++ kernel on CPU where it
+    builds (else the chunked scan), and every CPU backend gives the reference's numbers."""
     inputs = make_inputs(2, 3, 9, 2, torch.float64, seeds[0])
     expected = selective_scan_reference(*inputs, delta_softplus=True)
     ran = []
     for impl in backends.implementations("scan"):
         monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name: ran.append(_name) or _fn(*a))
-    for name, runs in ((None, "cpu"), ("auto", "cpu"), ("cpu", "cpu"), ("reference", "reference")):
+    auto = "cpp" if ss._cpp_unavailable() is None else "cpu"
+    cases = [(None, auto), ("auto", auto), ("cpu", "cpu"), ("reference", "reference")]
+    if auto == "cpp":
+        cases.append(("cpp", "cpp"))
+    for name, runs in cases:
         ran.clear()
         torch.testing.assert_close(selective_scan(*inputs, delta_softplus=True, backend=name), expected)
         assert ran == [runs], (name, ran)
+    out, last = selective_scan(*inputs, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(last, selective_scan_reference(*inputs, delta_softplus=True,
+                                                              return_last_state=True)[1])
+
+
+def test_failed_kernel_build_falls_back_to_the_torch_scan_with_one_warning(seeds, monkeypatch, restore_backends):
+    """Without a working compiler, "auto" runs the chunked scan on CPU tensors and warns once, naming why; forcing
+    the kernel raises with that reason."""
+    from dartmamba.ops import _jit
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions\nerror: c++: command not found")
+
+    monkeypatch.setattr(_jit, "cpu_kernels", no_compiler)
+    monkeypatch.delenv("DARTMAMBA_BUILD_CPU_KERNELS", raising=False)
+    reason = _jit._check()
+    assert reason.startswith("building the C++ CPU kernels failed (RuntimeError: ") and "command not found" in reason
+    monkeypatch.setenv("DARTMAMBA_BUILD_CPU_KERNELS", "0")
+    assert _jit._check() == "DARTMAMBA_BUILD_CPU_KERNELS=0"
+    for op in ("scan", "conv1d"):
+        kernel = next(b for b in backends.implementations(op) if b.name == "cpp")
+        monkeypatch.setattr(kernel, "available", lambda: reason)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    inputs = make_inputs(2, 3, 9, 2, torch.float64, seeds[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert backends.resolve("scan", "cpu", *inputs).name == "cpu"
+            assert backends.resolve("conv1d", "cpu", inputs[0], torch.zeros(3, 4), None, "silu").name == "torch"
+    runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 2 and all("could not be built" in m and "command not found" in m for m in runtime), runtime
+    with pytest.raises(BackendUnavailableError, match="scan backend 'cpp' is not available: building the C"):
+        selective_scan(*inputs, backend="cpp")
+
+
+def test_extension_names_follow_the_sources_flags_and_torch(tmp_path, monkeypatch):
+    """A changed source or header, ISA or torch version is a different library (never a stale or ABI-incompatible
+    binary)."""
+    from dartmamba.ops import _jit
+
+    monkeypatch.setattr(_jit, "CSRC", tmp_path)
+    (tmp_path / "k.cpp").write_text("int a;")
+    (tmp_path / "k.h").write_text("int b;")
+    base = _jit.extension_name("AVX2")
+    assert base.startswith("dartmamba_cpu_avx2_") and base == _jit.extension_name("AVX2")
+    (tmp_path / "k.h").write_text("int c;")
+    changed = _jit.extension_name("AVX2")
+    assert changed != base
+    assert _jit.extension_name("AVX512") != changed
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert _jit.extension_name("AVX2") != changed
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -166,6 +305,8 @@ def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
     (dict(A=torch.zeros(4, 2)), "A must have shape"),
     (dict(B=torch.zeros(2, 2, 6)), "B must have shape"),
     (dict(C=torch.zeros(2, 2, 1, 5)), "C must have shape"),
+    (dict(B=torch.zeros(2, 2, 2, 5), C=torch.zeros(2, 2, 2, 5)), r"B must have shape .* G dividing dim = 3"),
+    (dict(B=torch.zeros(2, 3, 2, 5)), "B and C must have the same layout"),
     (dict(D=torch.zeros(4)), "D must have shape"),
     (dict(z=torch.zeros(2, 3, 4)), "z must have"),
     (dict(delta_bias=torch.zeros(3, 1)), "delta_bias must have shape"),
@@ -176,7 +317,7 @@ def test_bad_arguments_are_named(bad, message):
     args = dict(u=torch.zeros(2, 3, 5), delta=torch.zeros(2, 3, 5), A=torch.zeros(3, 2), B=torch.zeros(2, 2, 5),
                 C=torch.zeros(2, 2, 5), D=torch.zeros(3), z=torch.zeros(2, 3, 5), delta_bias=torch.zeros(3))
     args.update(bad)
-    for fn in (selective_scan, selective_scan_cpu, selective_scan_reference):
+    for fn in (selective_scan, selective_scan_cpu, selective_scan_cpp, selective_scan_reference):
         with pytest.raises(ValueError, match=message):
             fn(**args)
 
@@ -187,6 +328,46 @@ def test_custom_ops_pass_opcheck(seeds):
     torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpu_fwd.default, (*leaves, True, 4))
     torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpu_fwd.default, (u, delta, A, B, C, None, None, None,
                                                                                False, 8))
+    cpp_or_skip()
+    grouped = [t.requires_grad_() for t in make_inputs(2, 4, 10, 2, torch.float32, seeds[1], groups=2)]
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*leaves, True))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*grouped, True))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (u, delta, A, B, C, None, None, None,
+                                                                               False))
+
+
+def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):
+    """Tasks are handed out dynamically, but every partial sum has one writer and is reduced in a fixed order: the
+    forward and every gradient are bitwise the same on 1 and 2 threads (so a resumed run replays its losses)."""
+    cpp_or_skip()
+    inputs = make_inputs(3, 40, 29, 8, torch.float32, seeds[0], groups=2)
+    grad_last = torch.randn(3, 40, 8, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, grads, _, last = run(selective_scan_cpp, inputs, True, torch.ones(3, 40, 29), grad_last)
+            results.append((out, last, grads))
+    finally:
+        torch.set_num_threads(saved)
+    (o1, l1, g1), (o2, l2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for name, a, b in zip(NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
+def test_cpp_kernel_flops_are_its_registered_formula(seeds):
+    """The kernel's custom ops count as the scan formula, forward and backward (grouped B/C cost the same)."""
+    cpp_or_skip()
+    batch, dim, length, dstate = 2, 6, 7, 3
+    inputs = [t.requires_grad_() for t in make_inputs(batch, dim, length, dstate, torch.float32, seeds[0], groups=2)]
+    with FlopCounterMode(display=False) as counter:
+        out = selective_scan_cpp(*inputs, delta_softplus=True)
+    assert counter.get_total_flops() == 2 * ss.scan_forward_macs(batch, dim, length, dstate)
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 2 * ss.scan_backward_macs(batch, dim, length, dstate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,12 +375,13 @@ def test_custom_ops_pass_opcheck(seeds):
 # ----------------------------------------------------------------------------------------------------------------
 def fake_mamba_extension(calls):
     """Implements the ``selective_scan_cuda.fwd/bwd`` contract of mamba-ssm 2.3 (argument order, dtypes, the
-    (batch, 1, N, L) B/C layout, the x checkpoint tensor, the return tuples) with the reference scan on CPU."""
+    (batch, G, N, L) B/C layout, the x checkpoint tensor whose odd entries of the last chunk hold the last state,
+    the return tuples) with the reference and the chunked scan's hand-written backward on CPU."""
 
     def check(u, delta, A, B, C, D, z, delta_bias):
         assert u.dtype in (torch.float16, torch.bfloat16, torch.float32)
         assert delta.dtype == u.dtype and B.dtype == u.dtype and C.dtype == u.dtype
-        assert A.dtype == torch.float32 and B.dim() == 4 and B.shape[1] == 1 and C.dim() == 4
+        assert A.dtype == torch.float32 and B.dim() == 4 and C.shape == B.shape and u.shape[1] % B.shape[1] == 0
         assert u.stride(-1) == 1 and delta.stride(-1) == 1 and B.stride(-1) == 1 and C.stride(-1) == 1
         for t in (D, delta_bias):
             assert t is None or t.dtype == torch.float32
@@ -207,23 +389,32 @@ def fake_mamba_extension(calls):
 
     def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         check(u, delta, A, B, C, D, z, delta_bias)
-        calls.append("fwd")
-        out = selective_scan_reference(u, delta, A, B[:, 0], C[:, 0], D, None, delta_bias, delta_softplus)
+        calls.append(("fwd", B.shape[1]))
+        out, last = selective_scan_reference(u, delta, A, B, C, D, None, delta_bias, delta_softplus,
+                                             return_last_state=True)
         batch, dim, length = u.shape
         x = torch.zeros(batch, dim, -(-length // 2048), 2 * A.shape[1])
+        x[:, :, -1, 1::2] = last
         return [out, x] + ([out * F.silu(z.float()).to(out.dtype)] if z is not None else [])
 
     def bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, recompute_out_z):
         check(u, delta, A, B, C, D, z, delta_bias)
         assert dout.dtype == u.dtype and x.shape[2] == -(-u.shape[2] // 2048)
         assert (out is not None) == (z is not None) and dz is None and recompute_out_z is False
-        calls.append("bwd")
-        # autograd is off inside a custom op's kernel: use the chunked scan's hand-written backward
+        calls.append(("bwd", B.shape[1]))
+        # autograd is off inside a custom op's kernel: the chunked scan's hand-written backward, group by group
         D_, z_, bias_ = (None if t is None else t.float() for t in (D, z, delta_bias))
-        _, states = ss._scan_cpu_forward(u, delta, A, B[:, 0], C[:, 0], D_, z_, bias_, delta_softplus, 4096)
-        du, ddelta, dA, dB, dC, dD, dz_, dbias = ss._scan_cpu_backward(
-            dout, u, delta, A, B[:, 0], C[:, 0], D_, z_, bias_, states, delta_softplus, 4096)
-        return [du, ddelta, dA, dB.unsqueeze(1), dC.unsqueeze(1), dD if D is not None else None,
+        per_group = u.shape[1] // B.shape[1]
+        parts = []
+        for g in range(B.shape[1]):
+            args = ss._group_args(g, per_group, u, delta, A, B, C, D_, z_, bias_)
+            _, states, _ = ss._scan_cpu_forward(*args, delta_softplus, 4096)
+            sl = slice(g * per_group, (g + 1) * per_group)
+            parts.append(ss._scan_cpu_backward(dout[:, sl], *args, states, None, delta_softplus, 4096))
+        du, ddelta, dA, dB, dC, dD, dz_, dbias = (torch.cat([p[i] for p in parts], dim=0 if i in (2, 5, 7) else 1)
+                                                  if i not in (3, 4) else torch.stack([p[i] for p in parts], 1)
+                                                  for i in range(8))
+        return [du, ddelta, dA, dB, dC, dD if D is not None else None,
                 dbias if delta_bias is not None else None] + ([dz_.to(z.dtype)] if z is not None else [])
 
     return types.SimpleNamespace(fwd=fwd, bwd=bwd)
@@ -237,16 +428,23 @@ def fake_mamba(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
 @pytest.mark.parametrize("options", OPTION_SETS[:2], ids=["vim", "bare"])
-def test_mamba_wrapper_plumbing(options, seeds, fake_mamba):
-    inputs = make_inputs(2, 3, 12, 4, torch.float32, seeds[0], **options)
-    out_r, grads_r, grad_out = run(selective_scan_reference, inputs, options["softplus"])
-    out_c, grads_c, _ = run(ss.selective_scan_mamba_cuda, inputs, options["softplus"], grad_out)
-    assert fake_mamba == ["fwd", "bwd"]
+def test_mamba_wrapper_plumbing(options, groups, seeds, fake_mamba):
+    """Grouped B/C go to the kernel as (batch, G, N, L), ungrouped as (batch, 1, N, L); gradients come back in the
+    inputs' layout; the last state is read from the kernel's checkpoints (without gradient, as in mamba-ssm)."""
+    inputs = make_inputs(2, 4, 12, 4, torch.float32, seeds[0], groups=groups, **options)
+    out_r, grads_r, grad_out, _ = run(selective_scan_reference, inputs, options["softplus"])
+    out_c, grads_c, _, _ = run(ss.selective_scan_mamba_cuda, inputs, options["softplus"], grad_out)
+    assert fake_mamba == [("fwd", groups or 1), ("bwd", groups or 1)]
     assert_rel_close(out_c, out_r, 1e-6, "out")
     for name, gc, gr in zip(NAMES, grads_c, grads_r):
         if gr is not None:
             assert_rel_close(gc, gr, 1e-5, f"d{name}")
+    _, last = ss.selective_scan_mamba_cuda(*inputs, delta_softplus=options["softplus"], return_last_state=True)
+    _, last_r = selective_scan_reference(*inputs, delta_softplus=options["softplus"], return_last_state=True)
+    assert_rel_close(last, last_r, 1e-6, "last state")
+    assert not last.requires_grad
 
 
 def test_mamba_wrapper_casts_for_the_kernel(seeds, fake_mamba):
@@ -255,7 +453,7 @@ def test_mamba_wrapper_casts_for_the_kernel(seeds, fake_mamba):
     inputs = make_inputs(2, 3, 12, 4, torch.float32, seeds[0])
     inputs[0], inputs[1], inputs[6] = (inputs[i].bfloat16() for i in (0, 1, 6))
     inputs[3] = inputs[3].double()
-    out, grads, _ = run(ss.selective_scan_mamba_cuda, inputs, True)
+    out, grads, _, _ = run(ss.selective_scan_mamba_cuda, inputs, True)
     assert out.dtype == torch.bfloat16
     assert [g.dtype for g in grads] == [t.dtype for t in inputs]
 
@@ -279,19 +477,25 @@ def _mamba_ready():
 @pytest.mark.skipif(not _mamba_ready(), reason="needs CUDA and mamba-ssm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length", [1, 197, 2500])
-def test_cuda_kernel_matches_cpu_scan(dtype, length, seeds):
-    inputs = make_inputs(2, 64, length, 16, torch.float32, seeds[0])
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
+def test_cuda_kernel_matches_cpu_scan(dtype, length, groups, seeds):
+    """mamba-ssm's kernel against the chunked scan on the GPU, grouped B/C and the last state included."""
+    inputs = make_inputs(2, 64, length, 16, torch.float32, seeds[0], groups=groups)
     for i in (0, 1, 3, 4, 6):
         inputs[i] = inputs[i].to(dtype)
     cuda_inputs = [t.cuda() for t in inputs]
-    out_c, grads_c, grad_out = run(lambda *a, **k: selective_scan(*a, **k, backend="cuda"), cuda_inputs, True)
-    out_f, grads_f, _ = run(selective_scan_cpu, cuda_inputs, True, grad_out)
+    out_c, grads_c, grad_out, _ = run(lambda *a, **k: selective_scan(*a, **k, backend="cuda"), cuda_inputs,
+                                      True)
+    out_f, grads_f, _, _ = run(selective_scan_cpu, cuda_inputs, True, grad_out)
     rtol_out, rtol_grad = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 3e-2)
     assert out_c.dtype == dtype
     assert_rel_close(out_c.float(), out_f.float(), rtol_out, "out")
     for name, gc, gf in zip(NAMES, grads_c, grads_f):
         assert gc.dtype == gf.dtype
         assert_rel_close(gc.float(), gf.float(), rtol_grad, f"d{name}")
+    _, last_c = selective_scan(*cuda_inputs, delta_softplus=True, return_last_state=True, backend="cuda")
+    _, last_f = selective_scan_cpu(*cuda_inputs, delta_softplus=True, return_last_state=True)
+    assert_rel_close(last_c.float(), last_f.float(), rtol_out, "last state")
 
 
 @pytest.mark.gpu

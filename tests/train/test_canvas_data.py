@@ -98,6 +98,16 @@ def test_normalisation_and_getitem(digits):
     assert label == ds.render(3).label and ds.num_classes == 10
 
 
+@pytest.mark.parametrize("output_size", [None, 24])
+def test_rendering_without_the_mask_gives_the_same_canvas(digits, output_size):
+    """Training samples skip the mask; the pixels, label and box are exactly the masked render's."""
+    ds = make(digits, output_size=output_size)
+    for index in range(6):
+        full, fast = ds.render(index), ds.render(index, with_mask=False)
+        assert fast.mask is None and full.mask is not None
+        assert torch.equal(fast.image, full.image) and (fast.label, fast.box) == (full.label, full.box)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(object_size=(8, 60)), "object_size must lie in [1, canvas_size=48], got (8, 60)"),
     (dict(object_size=(12, 8)), "object_size must satisfy low <= high, got (12, 8)"),

@@ -1,0 +1,115 @@
+"""dartmamba's C++ CPU kernels, built at first use with torch's extension tooling, the way DeepSpeed builds its ops.
+
+:func:`cpu_kernels` compiles every ``dartmamba/ops/csrc/*.cpp`` (the selective scan and the causal conv1d) into one
+library with ``torch.utils.cpp_extension.load`` (ninja and the system C++ compiler), for the vector ISA torch itself
+dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or portable code), and
+caches the build under torch's extension root (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions/<python>_<cuda>/``). The library's name carries a hash of the sources, the flags, the
+torch version and Python's, so a changed or upgraded checkout never loads a stale or ABI-incompatible binary and two
+checkouts never rebuild each other's. The sources register their ops with ``TORCH_LIBRARY(TORCH_EXTENSION_NAME)``:
+no Python bindings are compiled (a build takes ~20 s on 2 cores). Nothing is built at import time;
+``DARTMAMBA_BUILD_CPU_KERNELS=0`` never builds (the torch implementations run instead).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import backends
+
+__all__ = ["cpu_capability", "extension_name", "cpu_kernels", "cpu_kernels_unavailable"]
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+# compiler flags of each capability, as torch's own per-ISA kernel builds (at::vec picks its implementation from
+# the CPU_CAPABILITY_* define)
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": [],
+}
+_COMMON_FLAGS = ["-O3", "-fopenmp"]    # torch's at::parallel_for runs on OpenMP (torch's own libgomp at run time)
+_LOADED: dict = {}
+
+
+def cpu_capability() -> str:
+    """The ISA the kernels are built for: torch's CPU capability where we have flags for it, else ``DEFAULT``."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001  (older or unusual builds)
+        capability = "DEFAULT"
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+def _flags(capability: str) -> list[str]:
+    return [*_COMMON_FLAGS, *_ISA_FLAGS[capability]]
+
+
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def extension_name(capability: str | None = None) -> str:
+    """``dartmamba_cpu_<isa>_<hash>``: the hash covers every source and header, the flags, torch's version and
+    Python's."""
+    capability = capability or cpu_capability()
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join([*_flags(capability), torch.__version__, sys.version]).encode())
+    return f"dartmamba_cpu_{capability.lower()}_{digest.hexdigest()[:12]}"
+
+
+def _build_directory(name: str) -> str:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(name, verbose=False)
+
+
+def cpu_kernels():
+    """The kernels' op namespace ``torch.ops.<name>`` (``scan_fwd``, ``scan_bwd``, ``causal_conv1d_fwd``,
+    ``causal_conv1d_bwd``), built on first use on this machine and loaded from the cache afterwards. Raises whatever
+    the build raises (no compiler, no ninja, a compile error)."""
+    if "ops" in _LOADED:
+        return _LOADED["ops"]
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime is found": moot
+    from torch.utils.cpp_extension import load
+
+    capability = cpu_capability()
+    name = extension_name(capability)
+    build_dir = _build_directory(name)
+    fresh = not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir))
+    start = time.perf_counter()
+    if fresh:
+        print(f"dartmamba: building the C++ CPU kernels for {capability} (first use on this machine; cached in "
+              f"{build_dir})", file=sys.stderr, flush=True)
+    load(name=name, sources=[str(p) for p in _sources()], extra_cflags=_flags(capability),
+         extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], build_directory=build_dir, verbose=False,
+         is_python_module=False)
+    if fresh:
+        print(f"dartmamba: built {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    _LOADED["ops"] = getattr(torch.ops, name)
+    return _LOADED["ops"]
+
+
+def _check() -> str | None:
+    if os.environ.get("DARTMAMBA_BUILD_CPU_KERNELS", "1") == "0":
+        return "DARTMAMBA_BUILD_CPU_KERNELS=0"
+    try:
+        cpu_kernels()
+    except Exception as exc:  # no compiler or ninja, a compile error: the torch implementations stay
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " / ".join(lines[-3:])[-400:]
+        return f"building the C++ CPU kernels failed ({type(exc).__name__}: {detail})"
+    return None
+
+
+# the availability check of every "cpp" backend: None when the kernels load, else why not (cached per process)
+cpu_kernels_unavailable = backends.cached_check(_check)

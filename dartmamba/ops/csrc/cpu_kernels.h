@@ -1,0 +1,307 @@
+// Pieces shared by dartmamba's C++ CPU kernels (selective_scan_cpu.cpp, causal_conv1d_cpu.cpp): inline vector math
+// (exp, sigmoid, softplus) on at::vec, (batch, channels, L) tensors addressed through their strides, and the moves
+// between such rows and time-major (L, W) scratch blocks of W adjacent channels, W = Vectorized<T>::size().
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace dartmamba_cpu {
+
+using at::vec::Vectorized;
+
+// exp, inline (a call would spill the state vectors held in registers around it): x = k ln2 + r with
+// |r| <= ln2 / 2 (Cody-Waite: ln 2 in two parts), exp(r) by a polynomial, times 2^k (in two factors, so that results
+// that underflow into the subnormals, or to 0 below kMin, come out right; above log(max) they overflow to inf). The
+// polynomial: in float, degree 6 fitted to exp's relative error on [-ln2/2, ln2/2] (iteratively reweighted least
+// squares on Chebyshev nodes: 1.9e-9 in exact arithmetic, 7e-8 = 1.2 x 2^-24 evaluated in float, as the degree-7
+// Taylor polynomial, one multiply-add cheaper); in double, Taylor to degree 13 (truncation below 1e-17). So the
+// result is within about an ulp, as Sleef's exp that torch.exp uses. The clamps return x itself when it is NaN, so
+// NaN propagates.
+template <typename T> struct ExpTraits;
+template <> struct ExpTraits<float> {
+  using Int = int32_t;
+  static constexpr int kMantissa = 23, kBias = 127, kDegree = 6, kLog1pTerms = 9;
+  static constexpr float kPoly[kDegree + 1] = {1.0f, 1.0f, 0.49999991059303284f, 0.16666419804096222f,
+                                               0.04166822507977486f, 0.008374815806746483f, 0.001383684459142387f};
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693115234375f;           // ln 2 with its low 12 mantissa bits cleared ...
+  static constexpr float kLn2Lo = 3.194618329871446e-05f;    // ... and the rest: k * kLn2Hi is exact
+  static constexpr float kMin = -104.0f;                     // exp(kMin) rounds to 0
+  static constexpr float kMax = 89.0f;                       // exp(kMax) overflows to inf
+};
+template <> struct ExpTraits<double> {
+  using Int = int64_t;
+  static constexpr int kMantissa = 52, kBias = 1023, kDegree = 13, kLog1pTerms = 17;
+  static constexpr double kLog2e = 1.4426950408889634074;
+  static constexpr double kLn2Hi = 0.6931471803691238;       // low 21 mantissa bits cleared
+  static constexpr double kLn2Lo = 1.9082146973659064e-10;
+  static constexpr double kMin = -746.0;
+  static constexpr double kMax = 710.0;
+  static constexpr double kPoly[kDegree + 1] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+                                                1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,
+                                                1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800};
+};
+
+// p * 2^k for integral k: one instruction with AVX-512 (vscalef, which rounds subnormal results correctly);
+// else 2^k built in the exponent bits as two factors, so that results in the subnormal range come out right.
+template <typename T>
+inline Vectorized<T> scale_by_pow2(const Vectorized<T>& p, const Vectorized<T>& k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return Vectorized<T>(_mm512_scalef_ps(p, k));
+  } else {
+    return Vectorized<T>(_mm512_scalef_pd(p, k));
+  }
+#else
+  using Tr = ExpTraits<T>;
+  using IVec = Vectorized<typename Tr::Int>;
+  const IVec ki = at::vec::convert_to_int_of_same_size<T>(k);
+  const IVec k1 = ki >> IVec(1);
+  const IVec bias(Tr::kBias), shift(Tr::kMantissa);
+  return p * at::vec::cast<T>((k1 + bias) << shift) * at::vec::cast<T>((ki - k1 + bias) << shift);
+#endif
+}
+
+template <typename T>
+inline Vectorized<T> exp_inline(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  using Tr = ExpTraits<T>;
+  const Vec xc = at::vec::clamp_max(at::vec::clamp_min(x, Vec(Tr::kMin)), Vec(Tr::kMax));
+  const Vec k = at::vec::fmadd(xc, Vec(Tr::kLog2e), Vec(T(0.5))).floor();
+  const Vec r = at::vec::fmadd(k, Vec(-Tr::kLn2Lo), at::vec::fmadd(k, Vec(-Tr::kLn2Hi), xc));
+  Vec p(Tr::kPoly[Tr::kDegree]);
+#pragma GCC unroll 16
+  for (int j = Tr::kDegree - 1; j >= 0; --j) p = at::vec::fmadd(p, r, Vec(Tr::kPoly[j]));
+  return scale_by_pow2(p, k);
+}
+
+// 1 / x: with AVX-512 in float, the 14-bit estimate and one Newton step (relative error below 2^-27, within half
+// an ulp of the correctly rounded quotient: a multiply-add pair instead of a division); else a division.
+template <typename T>
+inline Vectorized<T> reciprocal(const Vectorized<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 r = _mm512_rcp14_ps(x);
+    return Vectorized<T>(_mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f))));
+  }
+#endif
+  return Vectorized<T>(T(1)) / x;
+}
+
+template <typename T>
+inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return reciprocal(one + exp_inline(x.neg()));
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above F.softplus's threshold 20. log1p(y) for y in
+// [0, 1] as 2 atanh(s) = 2 s f(s^2), s = y / (2 + y) in [0, 1/3]: in float f is a degree-4 polynomial in s^2 fitted
+// to atanh(s)/s on [0, 1/9] (iteratively reweighted least squares: 4e-9 relative in exact arithmetic, 7e-8
+// evaluated in float), in double its series to 17 terms (below 1e-17).
+constexpr double kSoftplusThreshold = 20.0;
+constexpr float kAtanhPoly[5] = {1.0f, 0.3333315849304199f, 0.20012454688549042f, 0.13980302214622498f,
+                                 0.1408916562795639f};
+
+template <typename T>
+inline Vectorized<T> softplus(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  const Vec zero(T(0));
+  const Vec y = exp_inline(at::vec::minimum(x, x.neg()));
+  const Vec s = y * reciprocal(Vec(T(2)) + y), s2 = s * s;
+  Vec series;
+  if constexpr (std::is_same_v<T, float>) {
+    series = Vec(kAtanhPoly[4]);
+    for (int j = 3; j >= 0; --j) series = at::vec::fmadd(series, s2, Vec(kAtanhPoly[j]));
+  } else {
+    constexpr int terms = ExpTraits<T>::kLog1pTerms;
+    series = Vec(T(1) / T(2 * terms - 1));
+#pragma GCC unroll 32
+    for (int j = terms - 2; j >= 0; --j) series = at::vec::fmadd(series, s2, Vec(T(1) / T(2 * j + 1)));
+  }
+  const Vec out = at::vec::fmadd(Vec(T(2)) * s, series, at::vec::clamp_min(x, zero));
+  return Vec::blendv(out, x, x > Vec(static_cast<T>(kSoftplusThreshold)));
+}
+
+// A (batch, channels, L) tensor addressed through its strides; absent tensors have data == nullptr.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t sb = 0, sd = 0, st = 0;
+  Rows() = default;
+  explicit Rows(const at::Tensor& t) {
+    if (t.defined() && t.numel() > 0) {
+      data = t.data_ptr<T>();
+      sb = t.stride(0), sd = t.stride(1), st = t.stride(2);
+    }
+  }
+  T* row(int64_t b, int64_t d) const { return data + b * sb + d * sd; }
+};
+
+// Copy lanes [0, valid) of rows d0.. of `src` into a time-major (L, W) scratch; the other lanes get 0 (and the
+// reverse). With AVX-512, float rows of unit stride along L move as 16 x 16 tiles transposed in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void transpose16x16(__m512 r[16]) {  // r[i] holds row i; afterwards r[j] holds column j
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {  // 4 x 4 blocks within 128-bit lanes: permute the lanes
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+inline bool gather_tiles(const float* base, int64_t sd, int valid, int64_t L, int W, float* dst) {
+  if (W != 16) return false;
+  __m512 r[16];
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
+    for (int j = 0; j < 16; ++j) r[j] = j < valid ? _mm512_maskz_loadu_ps(mask, base + j * sd + t0) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int i = 0; i < nt; ++i) _mm512_storeu_ps(dst + (t0 + i) * 16, r[i]);
+  }
+  return true;
+}
+
+inline bool scatter_tiles(const float* src, int W, int64_t L, float* base, int64_t sd, int valid) {
+  if (W != 16) return false;
+  __m512 r[16];
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int nt = static_cast<int>(std::min<int64_t>(16, L - t0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << nt) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = i < nt ? _mm512_loadu_ps(src + (t0 + i) * 16) : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int j = 0; j < valid; ++j) _mm512_mask_storeu_ps(base + j * sd + t0, mask, r[j]);
+  }
+  return true;
+}
+#endif
+
+template <typename T>
+void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, int W, int64_t L, T* dst) {
+  if (src.sd == 1 && valid == W) {   // channels adjacent (a channel-last layout): one vector per step
+    const T* base = src.row(b, d0);
+    for (int64_t t = 0; t < L; ++t) Vectorized<T>::loadu(base + t * src.st).store(dst + t * W);
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (src.st == 1 && gather_tiles(src.row(b, d0), src.sd, valid, L, W, dst)) return;
+  }
+#endif
+  for (int j = 0; j < W; ++j) {
+    if (j < valid) {
+      const T* row = src.row(b, d0 + j);
+      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = row[t * src.st];
+    } else {
+      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid, int W, int64_t L) {
+  if (dst.sd == 1 && valid == W) {
+    T* base = dst.row(b, d0);
+    for (int64_t t = 0; t < L; ++t) Vectorized<T>::loadu(src + t * W).store(base + t * dst.st);
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (dst.st == 1 && scatter_tiles(src, W, L, dst.row(b, d0), dst.sd, valid)) return;
+  }
+#endif
+  for (int j = 0; j < valid; ++j) {
+    T* row = dst.row(b, d0 + j);
+    for (int64_t t = 0; t < L; ++t) row[t * dst.st] = src[t * W + j];
+  }
+}
+
+// Software prefetch of the next block's rows (unit stride along L) into L2, spread over the current block's steps:
+// the gathers then read from cache instead of waiting for memory. (Rows of other layouts are left to the hardware.)
+template <typename T>
+struct Prefetcher {
+  static constexpr int kMaxRows = 8 * 64;
+  const char* rows[kMaxRows];
+  bool write[kMaxRows];
+  int64_t count = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+
+  void reset() { count = row = line = 0; }
+  // rows d0 .. d0 + valid - 1 of `r` (to be read, or written: `for_write`)
+  void add(const Rows<T>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
+    if (r.data == nullptr || r.st != 1) return;
+    for (int j = 0; j < valid && count < kMaxRows; ++j) {
+      write[count] = for_write;
+      rows[count++] = reinterpret_cast<const char*>(r.row(b, d0 + j));
+    }
+    lines_per_row = (L * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  }
+  void start(int64_t steps) {
+    const int64_t total = count * lines_per_row;
+    per_step = steps > 0 ? (total + steps - 1) / steps : total;
+  }
+  inline void step() {  // the next per_step cache lines
+    for (int64_t i = 0; i < per_step && row < count; ++i) {
+      const char* at = rows[row] + line * 64;
+      if (write[row]) {
+        __builtin_prefetch(at, 1, 2);
+      } else {
+        __builtin_prefetch(at, 0, 2);
+      }
+      if (++line == lines_per_row) line = 0, ++row;
+    }
+  }
+};
+
+// Runs fn(task, state) for every task in [0, tasks) on torch's intra-op threads, handing the tasks out one at a time
+// from a shared counter: a thread that other work on the machine holds up takes fewer, instead of keeping the others
+// waiting. Every thread gets its own state from make_state(). Results must not depend on which thread ran a task
+// (write per-task partial sums, then reduce them in task order): they are then the same for any thread count.
+template <typename MakeState, typename Fn>
+void for_each_task(int64_t tasks, const MakeState& make_state, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) fn(task, state);
+  });
+}
+
+// parts (P, ...) contiguous -> their sum over the leading dimension, added in order (deterministic).
+template <typename T>
+void sum_leading(const T* parts, int64_t count, int64_t size, T* out) {
+  using Vec = Vectorized<T>;
+  std::copy(parts, parts + size, out);
+  for (int64_t p = 1; p < count; ++p) {
+    const T* part = parts + p * size;
+    int64_t i = 0;
+    for (; i + Vec::size() <= size; i += Vec::size()) (Vec::loadu(out + i) + Vec::loadu(part + i)).store(out + i);
+    for (; i < size; ++i) out[i] += part[i];
+  }
+}
+
+}  // namespace dartmamba_cpu

@@ -1,0 +1,110 @@
+"""The one-pass bidirectional mixer equals the two-pass one it replaces: forward, the input's and every parameter's
+gradient in float64, on every CPU scan backend; the stacked weights are never stored; Vim passes the option on."""
+import pytest
+import timm
+import torch
+
+import dartmamba.models  # noqa: F401  (registers the models)
+from dartmamba import backends
+from dartmamba.flops import count_flops
+from dartmamba.modules.bimamba import BiMambaMixer, resolve_bimamba_impl
+from dartmamba.ops import scan as ss
+
+
+def scan_backends():
+    names = ["cpu", "reference"]
+    if ss._cpp_unavailable() is None:
+        names.insert(0, "cpp")
+    return names
+
+
+def random_mixer(dim, d_state, seed, **kwargs):
+    """A mixer whose two branches hold different random parameters (an untrained mixer's A_log and D are the same
+    in both branches, which would hide a swapped branch)."""
+    torch.manual_seed(seed)
+    mixer = BiMambaMixer(dim, d_state=d_state, **kwargs).double()
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
+    return mixer
+
+
+def run(mixer, hidden, impl, grad_out):
+    mixer.zero_grad(set_to_none=True)
+    mixer.bimamba_impl = impl
+    x = hidden.detach().clone().requires_grad_()
+    out = mixer(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()}
+
+
+@pytest.mark.parametrize("scan_backend", scan_backends())
+@pytest.mark.parametrize("shape", [(2, 17, 32, 8, 2), (3, 9, 24, 16, 1), (1, 1, 16, 4, 2)],
+                         ids=["b2L17", "b3L9-expand1", "L1"])
+def test_one_pass_equals_two_pass(scan_backend, shape, seeds, restore_backends):
+    batch, length, dim, d_state, expand = shape
+    for seed in seeds[:2]:
+        mixer = random_mixer(dim, d_state, seed, expand=expand)
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(batch, length, dim, dtype=torch.float64, generator=g)
+        grad_out = torch.randn(batch, length, dim, dtype=torch.float64, generator=g)
+        with backends.use_backend("scan", scan_backend):
+            out_f, dx_f, grads_f = run(mixer, hidden, "fused", grad_out)
+            out_t, dx_t, grads_t = run(mixer, hidden, "two_pass", grad_out)
+        torch.testing.assert_close(out_f, out_t, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(dx_f, dx_t, rtol=1e-12, atol=1e-13)
+        assert set(grads_f) == set(grads_t) == {n for n, _ in mixer.named_parameters()}
+        for name in grads_t:
+            if length > 1 or "A" not in name:    # with one step the state starts at 0: the decays do not matter
+                assert grads_t[name].abs().max() > 0, f"{name}: no gradient"
+            torch.testing.assert_close(grads_f[name], grads_t[name], rtol=1e-11, atol=1e-13, msg=name)
+
+
+def test_stacked_weights_are_built_from_the_parameters_every_call(seed):
+    """No second copy of the weights: same state dict for both implementations, and a parameter changed in place
+    changes the fused output at once."""
+    mixer = random_mixer(16, 4, seed)
+    fused, two = dict(mixer.state_dict()), None
+    mixer.bimamba_impl = "two_pass"
+    two = dict(mixer.state_dict())
+    assert fused.keys() == two.keys() and not list(mixer.buffers())
+    mixer.bimamba_impl = "fused"
+    hidden = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = mixer(hidden)
+        mixer.x_proj_b.weight.mul_(1.5)
+        after_fused = mixer(hidden)
+        mixer.bimamba_impl = "two_pass"
+        after_two = mixer(hidden)
+    assert (after_fused - before).abs().max() > 1e-6
+    torch.testing.assert_close(after_fused, after_two, rtol=1e-12, atol=1e-13)
+
+
+def test_vim_passes_the_option_and_both_give_the_same_model(seed):
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    outs, flops = {}, {}
+    for impl in ("fused", "two_pass"):
+        torch.manual_seed(seed)
+        model = timm.create_model("vim_tiny_patch16_224", bimamba_impl=impl, **kwargs).double().eval()
+        assert all(layer.mixer.bimamba_impl == impl for layer in model.layers)
+        outs[impl] = model(images)
+        flops[impl] = count_flops(model.float(), input_size=(3, 32, 32)).total
+    torch.testing.assert_close(outs["fused"], outs["two_pass"], rtol=1e-12, atol=1e-13)
+    assert flops["fused"] == flops["two_pass"]          # the same work, batched differently
+    with pytest.raises(ValueError, match=r"bimamba_impl must be one of \('auto', 'fused', 'two_pass'\), got 'both'"):
+        timm.create_model("vim_tiny_patch16_224", bimamba_impl="both", **kwargs)
+    assert timm.create_model("vim_tiny_patch16_224", **kwargs).layers[0].mixer.bimamba_impl == "auto"
+
+
+def test_auto_takes_fused_on_cuda_and_two_pass_elsewhere(monkeypatch):
+    assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"
+    assert resolve_bimamba_impl("auto", torch.device("cpu")) == "two_pass"
+    assert resolve_bimamba_impl("fused", torch.device("cpu")) == "fused"
+    mixer = random_mixer(16, 4, 0)
+    ran = []
+    monkeypatch.setattr(mixer, "forward_fused", lambda h: ran.append("fused") or h)
+    mixer(torch.randn(1, 3, 16, dtype=torch.float64))          # auto on CPU: the two-pass body
+    mixer.bimamba_impl = "fused"
+    mixer(torch.randn(1, 3, 16, dtype=torch.float64))
+    assert ran == ["fused"]
