@@ -54,6 +54,32 @@ def test_backends_match_reference(backend, dtype, kernel, activation, with_bias,
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_saturated_silu_matches_reference(backend, dtype, seeds):
+    """Pre-activations far outside randn's range (|value| up to ~1000: exp(-x) overflows to inf in the sigmoid
+    below -88.7 in float), as an untrained or diverging model makes them: finite, and the reference's values,
+    gradients included."""
+    backend_or_skip(backend)
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(2, 37, 30, generator=g, dtype=dtype) * 200.0)
+        w, b = torch.randn(37, 4, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+        grad = torch.randn(2, 37, 30, generator=g, dtype=dtype)
+        args_r, args_t = leaves(x, w, b), leaves(x, w, b)
+        out_r = causal_conv1d_reference(*args_r, activation="silu")
+        out_t = causal_conv1d(*args_t, activation="silu", backend=backend)
+        assert torch.isfinite(out_t).all(), f"seed {seed}: non-finite outputs"
+        scale = dict(rtol=1e-5, atol=1e-5 * out_r.abs().max().item()) if dtype == torch.float32 else \
+            dict(rtol=1e-12, atol=1e-12 * out_r.abs().max().item())
+        torch.testing.assert_close(out_t, out_r, **scale, msg=lambda m: f"seed {seed}: {m}")
+        out_r.backward(grad)
+        out_t.backward(grad)
+        for name, a, r in zip(("x", "weight", "bias"), args_t, args_r):
+            tol = dict(rtol=scale["rtol"], atol=scale["rtol"] * r.grad.abs().max().item())
+            torch.testing.assert_close(a.grad, r.grad, **tol, msg=lambda m: f"seed {seed}, d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_is_causal_and_matches_a_hand_computed_case(backend):
     backend_or_skip(backend)
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])

@@ -172,6 +172,21 @@ def test_long_sequence(backend, dtype, seeds):
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_saturated_gates_and_step_sizes_match_reference(backend, dtype, seeds):
+    """Gates z and pre-softplus step sizes far outside randn's range (|value| up to ~400: sigmoid(z) and
+    exp(-z) under- and overflow, softplus passes large deltas through), as an untrained or diverging model makes
+    them: finite, and the reference's values."""
+    fn = fast_scan(backend)
+    for seed in seeds:
+        inputs = make_inputs(2, 37, 23, 4, torch.float64, seed)
+        inputs[6] = inputs[6] * 100.0                       # z: silu of -400 .. 400
+        inputs[1] = inputs[1] * 5.0 + 3.0 * torch.sign(inputs[1])
+        compare_to_reference(fn, [t.to(dtype) if t is not None else None for t in inputs], True,
+                             TOLERANCE[dtype], f"seed {seed}")
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_extreme_decays_are_stable(backend, seeds):
     """delta*|A| from 1e-9 (decay ~1, the state accumulates) to 1e4 (decay underflows to 0), mixed in one tensor."""
     fn = fast_scan(backend)

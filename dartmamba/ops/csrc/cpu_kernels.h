@@ -84,13 +84,16 @@ inline Vectorized<T> exp_inline(const Vectorized<T>& x) {
 }
 
 // 1 / x: with AVX-512 in float, the 14-bit estimate and one Newton step (relative error below 2^-27, within half
-// an ulp of the correctly rounded quotient: a multiply-add pair instead of a division); else a division.
+// an ulp of the correctly rounded quotient: a multiply-add pair instead of a division); else a division. Where the
+// estimate is 0 (x = inf, e.g. 1 + exp(-x) in the sigmoid of x < -88.7) the step would give 0 * inf = NaN: the
+// estimate is kept.
 template <typename T>
 inline Vectorized<T> reciprocal(const Vectorized<T>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 r = _mm512_rcp14_ps(x);
-    return Vectorized<T>(_mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f))));
+    const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
+    return Vectorized<T>(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_EQ_OQ), refined, r));
   }
 #endif
   return Vectorized<T>(T(1)) / x;
