@@ -60,7 +60,7 @@ _VIDEO = ("a video model: it takes clips (B, C, T, H, W), timm's test functions 
 _NETWORK = ("needs the network: it downloads the released weights from the Hugging Face Hub (the loading path is "
             "tested offline against a real Hub cache in tests/models/test_pretrained.py)")
 EXCLUDED: dict[tuple[str, str], str] = {
-    ("test_model_load_pretrained", "*"): _NETWORK,
+    ("test_model_*_pretrained", "*"): _NETWORK,          # load_pretrained, features_pretrained
     ("*", "videomamba_*"): _VIDEO,
     ("test_model_forward_intermediates*", "vim_[sb]*_patch16_224"): _CPU_TIME,
     ("test_prune_intermediate_layers_contract", "vim_*_patch16_224"): _CPU_TIME,
