@@ -372,6 +372,38 @@ def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
+@pytest.mark.parametrize("options", OPTION_SETS[:2], ids=["vim", "bare"])
+def test_cpp_eager_calls_skip_the_custom_ops_with_the_same_bits(groups, options, seeds, monkeypatch):
+    """Plain eager calls run the kernels through a direct autograd.Function (no custom-op dispatch); the custom ops
+    (what torch.compile, fake tensors and the FLOP counter see) give the same output, last state and gradients bit
+    for bit, with and without a gradient on the last state."""
+    cpp_or_skip()
+    inputs = make_inputs(2, 36, 23, 8, torch.float32, seeds[0], groups=groups, **options)
+    grad_out = torch.randn(2, 36, 23, generator=torch.Generator().manual_seed(seeds[1]))
+    grad_last = torch.randn(2, 36, 8, dtype=torch.float64)
+    custom_op_calls = []
+    real_op = ss._scan_cpp_fwd_op
+    monkeypatch.setattr(ss, "_scan_cpp_fwd_op", lambda *a: custom_op_calls.append(1) or real_op(*a))
+    for last in (None, grad_last):
+        eager = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
+        assert custom_op_calls == [], "a plain eager call went through the custom op"
+        with monkeypatch.context() as m:
+            m.setattr(ss, "_plain_eager", lambda *tensors: False)
+            traced = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
+        assert len(custom_op_calls) == 1
+        custom_op_calls.clear()
+        assert torch.equal(eager[0], traced[0])
+        if last is not None:
+            assert torch.equal(eager[3], traced[3])
+        for name, a, b in zip(NAMES, eager[1], traced[1]):
+            assert (a is None and b is None) or torch.equal(a, b), name
+    # modes and transforms take the custom ops: the FLOP counter (a dispatch mode) counts them
+    with FlopCounterMode(display=False) as counter:
+        selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
+    assert custom_op_calls == [1] and counter.get_total_flops() > 0
+
+
 def test_cpp_kernel_flops_are_its_registered_formula(seeds):
     """The kernel's custom ops count as the scan formula, forward and backward (grouped B/C cost the same)."""
     cpp_or_skip()
