@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.utils._python_dispatch
 from torch import Tensor
 
 
@@ -28,3 +29,20 @@ def register_flops(op, formula: Callable[..., int], part: str | None = None) -> 
 def zero_flops(*args, out_shape=None, **kwargs) -> int:
     """The formula of ops whose work the counting convention leaves out (normalisation, the partition)."""
     return 0
+
+
+def plain_eager(*tensors) -> bool:
+    """True for a plain eager call: not traced or compiled, no dispatch or torch-function mode, no torch.func
+    transform, plain tensors or parameters (None for absent ones). The C++ CPU kernels take a direct
+    autograd.Function then, and their custom ops (which torch.compile, fake tensors and the FLOP counter see)
+    otherwise: the custom ops' Python dispatch costs tens of microseconds per call."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)     # a parameter comes in as itself, e.g. bias.float()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import register_flops
+from ._common import plain_eager, register_flops
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference", "causal_conv1d_cpp"]
 
@@ -180,11 +180,24 @@ def _cpp_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tens
     return x.to(cdt), weight.to(cdt).contiguous(), b
 
 
-@torch.library.custom_op("dartmamba::causal_conv1d_cpp_fwd", mutates_args=())
-def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+def _cpp_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     from ._jit import cpu_kernels
 
     return cpu_kernels().causal_conv1d_fwd(*_cpp_inputs(x, weight, bias), silu).to(x.dtype)
+
+
+def _cpp_backward(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ._jit import cpu_kernels
+
+    xc, wc, bc = _cpp_inputs(x, weight, bias)
+    dx, dw, db = cpu_kernels().causal_conv1d_bwd(dout.to(xc.dtype), xc, wc, bc, silu)
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
+
+
+@torch.library.custom_op("dartmamba::causal_conv1d_cpp_fwd", mutates_args=())
+def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    return _cpp_forward(x, weight, bias, silu)
 
 
 def _like_input(x: Tensor) -> Tensor:
@@ -203,11 +216,7 @@ def _(x, weight, bias, silu):
 @torch.library.custom_op("dartmamba::causal_conv1d_cpp_bwd", mutates_args=())
 def _conv_cpp_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                      silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from ._jit import cpu_kernels
-
-    xc, wc, bc = _cpp_inputs(x, weight, bias)
-    dx, dw, db = cpu_kernels().causal_conv1d_bwd(dout.to(xc.dtype), xc, wc, bc, silu)
-    return dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
+    return _cpp_backward(dout, x, weight, bias, silu)
 
 
 @_conv_cpp_bwd_op.register_fake
@@ -236,6 +245,23 @@ def _conv_cpp_autograd(ctx, grad_out):
 _conv_cpp_fwd_op.register_autograd(_conv_cpp_autograd, setup_context=_conv_cpp_setup_context)
 
 
+class _ConvCppEager(torch.autograd.Function):
+    """The same kernels as the custom ops above, called directly: what plain eager calls take (see
+    :func:`dartmamba.ops._common.plain_eager`); both paths give the same bits (tested)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return _cpp_forward(x, weight, bias, silu)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _cpp_backward(grad_out, x, weight, bias, ctx.silu)
+        return dx, dw, db if bias is not None else None, None
+
+
 def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                       activation: Optional[str] = "silu") -> Tensor:
     """The ``"cpp"`` backend: dartmamba's C++ kernel. CPU tensors, any width K and any layout of x.
@@ -248,7 +274,8 @@ def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     reason = _cpp_unavailable() or _cpp_unsupported(x, weight, bias)
     if reason is not None:
         raise backends.BackendUnavailableError(f"conv1d backend 'cpp' is not available: {reason}")
-    return _conv_cpp_fwd_op(x, weight, bias, activation in ("silu", "swish"))
+    op = _ConvCppEager.apply if plain_eager(x, weight, bias) else _conv_cpp_fwd_op
+    return op(x, weight, bias, activation in ("silu", "swish"))
 
 
 backends.register(

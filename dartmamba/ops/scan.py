@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import compute_dtype, register_flops
+from ._common import compute_dtype, plain_eager, register_flops
 
 __all__ = [
     "selective_scan",
@@ -631,16 +631,6 @@ class _ScanCppEager(torch.autograd.Function):
                 None)
 
 
-def _plain_eager(*tensors) -> bool:
-    """True for a plain eager call: not traced or compiled, no dispatch or torch-function mode, no torch.func
-    transform, plain tensors."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -658,7 +648,7 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     reason = _cpp_unavailable() or _cpp_unsupported(u, delta, A, B, C, D, z, delta_bias)
     if reason is not None:
         raise backends.BackendUnavailableError(f"scan backend 'cpp' is not available: {reason}")
-    op = _ScanCppEager.apply if _plain_eager(u, delta, A, B, C, D, z, delta_bias) else _scan_cpp_fwd_op
+    op = _ScanCppEager.apply if plain_eager(u, delta, A, B, C, D, z, delta_bias) else _scan_cpp_fwd_op
     out, last = op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return _with_state(out, last, return_last_state)
 

@@ -115,6 +115,40 @@ def test_cpp_output_layout_and_opcheck(seeds):
     torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True))
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_cpp_eager_calls_skip_the_custom_op_with_the_same_bits(with_bias, seeds, monkeypatch):
+    """Plain eager calls (parameters included) run the kernels through a direct autograd.Function; the custom op
+    (what torch.compile, fake tensors and the FLOP counter see) gives the same output and gradients bit for bit."""
+    backend_or_skip("cpp")
+    g = torch.Generator().manual_seed(seeds[0])
+    x = torch.randn(3, 64, 80, generator=g).transpose(1, 2)[:, :37]       # a channel-adjacent slice, as in Vim
+    w = torch.nn.Parameter(torch.randn(37, 4, generator=g))
+    b = torch.nn.Parameter(torch.randn(37, generator=g)) if with_bias else None
+    grad = torch.randn(3, 37, 64, generator=g)
+    calls = []
+    real_op = cc._conv_cpp_fwd_op
+    monkeypatch.setattr(cc, "_conv_cpp_fwd_op", lambda *a: calls.append(1) or real_op(*a))
+
+    def forward_backward():
+        args = leaves(x, w, b)
+        out = causal_conv1d(args[0], w, b, backend="cpp")
+        out.backward(grad)
+        grads = [args[0].grad, w.grad.clone(), None if b is None else b.grad.clone()]
+        w.grad = None
+        if b is not None:
+            b.grad = None
+        return out.detach(), grads
+
+    eager = forward_backward()
+    assert calls == [], "a plain eager call went through the custom op"
+    monkeypatch.setattr(cc, "plain_eager", lambda *tensors: False)
+    traced = forward_backward()
+    assert calls == [1]
+    assert torch.equal(eager[0], traced[0]) and eager[0].stride() == traced[0].stride()
+    for a, r in zip(eager[1], traced[1]):
+        assert (a is None and r is None) or torch.equal(a, r)
+
+
 def test_cpp_gradients_do_not_depend_on_the_thread_count(seeds):
     backend_or_skip("cpp")
     g = torch.Generator().manual_seed(seeds[0])

@@ -389,7 +389,7 @@ def test_cpp_eager_calls_skip_the_custom_ops_with_the_same_bits(groups, options,
         eager = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
         assert custom_op_calls == [], "a plain eager call went through the custom op"
         with monkeypatch.context() as m:
-            m.setattr(ss, "_plain_eager", lambda *tensors: False)
+            m.setattr(ss, "plain_eager", lambda *tensors: False)
             traced = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
         assert len(custom_op_calls) == 1
         custom_op_calls.clear()
@@ -398,6 +398,10 @@ def test_cpp_eager_calls_skip_the_custom_ops_with_the_same_bits(groups, options,
             assert torch.equal(eager[3], traced[3])
         for name, a, b in zip(NAMES, eager[1], traced[1]):
             assert (a is None and b is None) or torch.equal(a, b), name
+    # parameters are plain too (a model passes e.g. dt_proj.bias.float(), which is the parameter itself)
+    params = [torch.nn.Parameter(t) if t is not None else None for t in inputs]
+    selective_scan_cpp(*params[:6], z=params[6], delta_bias=params[7], delta_softplus=options["softplus"])
+    assert custom_op_calls == [], "a call with parameters went through the custom op"
     # modes and transforms take the custom ops: the FLOP counter (a dispatch mode) counts them
     with FlopCounterMode(display=False) as counter:
         selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
