@@ -103,6 +103,12 @@ def cell_model(family: str, size: str, tokenizer: str, num_tokens: int, patch_si
 # ----------------------------------------------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------------------------------------------
+def timing_trunk_weights() -> None:
+    """Timing runs build DART models with a randomly initialised scorer trunk unless DARTMAMBA_TRUNK_WEIGHTS says
+    otherwise: time does not depend on the trunk's weights, and a machine without the Hub cache has none."""
+    os.environ.setdefault("DARTMAMBA_TRUNK_WEIGHTS", "random")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

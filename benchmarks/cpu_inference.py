@@ -22,6 +22,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import timing_trunk_weights  # noqa: E402
 from benchmarks.common import (atomic_write_text, cell_model, environment, markdown_table, write_csv,  # noqa: E402
                                write_json)
 
@@ -102,6 +103,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    timing_trunk_weights()
     torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
     cells = plan(args.families, args.sizes, args.tokenizers, args.tokens, args.batch_size,

@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import timing_trunk_weights  # noqa: E402
 from benchmarks.common import (environment, markdown_table, resolve_device, slug, write_csv,  # noqa: E402
                                write_json, atomic_write_text)
 
@@ -140,6 +141,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    timing_trunk_weights()
     if args.quick:
         args.batch_size, args.repeats, args.iters, args.warmup = min(args.batch_size, 128), 3, 3, 2
     device = resolve_device(args.device)

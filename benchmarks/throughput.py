@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import timing_trunk_weights  # noqa: E402
 from benchmarks.common import (device_name, environment, grid_for_tokens, markdown_table, parse_json_arg,  # noqa: E402
                                peak_rss_mib, reset_peak_rss, resolve_device, rss_mib, synchronize, write_csv,
                                write_json)
@@ -225,6 +226,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    timing_trunk_weights()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -18,14 +18,11 @@ which this class extends); only the embedding differs.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..modules.bimamba import BiMambaMixer, VimBlock
-from ..ops import RMSNorm
+from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL
 from ..tokenizer import Tokens
 from ..tokenizer.video import spatiotemporal_pos_embed
 from ._common import ModelFamily, build_tokenizer, fetch_pretrained, model_cfg, register_family, tokenizer_options
@@ -51,6 +48,7 @@ class VideoMamba(VisionMamba):
         tokenizer_cfg: the tokenizer's own options (video DART: trunk, score_norm, scorer_input_size,
             trunk_weights, first_frame_score, sampling, backends, uniform_scores, num_rows; grid: tubelet_size).
         global_pool: ``"token"`` (the class token, VideoMamba's) or ``"avg"`` (mean of the other tokens).
+        bimamba_impl: how each mixer runs its two scan directions (as :class:`~dartmamba.models.vim.VisionMamba`).
         device, dtype: where and in which dtype the parameters are created (``device="meta"`` allocates nothing).
     """
 
@@ -59,19 +57,11 @@ class VideoMamba(VisionMamba):
                  d_conv: int = 4, drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, tokenizer="video_grid", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token", device=None, dtype=None):
+                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None):
         # Vim's forward, heads and timm interface are inherited; its constructor is not (the embeddings differ)
         nn.Module.__init__(self)
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         factory = {"device": device, "dtype": dtype}
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
-        self.depth = depth
-        self.residual_in_fp32 = residual_in_fp32
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
+        self._set_attributes(num_classes, global_pool, in_chans, embed_dim, depth, residual_in_fp32)
 
         self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
                                            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -91,22 +81,8 @@ class VideoMamba(VisionMamba):
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, temporal, embed_dim, **factory))
         self.pos_drop = nn.Dropout(drop_rate)
 
-        drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
-        with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.layers = nn.ModuleList([
-                VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand,
-                                                 layer_idx=i),
-                         drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32)
-                for i in range(depth)])
-            self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
-        if dtype is not None:
-            self.layers.to(dtype=dtype)
-            self.norm_f.to(dtype=dtype)
-        self.final_drop_path = self.layers[-1].drop_path if depth else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **factory) if num_classes > 0 else nn.Identity()
-        reduction = self.patch_embed.feat_ratio()
-        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self._build_blocks_and_head(embed_dim, depth, d_state, d_conv, expand, drop_rate, drop_path_rate, norm_eps,
+                                    residual_in_fp32, num_classes, bimamba_impl, factory)
         self.init_weights()
 
     @torch.no_grad()

@@ -70,16 +70,7 @@ class VisionMamba(nn.Module):
         check_backbone_args(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
                             drop_rate=drop_rate, drop_path_rate=drop_path_rate, num_tokens=num_tokens)
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
-        self.depth = depth
-        self.residual_in_fp32 = residual_in_fp32
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
+        self._set_attributes(num_classes, global_pool, in_chans, embed_dim, depth, residual_in_fp32)
 
         self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
                                            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -93,6 +84,29 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_grid + 1, embed_dim, **dd))
         self.pos_drop = nn.Dropout(drop_rate)
 
+        self._build_blocks_and_head(embed_dim, depth, d_state, d_conv, expand, drop_rate, drop_path_rate, norm_eps,
+                                    residual_in_fp32, num_classes, bimamba_impl, dd)
+        self.init_weights()
+
+    def _set_attributes(self, num_classes: int, global_pool: str, in_chans: int, embed_dim: int, depth: int,
+                        residual_in_fp32: bool) -> None:
+        """The attributes timm and the forward read (shared with subclasses that build their own embeddings)."""
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.depth = depth
+        self.residual_in_fp32 = residual_in_fp32
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+
+    def _build_blocks_and_head(self, embed_dim: int, depth: int, d_state: int, d_conv: int, expand: int,
+                               drop_rate: float, drop_path_rate: float, norm_eps: float, residual_in_fp32: bool,
+                               num_classes: int, bimamba_impl: str, dd: dict) -> None:
+        """The Vim blocks (drop path rising linearly to ``drop_path_rate``), the final norm, the head and
+        ``feature_info`` (after ``self.patch_embed``; shared with subclasses). ``dd``: the factory kwargs."""
         drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.layers = nn.ModuleList([
             VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
@@ -105,7 +119,6 @@ class VisionMamba(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-        self.init_weights()
 
     # -- init ------------------------------------------------------------------------------------------------
     @torch.no_grad()
