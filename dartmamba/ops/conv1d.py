@@ -236,10 +236,15 @@ def _conv_cpp_setup_context(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _conv_cpp_autograd(ctx, grad_out):
+def _conv_cpp_grads(ctx, grad_out, backward) -> tuple:
+    """The autograd gradients of both paths from ``backward`` (the custom op or the direct kernel call)."""
     x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _conv_cpp_bwd_op(grad_out, x, weight, bias, ctx.silu)
+    dx, dw, db = backward(grad_out, x, weight, bias, ctx.silu)
     return dx, dw, db if bias is not None else None, None
+
+
+def _conv_cpp_autograd(ctx, grad_out):
+    return _conv_cpp_grads(ctx, grad_out, _conv_cpp_bwd_op)
 
 
 _conv_cpp_fwd_op.register_autograd(_conv_cpp_autograd, setup_context=_conv_cpp_setup_context)
@@ -251,15 +256,13 @@ class _ConvCppEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
-        return _cpp_forward(x, weight, bias, silu)
+        output = _cpp_forward(x, weight, bias, silu)
+        _conv_cpp_setup_context(ctx, (x, weight, bias, silu), output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = _cpp_backward(grad_out, x, weight, bias, ctx.silu)
-        return dx, dw, db if bias is not None else None, None
+        return _conv_cpp_grads(ctx, grad_out, _cpp_backward)
 
 
 def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

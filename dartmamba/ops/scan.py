@@ -593,13 +593,19 @@ def _scan_cpp_setup_context(ctx, inputs, output):
     ctx.delta_softplus = delta_softplus
 
 
-def _scan_cpp_autograd(ctx, grad_out, grad_last):
+def _scan_cpp_grads(ctx, grad_out, grad_last, backward) -> tuple:
+    """The autograd gradients of both paths below from ``backward`` (the custom op or the direct kernel call):
+    None for absent inputs and for ``delta_softplus``."""
     u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_cpp_bwd_op(grad_out, u, delta, A, B, C, D, z, delta_bias,
-                                                             grad_last, ctx.delta_softplus)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(grad_out, u, delta, A, B, C, D, z, delta_bias, grad_last,
+                                                     ctx.delta_softplus)
     has_D, has_z, has_bias = ctx.has
     return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
             None)
+
+
+def _scan_cpp_autograd(ctx, grad_out, grad_last):
+    return _scan_cpp_grads(ctx, grad_out, grad_last, _scan_cpp_bwd_op)
 
 
 _scan_cpp_fwd_op.register_autograd(_scan_cpp_autograd, setup_context=_scan_cpp_setup_context)
@@ -621,16 +627,9 @@ class _ScanCppEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_last):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         if grad_out is None:
-            grad_out = torch.zeros_like(u)
-        grads = _cpp_backward(grad_out, u, delta, A, B, C, D, z, delta_bias, grad_last, ctx.delta_softplus)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        has_D, has_z, has_bias = ctx.has
-        return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
-                None)
-
-
+            grad_out = torch.zeros_like(ctx.saved_tensors[0])
+        return _scan_cpp_grads(ctx, grad_out, grad_last, _cpp_backward)
 
 
 def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
