@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "configure_threads", "init_distributed", "barrier",
-           "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "configure_threads",
+           "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
 
 # torch's own intra-op thread count, read when this module is first imported (before a run can change it): a
 # different count at the start of a run means torch.set_num_threads was called by the user
@@ -109,12 +109,8 @@ def local_processes() -> int:
     """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else
     WORLD_SIZE (one node), else 1."""
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
-        value = os.environ.get(name)
-        if value:
-            try:
-                return max(1, int(value))
-            except ValueError:
-                raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+        if os.environ.get(name):
+            return max(1, _env_int(name))
     return 1
 
 
