@@ -67,13 +67,16 @@ def test_matches_mamba_ssm_reference_on_its_grid(mamba_ref, backend, itype, varB
     assert out.dtype == out_m.dtype == ITYPES[itype]
     torch.testing.assert_close(out, out_m, rtol=rtol, atol=atol, msg=lambda m: f"out: {m}")
     torch.testing.assert_close(last, last_m.to(last.dtype), rtol=rtol, atol=atol, msg=lambda m: f"last state: {m}")
-    # gradients (mamba-ssm's test prints them): relative to each gradient's scale, tight in float32. In half
-    # precision mamba-ssm's reference takes silu(z) in the input dtype (2^-8 relative in bfloat16), and the
-    # gradients of A, B, C, D and delta_bias are sums over the batch and time with cancellation, so their error
-    # relative to the largest entry is larger (measured over 120 fresh bfloat16 seeds: up to 3.3 %)
-    for name, g, g_m in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), grads, grads_m):
-        assert g.shape == g_m.shape and g.dtype == g_m.dtype, name
-        grad_rtol = 2e-4 if itype == "fp32" else 3e-2 if name in ("u", "delta", "z") else 6e-2
+    # gradients (mamba-ssm's test prints them): relative to each gradient's scale. In half precision against
+    # mamba-ssm's reference evaluated in float32 on the same input values, as the kernels compute: the reference's
+    # own half-precision arithmetic (silu(z) in the input dtype) moves dA, a sum over batch and time with
+    # cancellation, by up to 9 % of its largest entry at L 4096 (measured), while against the float32 evaluation
+    # every gradient agrees to the rounding of its half-precision result (measured <= 0.25 %)
+    if itype != "fp32":
+        _, _, grads_m = forward_backward(mamba_ref, [t.float() for t in inputs], grad_out.float())
+    grad_rtol = 2e-4 if itype == "fp32" else 1e-2
+    for name, g, g_m, x in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), grads, grads_m, inputs):
+        assert g.shape == g_m.shape and g.dtype == x.dtype, name
         scale = g_m.float().abs().max().item()
         err = (g.float() - g_m.float()).abs().max().item()
         assert err <= grad_rtol * scale + 1e-6, f"d{name}: max error {err:.3e} vs scale {scale:.3e}"
