@@ -190,6 +190,19 @@ def backend_choices(device: torch.device) -> dict:
     return out
 
 
+_ALLOCATOR: dict = {}
+
+
+def cpu_allocator(default: bool = False) -> str:
+    """For CPU benchmarks: raise glibc malloc's thresholds as dartmamba's CPU entry points do
+    (:func:`dartmamba.runtime.tune_cpu_allocator`), or keep the defaults (``default``); the line goes into
+    :func:`environment` and the benchmark's header."""
+    from dartmamba.runtime import tune_cpu_allocator
+
+    _ALLOCATOR["allocator"] = "glibc defaults (--default-allocator)" if default else tune_cpu_allocator()
+    return _ALLOCATOR["allocator"]
+
+
 def environment(device: torch.device) -> dict:
     """What produced a number: device, torch/CUDA/timm versions, host."""
     info = {"device": device_name(device), "device_type": torch.device(device).type, "torch": torch.__version__,
@@ -204,6 +217,8 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["capability"] = f"{props.major}.{props.minor}"
+    if "allocator" in _ALLOCATOR:
+        info["allocator"] = _ALLOCATOR["allocator"]
     try:
         info["backends"] = backend_choices(device)
     except Exception:  # noqa: BLE001  (informational only)

@@ -22,7 +22,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import timing_trunk_weights  # noqa: E402
+from benchmarks.common import cpu_allocator, timing_trunk_weights  # noqa: E402
 from benchmarks.common import (atomic_write_text, cell_model, environment, markdown_table, write_csv,  # noqa: E402
                                write_json)
 
@@ -79,7 +79,8 @@ def run_table(cells: list[dict], warmup: int, repeats: int, on_row=None, log=pri
 
 def render(rows: list[dict], env: dict, threads: int) -> str:
     backends = env.get("backends", {})
-    head = (f"### CPU inference on {env['host_cpu']} ({threads} threads; torch {env['torch']})\n\n"
+    head = (f"### CPU inference on {env['host_cpu']} ({threads} threads; torch {env['torch']}; "
+            f"{env.get('allocator', 'glibc defaults')})\n\n"
             f"Backends: " + ", ".join(f"{k}={v}" for k, v in backends.items()) + ". fp32, eager and "
             "torch.compile (inductor); 196 tokens: 224 px fixed grid / 448 px DART input; 784 tokens: 448 px.\n\n")
     return head + markdown_table(rows, COLUMNS) + "\n"
@@ -98,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for cpu_inference.{md,json,csv}")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep glibc malloc's default thresholds (by default they are raised, as dartmamba's CPU "
+                             "entry points do: dartmamba.runtime.tune_cpu_allocator)")
     return parser.parse_args(argv)
 
 
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     timing_trunk_weights()
     torch.set_num_threads(args.threads)
+    cpu_allocator(default=args.default_allocator)
     env = environment(torch.device("cpu"))
     cells = plan(args.families, args.sizes, args.tokenizers, args.tokens, args.batch_size,
                  [False] if args.no_compile else [False, True], args.dart_families)

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
     import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import timing_trunk_weights  # noqa: E402
+from benchmarks.common import cpu_allocator, timing_trunk_weights  # noqa: E402
 from benchmarks.common import (device_name, environment, grid_for_tokens, markdown_table, parse_json_arg,  # noqa: E402
                                peak_rss_mib, reset_peak_rss, resolve_device, rss_mib, synchronize, write_csv,
                                write_json)
@@ -218,6 +218,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=5, help="iterations per timed repeat")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="CPU: keep glibc malloc's default thresholds (by default they are raised, as dartmamba's "
+                             "CPU entry points do: dartmamba.runtime.tune_cpu_allocator)")
     parser.add_argument("--flops", action="store_true", help="also count GFLOPs (fake tensors, on the CPU)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
@@ -230,6 +233,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        cpu_allocator(default=args.default_allocator)
     base_kwargs = parse_json_arg(args.model_kwargs)
     input_size = None
     if args.img_size:
@@ -237,7 +242,8 @@ def main(argv=None) -> int:
         w = args.img_size[1] if len(args.img_size) > 1 else h
         input_size = (3, h, w)
     env = environment(device)
-    print(f"device: {env['device']}; torch {env['torch']}", flush=True)
+    print(f"device: {env['device']}; torch {env['torch']}"
+          + (f"; {env['allocator']}" if "allocator" in env else ""), flush=True)
     rows = []
     for name in args.model:
         for tokens in (args.tokens or [None]):

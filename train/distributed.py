@@ -46,6 +46,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     threads: ThreadChoice | None = None
+    allocator: str | None = None      # what dartmamba.runtime.tune_cpu_allocator did (CPU runs)
 
     @property
     def is_main(self) -> bool:
@@ -155,12 +156,17 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
                                    verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local = _env_int("LOCAL_RANK")
+    allocator = None
     if accelerator.device_name() == "cpu":
+        from dartmamba.runtime import tune_cpu_allocator
+
         device = torch.device("cpu")
+        allocator = tune_cpu_allocator()
     else:
         accelerator.set_device(local)
         device = torch.device(accelerator.device_name(local))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, threads=threads)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, threads=threads,
+                    allocator=allocator)
 
 
 def barrier() -> None:

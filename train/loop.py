@@ -278,6 +278,8 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
                 f"{len(bundle.train_set)} train / {len(bundle.val_set)} val images; outputs in {out_dir}")
     if dist.threads is not None:
         logger.info(f"threads: {dist.threads.describe()}")
+    if dist.allocator is not None:
+        logger.info(f"allocator: {dist.allocator}")
 
     timing = {"updates": 0.0, "seconds": 0.0}
     start = time.perf_counter()

@@ -6,7 +6,8 @@ one place. Parameter names and shapes follow hustvl/Vim so its checkpoints load 
 Two implementations of the same mixer (``bimamba_impl``): ``"fused"`` runs both directions as one problem of
 2 * d_inner channels (one causal conv, one batched GEMM for each of x_proj and dt_proj, one selective scan with B
 and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does (the reference the
-fused path is tested against). ``"auto"`` (the default) takes, per call, the one for the input's device: two-pass
+fused path is tested against; on CPU its backward direction runs the conv and the scan right to left in place,
+``reverse=True``, instead of on flipped copies). ``"auto"`` (the default) takes, per call, the one for the input's device: two-pass
 on CPU, where it measured faster (2-core AMD EPYC, 1 thread: Vim-Ti inference at batch 8 and the demo's training
 step, see docs/benchmarks.md), fused on CUDA, where one launch per stage replaces two (the GPU check times both:
 benchmarks/model_table.py).
@@ -131,18 +132,27 @@ class BiMambaMixer(nn.Module):
                         .repeat(self.d_inner, 1))
             D.fill_(1.0)
 
-    def _scan(self, x: Tensor, z: Tensor, direction: str) -> Tensor:
-        """x, z: (B, d_inner, L) -> y (B, d_inner, L)."""
+    def _scan(self, x: Tensor, z: Tensor, direction: str, reverse: bool = False) -> Tensor:
+        """x, z: (B, d_inner, L) -> y (B, d_inner, L); ``reverse``: conv and scan right to left (the branch of the
+        flipped sequence, flipped back)."""
         conv, x_proj, dt_proj, A_log, D = self._branch(direction)
         seq_len = x.shape[-1]
-        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
+        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse)
         x_dbl = x_proj(rearrange(x, "b d l -> (b l) d"))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = rearrange(dt_proj.weight @ dt.t(), "d (b l) -> b d l", l=seq_len)
-        B = rearrange(B, "(b l) n -> b n l", l=seq_len).contiguous()
-        C = rearrange(C, "(b l) n -> b n l", l=seq_len).contiguous()
+        B = rearrange(B, "(b l) n -> b n l", l=seq_len)
+        C = rearrange(C, "(b l) n -> b n l", l=seq_len)
+        if x.device.type == "cpu":
+            # the C++ scan reads any strides: dt stays channel-last (a GEMM on dt's contiguous rows, not on its
+            # transpose, which took 4x longer) and B, C are read in place
+            dt = rearrange(F.linear(dt, dt_proj.weight), "(b l) d -> b d l", l=seq_len)
+        else:
+            # mamba-ssm's kernel wants unit stride along L
+            dt = rearrange(dt_proj.weight @ dt.t(), "d (b l) -> b d l", l=seq_len)
+            B, C = B.contiguous(), C.contiguous()
         A = -torch.exp(A_log.float())
-        return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+                              reverse=reverse)
 
     def _stacked(self) -> dict:
         """Both branches' parameters stacked (forward first), in the one-pass layout: conv (2 d_inner, K) and bias,
@@ -187,8 +197,13 @@ class BiMambaMixer(nn.Module):
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)
         y_forward = self._scan(x, z, "forward")
-        y_backward = self._scan(x.flip(-1), z.flip(-1), "backward").flip(-1)
-        return self.out_proj(rearrange((y_forward + y_backward) * 0.5, "b d l -> b l d"))
+        if x.device.type == "cpu":
+            # the C++ conv and scan run right to left in place (no flipped copies of x, z and y: 4-6 % of Vim-Ti's
+            # CPU inference); mamba-ssm's kernels have no such mode, so elsewhere the branch runs on flipped copies
+            y_backward = self._scan(x, z, "backward", reverse=True)
+        else:
+            y_backward = self._scan(x.flip(-1), z.flip(-1), "backward").flip(-1)
+        return self.out_proj(rearrange(torch.add(y_forward, y_backward).mul_(0.5), "b d l -> b l d"))
 
 
 class VimBlock(nn.Module):

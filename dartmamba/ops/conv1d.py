@@ -1,6 +1,9 @@
 """Depthwise causal conv1d (+ optional SiLU), as in Mamba's mixer, with one dispatch point over its backends.
 
 ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (K - 1) + k])`` with zeros before ``t = 0``.
+``reverse=True`` runs it right to left (anti-causal: ``out[t]`` reads ``x[t .. t + K - 1]``, zeros after the end):
+the conv of ``x.flip(-1)``, flipped back, which is what the backward branch of a bidirectional mixer needs. The C++
+kernel does this in place; the other backends flip.
 
 Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_CONV1D_BACKEND``):
 
@@ -16,6 +19,7 @@ Backends (registry op ``"conv1d"``, see :mod:`dartmamba.backends`; env ``DARTMAM
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -52,6 +56,18 @@ def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
+def _flipping_for_reverse(fn):
+    """A backend without its own right-to-left mode: ``reverse=True`` flips x along L, convolves, flips back."""
+    @functools.wraps(fn)
+    def run(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu", *,
+            reverse: bool = False) -> Tensor:
+        if not reverse:
+            return fn(x, weight, bias, activation)
+        return fn(x.flip(-1), weight, bias, activation).flip(-1)
+    return run
+
+
+@_flipping_for_reverse
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                             activation: Optional[str] = "silu") -> Tensor:
     """Causal depthwise conv1d as an explicit sum over the K taps (plain autograd), for tests.
@@ -59,6 +75,7 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     Args:
         x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
         activation: ``"silu"``/``"swish"`` or ``None``.
+        reverse (keyword): right to left (the conv of the flipped sequence, flipped back).
 
     Returns:
         (batch, dim, L) in ``x.dtype``; math in the promoted dtype of x and weight.
@@ -76,6 +93,7 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     return _activate(out, activation).to(x.dtype)
 
 
+@_flipping_for_reverse
 def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         activation: Optional[str] = "silu") -> Tensor:
     """The ``"torch"`` backend: ``F.conv1d`` with groups=dim, padding K-1, truncated to L. Any device.
@@ -112,7 +130,7 @@ _cuda_unavailable = backends.cuda_extension_check(_conv_fn, "causal-conv1d", "ca
 
 
 def _cuda_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                      activation: Optional[str] = "silu") -> Optional[str]:
+                      activation: Optional[str] = "silu", *, reverse: bool = False) -> Optional[str]:
     """Why causal-conv1d's kernel cannot take these arguments (None when it can)."""
     if not 2 <= weight.shape[1] <= 4:
         return f"its kernel supports widths 2..4, got weight of width {weight.shape[1]}"
@@ -121,6 +139,7 @@ def _cuda_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return None
 
 
+@_flipping_for_reverse
 def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                        activation: Optional[str] = "silu") -> Tensor:
     """The ``"cuda"`` backend: causal-conv1d's ``causal_conv1d_fn``. CUDA tensors, width 2..4.
@@ -166,7 +185,7 @@ def _cpp_unavailable() -> Optional[str]:
 
 
 def _cpp_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     activation: Optional[str] = "silu") -> Optional[str]:
+                     activation: Optional[str] = "silu", *, reverse: bool = False) -> Optional[str]:
     bad = [t.dtype for t in (x, weight, bias) if t is not None and t.dtype not in _CPP_DTYPES]
     if bad:
         return f"its kernel computes float16/bfloat16/float32/float64 inputs, got {bad[0]}"
@@ -180,24 +199,24 @@ def _cpp_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tens
     return x.to(cdt), weight.to(cdt).contiguous(), b
 
 
-def _cpp_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+def _cpp_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
     from ._jit import cpu_kernels
 
-    return cpu_kernels().causal_conv1d_fwd(*_cpp_inputs(x, weight, bias), silu).to(x.dtype)
+    return cpu_kernels().causal_conv1d_fwd(*_cpp_inputs(x, weight, bias), silu, reverse).to(x.dtype)
 
 
 def _cpp_backward(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                  silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  silu: bool, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     from ._jit import cpu_kernels
 
     xc, wc, bc = _cpp_inputs(x, weight, bias)
-    dx, dw, db = cpu_kernels().causal_conv1d_bwd(dout.to(xc.dtype), xc, wc, bc, silu)
+    dx, dw, db = cpu_kernels().causal_conv1d_bwd(dout.to(xc.dtype), xc, wc, bc, silu, reverse)
     return dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else db
 
 
 @torch.library.custom_op("dartmamba::causal_conv1d_cpp_fwd", mutates_args=())
-def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
-    return _cpp_forward(x, weight, bias, silu)
+def _conv_cpp_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
+    return _cpp_forward(x, weight, bias, silu, reverse)
 
 
 def _like_input(x: Tensor) -> Tensor:
@@ -209,18 +228,18 @@ def _like_input(x: Tensor) -> Tensor:
 
 
 @_conv_cpp_fwd_op.register_fake
-def _(x, weight, bias, silu):
+def _(x, weight, bias, silu, reverse):
     return _like_input(x)
 
 
 @torch.library.custom_op("dartmamba::causal_conv1d_cpp_bwd", mutates_args=())
 def _conv_cpp_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _cpp_backward(dout, x, weight, bias, silu)
+                     silu: bool, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _cpp_backward(dout, x, weight, bias, silu, reverse)
 
 
 @_conv_cpp_bwd_op.register_fake
-def _(dout, x, weight, bias, silu):
+def _(dout, x, weight, bias, silu, reverse):
     return (_like_input(x), torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
@@ -231,16 +250,16 @@ register_flops(torch.ops.dartmamba.causal_conv1d_cpp_bwd, lambda dout, x, weight
 
 
 def _conv_cpp_setup_context(ctx, inputs, output):
-    x, weight, bias, silu = inputs
+    x, weight, bias, silu, reverse = inputs
     ctx.save_for_backward(x, weight, bias)
-    ctx.silu = silu
+    ctx.silu, ctx.reverse = silu, reverse
 
 
 def _conv_cpp_grads(ctx, grad_out, backward) -> tuple:
     """The autograd gradients of both paths from ``backward`` (the custom op or the direct kernel call)."""
     x, weight, bias = ctx.saved_tensors
-    dx, dw, db = backward(grad_out, x, weight, bias, ctx.silu)
-    return dx, dw, db if bias is not None else None, None
+    dx, dw, db = backward(grad_out, x, weight, bias, ctx.silu, ctx.reverse)
+    return dx, dw, db if bias is not None else None, None, None
 
 
 def _conv_cpp_autograd(ctx, grad_out):
@@ -255,9 +274,9 @@ class _ConvCppEager(torch.autograd.Function):
     :func:`dartmamba.ops._common.plain_eager`); both paths give the same bits (tested)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu):
-        output = _cpp_forward(x, weight, bias, silu)
-        _conv_cpp_setup_context(ctx, (x, weight, bias, silu), output)
+    def forward(ctx, x, weight, bias, silu, reverse):
+        output = _cpp_forward(x, weight, bias, silu, reverse)
+        _conv_cpp_setup_context(ctx, (x, weight, bias, silu, reverse), output)
         return output
 
     @staticmethod
@@ -266,8 +285,9 @@ class _ConvCppEager(torch.autograd.Function):
 
 
 def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                      activation: Optional[str] = "silu") -> Tensor:
-    """The ``"cpp"`` backend: dartmamba's C++ kernel. CPU tensors, any width K and any layout of x.
+                      activation: Optional[str] = "silu", *, reverse: bool = False) -> Tensor:
+    """The ``"cpp"`` backend: dartmamba's C++ kernel. CPU tensors, any width K and any layout of x; ``reverse``
+    (right to left) without flipping copies.
 
     Shapes as :func:`causal_conv1d_reference`; the result is in ``x.dtype``, channel-last when x's channels are
     adjacent (else laid out as ``x``), math in float32 (float64 for float64 inputs). Raises :class:`~dartmamba.backends.BackendUnavailableError` when the kernel cannot
@@ -278,7 +298,7 @@ def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if reason is not None:
         raise backends.BackendUnavailableError(f"conv1d backend 'cpp' is not available: {reason}")
     op = _ConvCppEager.apply if plain_eager(x, weight, bias) else _conv_cpp_fwd_op
-    return op(x, weight, bias, activation in ("silu", "swish"))
+    return op(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
 
 
 backends.register(
@@ -293,12 +313,13 @@ backends.register("conv1d", "torch", causal_conv1d_torch, devices=backends.ANY_D
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
-                  backend: Optional[str] = None) -> Tensor:
+                  backend: Optional[str] = None, *, reverse: bool = False) -> Tensor:
     """Depthwise causal conv1d + optional SiLU, through the backend registry (op ``"conv1d"``).
 
     Args:
         x: (batch, dim, L). weight: (dim, K). bias: optional (dim,).
         activation: ``"silu"`` (default) / ``"swish"`` or ``None``.
+        reverse: right to left (anti-causal): the conv of ``x.flip(-1)``, flipped back.
         backend: ``None``/``"auto"`` (causal-conv1d for CUDA tensors when it imports and supports the width and
             dtypes, else ``"torch"``; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else ``"torch"``),
             ``"cuda"``, ``"cpp"`` or ``"torch"``. The global setting is
@@ -308,4 +329,4 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         (batch, dim, L) in ``x.dtype``.
     """
     _check_args(x, weight, bias, activation)
-    return backends.dispatch("conv1d", x.device, x, weight, bias, activation, backend=backend)
+    return backends.dispatch("conv1d", x.device, x, weight, bias, activation, backend=backend, reverse=bool(reverse))

@@ -11,6 +11,9 @@ Shapes follow mamba-ssm's ``selective_scan_fn`` (input-dependent B and C, ungrou
 (batch, dim, L); A: (dim, N), real; B, C: (batch, N, L), or (batch, G, N, L) with channel ``d`` in group
 ``g = d // (dim / G)`` (the one-pass bidirectional mixer stacks both directions as G = 2); D, delta_bias: (dim,).
 ``return_last_state=True`` also returns the state after the last step, h_{L-1}: (batch, dim, N), as mamba-ssm does.
+``reverse=True`` runs the recurrence right to left (h_L = 0, t = L - 1 first): the scan of every sequence input
+flipped along L, with the output flipped back (the last state is then the one after t = 0), which is what the
+backward branch of a bidirectional mixer needs. The C++ kernel does this in place; the other backends flip.
 
 Backends (registry op ``"scan"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_SCAN_BACKEND``), in preference
 order:
@@ -31,8 +34,9 @@ order:
 
 How the C++ kernel works: the vector lanes run over adjacent channels of one group, so B_t and C_t are broadcast
 scalars and the recurrence, the output and the adjoint are vertical vector arithmetic with the state in registers;
-exp is inline (Cody-Waite reduction and a degree-7 Taylor polynomial in float, within about an ulp), the backward
-keeps each channel block's decays and states and runs the adjoint recurrence backwards. See the source's header.
+the decays exp(dt A) are inline 2^(dt A log2 e) (in float with AVX-512: a 16-entry table in a register and a degree-3
+polynomial, within 1.06 ulp), the backward keeps each channel block's decays and states and runs the adjoint
+recurrence backwards; ``reverse`` reverses the rows in cache. See the source's header.
 
 How the chunked torch scan works (memory traffic, not arithmetic, decides on CPU): all tensors are moved to a
 time-major layout, and the time axis is cut into chunks of ``T`` steps. Per chunk, the decays ``exp(dt*A)`` and the
@@ -48,6 +52,7 @@ they are as stable as the sequential reference for any sequence length and any d
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -164,6 +169,24 @@ def _with_state(out: Tensor, last_state: Tensor, return_last_state: bool):
     return (out, last_state) if return_last_state else out
 
 
+def _flipping_for_reverse(fn):
+    """A backend without its own right-to-left mode: ``reverse=True`` flips u, delta, B, C and z along L, scans,
+    and flips the output back."""
+    @functools.wraps(fn)
+    def run(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+            z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+            return_last_state: bool = False, *, reverse: bool = False):
+        if not reverse:
+            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        u, delta, B, C, z = (None if t is None else t.flip(-1) for t in (u, delta, B, C, z))
+        result = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if return_last_state:
+            return result[0].flip(-1), result[1]
+        return result.flip(-1)
+    return run
+
+
+@_flipping_for_reverse
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                              delta_softplus: bool = False, return_last_state: bool = False):
@@ -466,6 +489,7 @@ def _scan_cpu_autograd(ctx, grad_out, grad_states, grad_last):
 _scan_cpu_fwd_op.register_autograd(_scan_cpu_autograd, setup_context=_scan_cpu_setup_context)
 
 
+@_flipping_for_reverse
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                        delta_softplus: bool = False, return_last_state: bool = False):
@@ -519,7 +543,7 @@ def _cpp_unavailable() -> Optional[str]:
 
 
 def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                     return_last_state=False) -> Optional[str]:
+                     return_last_state=False, *, reverse=False) -> Optional[str]:
     """Why the C++ kernel cannot take these inputs (None when it can)."""
     if A.shape[1] > _CPP_MAX_DSTATE:
         return f"its kernel supports N <= {_CPP_MAX_DSTATE}, got A of shape {_shape(A)}"
@@ -542,29 +566,31 @@ def _cpp_inputs(u, delta, A, B, C, D, z, delta_bias) -> list[Tensor]:
 
 @torch.library.custom_op("dartmamba::selective_scan_cpp_fwd", mutates_args=())
 def _scan_cpp_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> tuple[Tensor, Tensor]:
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                     reverse: bool) -> tuple[Tensor, Tensor]:
     """-> (out (batch, dim, L) in u.dtype, last_state (batch, dim, N) in the compute dtype)."""
-    return _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
-def _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool) -> tuple[Tensor, Tensor]:
+def _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
     """The kernel's forward: (out in u.dtype, last state in the compute dtype)."""
-    out, last = _cpp_extension().scan_fwd(*_cpp_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+    out, last = _cpp_extension().scan_fwd(*_cpp_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus, reverse)
     return out.to(u.dtype), last
 
 
-def _cpp_backward(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus: bool) -> tuple[Tensor, ...]:
+def _cpp_backward(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus: bool,
+                  reverse: bool) -> tuple[Tensor, ...]:
     """The kernel's backward: a gradient per input in its dtype and layout (0-element for absent inputs); ``dlast``
     None when the last state gets no gradient."""
     args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias)
     cdt = args[0].dtype
     dlast = u.new_empty(0, dtype=cdt) if dlast is None else dlast.to(cdt).contiguous()
-    grads = _cpp_extension().scan_bwd(dout.to(cdt), *args, dlast, delta_softplus)
+    grads = _cpp_extension().scan_bwd(dout.to(cdt), *args, dlast, delta_softplus, reverse)
     return _grads_as_inputs(grads, u, delta, A, B, C, D, z, delta_bias)
 
 
 @_scan_cpp_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     return (torch.empty_like(u),                      # laid out as u, as the kernel allocates it
             u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=cdt))
@@ -572,13 +598,13 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 @torch.library.custom_op("dartmamba::selective_scan_cpp_bwd", mutates_args=())
 def _scan_cpp_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], delta_bias: Optional[Tensor], dlast: Optional[Tensor], delta_softplus: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _cpp_backward(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus)
+                     z: Optional[Tensor], delta_bias: Optional[Tensor], dlast: Optional[Tensor], delta_softplus: bool,
+                     reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _cpp_backward(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus, reverse)
 
 
 @_scan_cpp_bwd_op.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, dlast, delta_softplus, reverse):
     return _grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
@@ -587,21 +613,21 @@ register_flops(torch.ops.dartmamba.selective_scan_cpp_bwd, _scan_bwd_flops, part
 
 
 def _scan_cpp_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
     ctx.has = (D is not None, z is not None, delta_bias is not None)
-    ctx.delta_softplus = delta_softplus
+    ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
 
 
 def _scan_cpp_grads(ctx, grad_out, grad_last, backward) -> tuple:
     """The autograd gradients of both paths below from ``backward`` (the custom op or the direct kernel call):
-    None for absent inputs and for ``delta_softplus``."""
+    None for absent inputs and for ``delta_softplus`` and ``reverse``."""
     u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = backward(grad_out, u, delta, A, B, C, D, z, delta_bias, grad_last,
-                                                     ctx.delta_softplus)
+                                                     ctx.delta_softplus, ctx.reverse)
     has_D, has_z, has_bias = ctx.has
     return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None,
-            None)
+            None, None)
 
 
 def _scan_cpp_autograd(ctx, grad_out, grad_last):
@@ -619,9 +645,9 @@ class _ScanCppEager(torch.autograd.Function):
     custom ops; both paths give the same bits (tested)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):   # ctx-style: no per-call signature bind
-        output = _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        _scan_cpp_setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, delta_softplus), output)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):   # ctx-style: no signature bind
+        output = _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        _scan_cpp_setup_context(ctx, (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse), output)
         ctx.set_materialize_grads(False)
         return output
 
@@ -634,8 +660,9 @@ class _ScanCppEager(torch.autograd.Function):
 
 def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                       return_last_state: bool = False):
-    """The C++ CPU kernel (the ``"cpp"`` backend), as a custom op torch.compile can trace.
+                       return_last_state: bool = False, *, reverse: bool = False):
+    """The C++ CPU kernel (the ``"cpp"`` backend), as a custom op torch.compile can trace; ``reverse`` (right to
+    left) without flipping copies.
 
     Same arguments, shapes and result as :func:`selective_scan_reference` (grouped B, C included); any strides (the
     output is laid out as ``u``, e.g. channel-last for a channel-last ``u``). CPU tensors; math in float32 (float64 when any input is float64); gradients flow to every tensor argument and
@@ -648,7 +675,7 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     if reason is not None:
         raise backends.BackendUnavailableError(f"scan backend 'cpp' is not available: {reason}")
     op = _ScanCppEager.apply if plain_eager(u, delta, A, B, C, D, z, delta_bias) else _scan_cpp_fwd_op
-    out, last = op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    out, last = op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
     return _with_state(out, last, return_last_state)
 
 
@@ -766,6 +793,7 @@ def _scan_cuda_autograd(ctx, grad_out, grad_x, grad_pre):
 _scan_cuda_fwd_op.register_autograd(_scan_cuda_autograd, setup_context=_scan_cuda_setup_context)
 
 
+@_flipping_for_reverse
 def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                               z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                               delta_softplus: bool = False, return_last_state: bool = False):
@@ -802,7 +830,7 @@ backends.register("scan", "reference", selective_scan_reference, devices=backend
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: Optional[str] = None):
+                   return_last_state: bool = False, backend: Optional[str] = None, *, reverse: bool = False):
     """Selective scan through the backend registry (op ``"scan"``).
 
     Args:
@@ -811,6 +839,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             delta_bias: optional (dim,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last step, (batch, dim, N).
+        reverse: run right to left (the scan of the flipped sequences, flipped back; the last state is the one
+            after t = 0).
         backend: ``None``/``"auto"`` (mamba-ssm's kernel for CUDA tensors when it imports, else the chunked
             ``"cpu"`` scan, with one RuntimeWarning; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else
             ``"cpu"``, with one RuntimeWarning), ``"cuda"``, ``"cpp"``, ``"cpu"`` or ``"reference"``. The global
@@ -822,4 +852,4 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias)
     return backends.dispatch("scan", u.device, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                             return_last_state, backend=backend)
+                             return_last_state, backend=backend, reverse=bool(reverse))

@@ -93,6 +93,35 @@ def test_is_causal_and_matches_a_hand_computed_case(backend):
     assert torch.equal(causal_conv1d(x2, w, backend=backend)[..., :3], causal_conv1d(x, w, backend=backend)[..., :3])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_reverse_is_the_conv_of_the_flipped_sequence(backend, dtype, kernel, seeds):
+    """reverse=True (right to left, as the backward branch of Vim's mixer runs) equals the causal conv of x flipped
+    along L, flipped back, forward and every gradient, in both layouts of x; and a hand-computed anti-causal case."""
+    backend_or_skip(backend)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 37, 45, generator=g, dtype=dtype)
+        if seed % 2 == 0:
+            x = channel_last(x)
+        w, b = torch.randn(37, kernel, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+        grad = torch.randn(3, 37, 45, generator=g, dtype=dtype)
+        args_r, args_t = leaves(x, w, b), leaves(x, w, b)
+        out_r = causal_conv1d_reference(args_r[0].flip(-1), *args_r[1:], activation="silu").flip(-1)
+        out_t = causal_conv1d(*args_t, activation="silu", backend=backend, reverse=True)
+        torch.testing.assert_close(out_t, out_r, **tol, msg=lambda m: f"seed {seed}: {m}")
+        out_r.backward(grad)
+        out_t.backward(grad)
+        for name, a, r in zip(("x", "weight", "bias"), args_t, args_r):
+            torch.testing.assert_close(a.grad, r.grad, **tol, msg=lambda m: f"seed {seed}, d{name}: {m}")
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=dtype)
+    w = torch.tensor([[0.5, -1.0, 2.0]], dtype=dtype)        # right to left: taps for t+2, t+1, t
+    expected = torch.tensor([[[2.0 - 2.0 + 1.5, 4.0 - 3.0 + 2.0, 6.0 - 4.0, 8.0]]], dtype=dtype)
+    torch.testing.assert_close(causal_conv1d(x, w, activation=None, backend=backend, reverse=True), expected)
+
+
 def test_cpp_output_layout_and_opcheck(seeds):
     backend_or_skip("cpp")
     g = torch.Generator().manual_seed(seeds[0])
@@ -109,10 +138,11 @@ def test_cpp_output_layout_and_opcheck(seeds):
     contiguous = torch.randn(2, 20, 9, generator=g)
     assert causal_conv1d(contiguous, w, b, backend="cpp").is_contiguous()
     args = [t.requires_grad_() for t in (x, w, b)]
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True))
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False))
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True, False))
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True, True))   # right to left
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False, False))
     sliced = [xz[:, :20].detach().requires_grad_(), w, b]
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True))
+    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True, True))
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])

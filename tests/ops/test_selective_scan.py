@@ -245,6 +245,45 @@ def test_non_contiguous_inputs(backend, seeds):
     compare_to_reference(fn, flipped, True, 1e-11, "strided")
 
 
+def flipped_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """The definition of reverse=True: the reference scan of every sequence input flipped along L, flipped back."""
+    flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+    result = selective_scan_reference(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias,
+                                      delta_softplus, return_last_state)
+    return (result[0].flip(-1), result[1]) if return_last_state else result.flip(-1)
+
+
+@pytest.mark.parametrize("backend", FAST + ("dispatch",))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
+def test_reverse_is_the_scan_of_the_flipped_sequences(backend, dtype, groups, seeds):
+    """reverse=True (right to left, as the backward branch of Vim's mixer runs) equals the reference scan of the
+    flipped sequences, flipped back: output, last state (the one after t = 0) and every gradient, with the last
+    state's gradient flowing in; channel-last u / delta / z for every other seed (the C++ kernel reverses in place,
+    whatever the layout)."""
+    if backend == "dispatch":
+        fn = selective_scan
+    else:
+        fn = fast_scan(backend)
+    for seed, options in zip(seeds, OPTION_SETS):
+        inputs = make_inputs(2, 40, 37, 16, dtype, seed, groups=groups, **options)
+        if seed % 2 == 0:
+            for i in (0, 1, 6):
+                if inputs[i] is not None:
+                    inputs[i] = inputs[i].transpose(1, 2).contiguous().transpose(1, 2)
+        grad_last = torch.randn(2, 40, 16, dtype=torch.float64)
+        out_r, grads_r, grad_out, last_r = run(flipped_reference, inputs, options["softplus"], grad_last=grad_last)
+        out_f, grads_f, _, last_f = run(lambda *a, **k: fn(*a, **k, reverse=True), inputs, options["softplus"],
+                                        grad_out, grad_last=grad_last)
+        what = f"seed {seed}"
+        assert_rel_close(out_f, out_r, TOLERANCE[dtype], f"{what}: out")
+        assert_rel_close(last_f, last_r, TOLERANCE[dtype], f"{what}: last state")
+        for name, gf, gr in zip(NAMES, grads_f, grads_r):
+            if gr is not None:
+                assert_rel_close(gf, gr, TOLERANCE[dtype], f"{what}: d{name}")
+
+
 def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
     """Each name runs its own implementation (spied in the registry), "auto" takes the C++ kernel on CPU where it
     builds (else the chunked scan), and every CPU backend gives the reference's numbers."""
@@ -252,7 +291,7 @@ def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
     expected = selective_scan_reference(*inputs, delta_softplus=True)
     ran = []
     for impl in backends.implementations("scan"):
-        monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name: ran.append(_name) or _fn(*a))
+        monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name, **k: ran.append(_name) or _fn(*a, **k))
     auto = "cpp" if ss._cpp_unavailable() is None else "cpu"
     cases = [(None, auto), ("auto", auto), ("cpu", "cpu"), ("reference", "reference")]
     if auto == "cpp":
@@ -345,10 +384,10 @@ def test_custom_ops_pass_opcheck(seeds):
                                                                                False, 8))
     cpp_or_skip()
     grouped = [t.requires_grad_() for t in make_inputs(2, 4, 10, 2, torch.float32, seeds[1], groups=2)]
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*leaves, True))
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*grouped, True))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*leaves, True, False))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*grouped, True, True))   # reverse
     torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (u, delta, A, B, C, None, None, None,
-                                                                               False))
+                                                                               False, False))
 
 
 def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):

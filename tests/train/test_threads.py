@@ -1,6 +1,8 @@
 """Each training process's intra-op threads: available cores // processes on the node, unless the user chose."""
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -75,3 +77,8 @@ def test_a_run_logs_its_thread_choice(tiny_recipe, tmp_path):
     assert f"threads: {cores} intra-op thread{'s' if cores != 1 else ''} per process ({cores} core" in result.stdout
     result = run_train(["--config", tiny_recipe, f"output.dir={tmp_path / 'run1'}", "train.epochs=1"])
     assert "threads: 1 intra-op thread per process (OMP_NUM_THREADS=1 set by the user or launcher)" in result.stdout
+
+
+def test_a_cpu_run_logs_its_allocator(tiny_recipe, tmp_path):
+    result = run_train(["--config", tiny_recipe, f"output.dir={tmp_path / 'run'}", "train.epochs=1"])
+    assert "allocator: glibc malloc: mmap threshold 32 MiB" in result.stdout or platform.libc_ver()[0] != "glibc"

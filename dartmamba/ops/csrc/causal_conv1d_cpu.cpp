@@ -8,6 +8,8 @@
 // the activation is applied in registers and the rows are scattered into an output laid out as the input's
 // channels (channel-adjacent inputs give a channel-last output). The backward recomputes the pre-activation, and gets
 // dx[t] = sum_k w[k] dpre[t + K - 1 - k], dw[k] = sum_t dpre[t] x[t - (K - 1) + k] and dbias = sum_t dpre[t].
+// With `reverse` the conv is anti-causal (out[t] reads x[t .. t + K - 1], w[K - 1] on x[t], zeros after the end): the
+// causal conv of the flipped sequence, flipped back; the rows are reversed in the scratch, in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +28,7 @@ using namespace dartmamba_cpu;
 struct ConvShape {
   int64_t batch, dim, length, taps, blocks;
   int width;
+  bool reverse;
 };
 
 template <typename T>
@@ -44,6 +47,7 @@ struct ConvBlock {
     x.assign((K - 1) * W, T(0));
     x.resize((K - 1 + sh.length) * W);
     gather(xr, b, d0, valid, W, sh.length, x.data() + (K - 1) * W);
+    if (sh.reverse) reverse_rows(x.data() + (K - 1) * W, W, sh.length);
     w.assign(K * W, T(0));
     T lanes[64] = {};
     for (int l = 0; l < valid; ++l) {
@@ -79,6 +83,7 @@ void conv_forward(const Rows<T>& x, const T* weight, const T* bias, const ConvSh
       if (silu) y = y * sigmoid(y);
       y.store(s.rows.data() + t * W);
     }
+    if (sh.reverse) reverse_rows(s.rows.data(), W, sh.length);
     scatter(s.rows.data(), out, s.blk.b, s.blk.d0, s.blk.valid, W, sh.length);
   });
 }
@@ -104,6 +109,7 @@ void conv_backward(const Rows<T>& dout, const Rows<T>& x, const T* weight, const
       T* dw = dw_part + blk.b * sh.dim * K;
       T* db = db_part != nullptr ? db_part + blk.b * sh.dim : nullptr;
       gather(dout, blk.b, blk.d0, blk.valid, W, L, dpre.data());
+      if (sh.reverse) reverse_rows(dpre.data(), W, L);
       std::fill(dpre.begin() + L * W, dpre.end(), T(0));         // K - 1 zero steps after the end
       const Vec one(T(1));
       Vec db_acc(T(0));
@@ -131,6 +137,7 @@ void conv_backward(const Rows<T>& dout, const Rows<T>& x, const T* weight, const
           (k == 0 ? term : Vec::loadu(rows.data() + t * W) + term).store(rows.data() + t * W);
         }
       }
+      if (sh.reverse) reverse_rows(rows.data(), W, L);
       scatter(rows.data(), dx, blk.b, blk.d0, blk.valid, W, L);
       if (db != nullptr) {
         db_acc.store(lanes);
@@ -157,17 +164,18 @@ at::Tensor like_input(const at::Tensor& x) {
   return at::empty_like(x, at::MemoryFormat::Preserve);
 }
 
-ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int width) {
-  return ConvShape{x.size(0), x.size(1), x.size(2), weight.size(1), (x.size(1) + width - 1) / width, width};
+ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int width, bool reverse) {
+  return ConvShape{x.size(0), x.size(1), x.size(2), weight.size(1), (x.size(1) + width - 1) / width, width, reverse};
 }
 
 // x: (batch, dim, L), any strides; weight: (dim, K); bias: (dim,) or empty. -> out laid out by like_input(x).
-at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool silu) {
+at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool silu,
+                             bool reverse) {
   check_conv(x, weight, bias);
   at::Tensor out = like_input(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_fwd", [&] {
     using T = scalar_t;
-    const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size());
+    const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size(), reverse);
     conv_forward<T>(Rows<T>(x), weight.data_ptr<T>(), bias.numel() > 0 ? bias.data_ptr<T>() : nullptr, sh, silu,
                     Rows<T>(out));
   });
@@ -176,7 +184,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
 
 // -> (dx laid out by like_input(x), dweight (dim, K), dbias (dim,) or empty)
 std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
-                                          const at::Tensor& bias, bool silu) {
+                                          const at::Tensor& bias, bool silu, bool reverse) {
   check_conv(x, weight, bias);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout must match x");
   const int64_t batch = x.size(0), dim = x.size(1), K = weight.size(1);
@@ -185,7 +193,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tens
   at::Tensor dw = at::empty({dim, K}, x.options()), db = at::empty({bias.numel() > 0 ? dim : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_bwd", [&] {
     using T = scalar_t;
-    const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size());
+    const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size(), reverse);
     conv_backward<T>(Rows<T>(dout), Rows<T>(x), weight.data_ptr<T>(), bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
                      sh, silu, Rows<T>(dx), pw.data_ptr<T>(), bias.numel() > 0 ? pb.data_ptr<T>() : nullptr);
     sum_leading(pw.data_ptr<T>(), batch, dw.numel(), dw.data_ptr<T>());
@@ -197,7 +205,8 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
-  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor bias, bool silu) -> Tensor", &causal_conv1d_fwd);
-  m.def("causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor bias, bool silu) -> Tensor[]",
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor",
+        &causal_conv1d_fwd);
+  m.def("causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor[]",
         &causal_conv1d_bwd);
 }

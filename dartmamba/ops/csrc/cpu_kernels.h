@@ -83,6 +83,52 @@ inline Vectorized<T> exp_inline(const Vectorized<T>& x) {
   return scale_by_pow2(p, k);
 }
 
+// 2^y, for the scan's decays exp(dt A) = 2^(dt A log2(e)) (A log2(e) computed once per channel block, so the
+// argument costs one multiply). With AVX-512 in float: y rounded to a multiple of 1/16 by adding 1.5 * 2^19 (the
+// sum's low 4 mantissa bits are then the sixteenths, which index a 16-entry table of 2^(j/16) held in one register),
+// 2^f for the rest |f| <= 1/32 by its Taylor polynomial to degree 3 (truncation 9e-9 relative) applied as
+// t + t (2^f - 1), and the integral part by vscalef: 10 instructions instead of 14, within 1.06 ulp of the exact
+// 2^y (measured over 3.2e7 random arguments in [-30, 5]). Else (and in double) the integral part k = round(y), 2^f
+// = exp(f ln 2) by exp_inline's polynomial, times 2^k, the clamps keeping -inf -> 0 and inf -> inf. NaN stays NaN.
+template <typename T> struct Exp2Range;
+template <> struct Exp2Range<float> { static constexpr float kMin = -151.0f, kMax = 128.5f; };
+template <> struct Exp2Range<double> { static constexpr double kMin = -1076.0, kMax = 1025.0; };
+template <typename T> constexpr T kLog2e = static_cast<T>(1.44269504088896340736);
+
+template <typename T>
+inline Vectorized<T> exp2_inline(const Vectorized<T>& y) {
+  using Vec = Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 table = _mm512_setr_ps(
+        1.0f, 1.0442737824274138f, 1.0905077326652577f, 1.1387886347566916f, 1.1892071150027210f,
+        1.2418578120734840f, 1.2968395546510096f, 1.3542555469368927f, 1.4142135623730951f, 1.4768261459394993f,
+        1.5422108254079407f, 1.6104903319492543f, 1.6817928305074290f, 1.7562521603732995f, 1.8340080864093424f,
+        1.9152065613971474f);
+    // one clamp, below (-inf -> 0; NaN passes); above, vscalef overflows to inf by itself (checked: 128.5, 1e30
+    // and +inf give inf, -1e30 and -inf give 0)
+    const __m512 yc = _mm512_max_ps(_mm512_set1_ps(Exp2Range<float>::kMin), y);
+    const __m512 magic = _mm512_set1_ps(786432.0f);                   // 1.5 * 2^19: ulp 1/16
+    const __m512 m = _mm512_add_ps(yc, magic);
+    const __m512 n = _mm512_sub_ps(m, magic);                          // y rounded to sixteenths (exact)
+    const __m512 f = _mm512_sub_ps(yc, n);                             // |f| <= 1/32 (exact)
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(0.05550410866482158f), f, _mm512_set1_ps(0.2402265069591007f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931471805599453f));
+    q = _mm512_mul_ps(q, f);                                           // 2^f - 1
+    const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(m), table);   // 2^(frac(n)); index: low 4 bits
+    return Vec(_mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), n));         // times 2^floor(n)
+  }
+#endif
+  using Tr = ExpTraits<T>;
+  const Vec yc = at::vec::clamp_max(at::vec::clamp_min(y, Vec(Exp2Range<T>::kMin)), Vec(Exp2Range<T>::kMax));
+  const Vec k = (yc + Vec(T(0.5))).floor();
+  const Vec r = (yc - k) * Vec(static_cast<T>(0.693147180559945309417));
+  Vec p(Tr::kPoly[Tr::kDegree]);
+#pragma GCC unroll 16
+  for (int j = Tr::kDegree - 1; j >= 0; --j) p = at::vec::fmadd(p, r, Vec(Tr::kPoly[j]));
+  return scale_by_pow2(p, k);
+}
+
 // 1 / x: with AVX-512 in float, the 14-bit estimate and one Newton step (relative error below 2^-27, within half
 // an ulp of the correctly rounded quotient: a multiply-add pair instead of a division); else a division. Where the
 // estimate is 0 (x = inf, e.g. 1 + exp(-x) in the sigmoid of x < -88.7) the step would give 0 * inf = NaN: the
@@ -241,6 +287,20 @@ void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid,
   for (int j = 0; j < valid; ++j) {
     T* row = dst.row(b, d0 + j);
     for (int64_t t = 0; t < L; ++t) row[t * dst.st] = src[t * W + j];
+  }
+}
+
+// Reverses the order of the L rows of a time-major (L, W) scratch in place (for kernels that run right to left:
+// the rows are gathered and scattered in memory order and reversed in cache).
+template <typename T>
+void reverse_rows(T* rows, int W, int64_t L) {
+  using Vec = Vectorized<T>;
+  for (int64_t t = 0, s = L - 1; t < s; ++t, --s) {
+    for (int j = 0; j < W; j += Vec::size()) {
+      const Vec a = Vec::loadu(rows + t * W + j), b = Vec::loadu(rows + s * W + j);
+      b.store(rows + t * W + j);
+      a.store(rows + s * W + j);
+    }
   }
 }
 

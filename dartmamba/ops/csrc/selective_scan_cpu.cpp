@@ -8,7 +8,9 @@
 //   h_t  = exp(dt_t A[d, n]) h_{t-1} + dt_t u_t B[b, g(d), n, t],        h_{-1} = 0
 //   y_t  = sum_n C[b, g(d), n, t] h_t[n] + D[d] u_t,   out_t = y_t silu(z_t)      (D and z optional)
 //
-// with g(d) = d / (dim / G) for G groups of B and C. The recurrence is evaluated as written (no cumulative
+// with g(d) = d / (dim / G) for G groups of B and C. With `reverse` the recurrence runs right to left (t = L - 1
+// first, h_L = 0): the same as flipping u, delta, B, C and z along L, scanning and flipping the output back; the last
+// state is then the one after t = 0. (Rows are gathered and scattered in memory order and reversed in cache.) The recurrence is evaluated as written (no cumulative
 // log-decays, no division by decays), so it is as stable as the sequential reference for any length and any decay
 // in [0, 1]; exp, softplus and sigmoid are inline at::vec code within about an ulp (cpu_kernels.h).
 //
@@ -62,6 +64,7 @@ struct Inputs {
   const T* bias;     // (dim,) or nullptr
   Proj<T> B, C;
   bool softplus;
+  bool reverse;      // run right to left
 };
 
 // One block of W channels d0 .. d0 + valid - 1 of batch b, group g, as time-major (L, W) rows.
@@ -69,11 +72,16 @@ template <typename T>
 struct Block {
   int64_t b = 0, g = 0, d0 = 0;
   int valid = 0;
-  std::vector<T> pre, dt, u, z, sig, a_cols;   // pre = delta + bias, dt = softplus(pre) or pre, sig = sigmoid(z),
-                                               // a_cols: (N, W), A of the block's channels
+  std::vector<T> pre, dt, u, z, sig, a_cols, a2_cols;   // pre = delta + bias, dt = softplus(pre) or pre,
+                                               // sig = sigmoid(z), a_cols: (N, W), A of the block's channels,
+                                               // a2_cols: A log2(e) (the decays are 2^(dt A log2(e)))
   std::vector<T> bc;                           // (L, 2, N): B_t and C_t of (b, g), contiguous per step
   int64_t bc_of = -1;                          // the b * G + g they belong to
   const T* A_col(int64_t n, int W) const { return a_cols.data() + n * W; }
+  // exp(dt A[n]) on the lanes
+  Vectorized<T> decay(const Vectorized<T>& step, int64_t n, int W) const {
+    return exp2_inline(step * Vectorized<T>::loadu(a2_cols.data() + n * W));
+  }
 
   Vectorized<T> lanes(const T* values) const {  // values[d0 + l] on the valid lanes, else 0
     T buf[64] = {};
@@ -91,8 +99,9 @@ struct Block {
     if (bc_of != b * sh.groups + g) {
       bc.resize(L * 2 * N);
       for (int64_t t = 0; t < L; ++t) {
-        const T* Bp = in.B.at(b, g, t);
-        const T* Cp = in.C.at(b, g, t);
+        const int64_t src = in.reverse ? L - 1 - t : t;
+        const T* Bp = in.B.at(b, g, src);
+        const T* Cp = in.C.at(b, g, src);
         for (int64_t n = 0; n < N; ++n) bc[t * 2 * N + n] = Bp[n * in.B.sn], bc[t * 2 * N + N + n] = Cp[n * in.C.sn];
       }
       bc_of = b * sh.groups + g;
@@ -101,17 +110,23 @@ struct Block {
     pre.resize(L * W), dt.resize(L * W), u.resize(L * W);
     gather(in.delta, b, d0, valid, sh.width, sh.length, pre.data());
     gather(in.u, b, d0, valid, sh.width, sh.length, u.data());
+    if (in.reverse) reverse_rows(pre.data(), W, L), reverse_rows(u.data(), W, L);
     if (in.z.data != nullptr) {
       z.resize(L * W), sig.resize(L * W);
       gather(in.z, b, d0, valid, sh.width, sh.length, z.data());
+      if (in.reverse) reverse_rows(z.data(), W, L);
       for (int64_t t = 0; t < L; ++t) {
         const Vec zv = Vec::loadu(z.data() + t * W);
         sigmoid(zv).store(sig.data() + t * W);
       }
     }
     a_cols.assign(N * W, T(0));
+    a2_cols.assign(N * W, T(0));
     for (int l = 0; l < valid; ++l) {
-      for (int64_t n = 0; n < N; ++n) a_cols[n * W + l] = in.A[(d0 + l) * N + n];
+      for (int64_t n = 0; n < N; ++n) {
+        a_cols[n * W + l] = in.A[(d0 + l) * N + n];
+        a2_cols[n * W + l] = in.A[(d0 + l) * N + n] * kLog2e<T>;
+      }
     }
     const Vec bias = lanes(in.bias);
     for (int64_t t = 0; t < L; ++t) {
@@ -158,7 +173,7 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
     Vec y[2] = {Dv * uv, Vec(T(0))};     // two partial sums over the states: half the dependency chain
 #pragma GCC unroll 16
     for (int64_t n = 0; n < N; ++n) {
-      const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
+      const Vec a = blk.decay(step, n, W);
       h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
       y[n & 1] = at::vec::fmadd(Vec(Ct[n]), h[n], y[n & 1]);
     }
@@ -167,6 +182,7 @@ void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Ro
     out_t.store(y_rows + t * W);
     pf.step();
   }
+  if (in.reverse) reverse_rows(y_rows, W, L);
   scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   T lanes[64];
   for (int64_t n = 0; n < N; ++n) {
@@ -276,6 +292,7 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
   T* dstep_rows = dz_rows + L * W;
   T* du_rows = dstep_rows + L * W;
   gather(dout, blk.b, blk.d0, blk.valid, sh.width, sh.length, dy_rows);
+  if (in.reverse) reverse_rows(dy_rows, W, L);
 
   // dL/dy through the gate: out = y_pre silu(z), so dy = dout silu(z), dz = dout y_pre silu'(z) with
   // silu'(z) = sig (1 + z (1 - sig)), sig = sigmoid(z)
@@ -309,7 +326,7 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
       Vec y[2] = {Dv * uv, Vec(T(0))};
 #pragma GCC unroll 16
       for (int64_t n = 0; n < N; ++n) {
-        const Vec a = exp_inline(step * Vec::loadu(blk.A_col(n, W)));
+        const Vec a = blk.decay(step, n, W);
         h[n] = at::vec::fmadd(a, h[n], drive * Vec(Bt[n]));
         a.store(a_t + n * W);
         h[n].store(h_t + n * W);
@@ -349,6 +366,10 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
     dstep.store(dstep_rows + t * W);
     dbias_acc = dbias_acc + dstep;
   }
+  if (in.reverse) {
+    reverse_rows(du_rows, W, L), reverse_rows(dstep_rows, W, L);
+    if (gated) reverse_rows(dz_rows, W, L);
+  }
   scatter(du_rows, gr.du, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   scatter(dstep_rows, gr.ddelta, blk.b, blk.d0, blk.valid, sh.width, sh.length);
   if (gated) scatter(dz_rows, gr.dz, blk.b, blk.d0, blk.valid, sh.width, sh.length);
@@ -365,7 +386,7 @@ void backward_block(const Inputs<T>& in, const Shape& sh, BackwardScratch<T>& s,
 
 // dB, dC of a task: the lane accumulators summed over the lanes (pad lanes hold zeros) into this thread's partials.
 template <typename T>
-void reduce_lanes(const Shape& sh, const Task& task, const BackwardScratch<T>& s, const Grads<T>& gr) {
+void reduce_lanes(const Shape& sh, const Task& task, const BackwardScratch<T>& s, const Grads<T>& gr, bool reverse) {
   const int W = sh.width;
   const int64_t L = sh.length, N = sh.dstate;
   T* dB = gr.dB + (task.b * sh.groups + task.g) * N * L;
@@ -376,8 +397,9 @@ void reduce_lanes(const Shape& sh, const Task& task, const BackwardScratch<T>& s
       const T* lc = s.acc_C.data() + (t * N + n) * W;
       T sb = T(0), sc = T(0);
       for (int l = 0; l < W; ++l) sb += lb[l], sc += lc[l];
-      dB[n * L + t] += sb;
-      dC[n * L + t] += sc;
+      const int64_t at = n * L + (reverse ? L - 1 - t : t);   // the accumulators are in scan order
+      dB[at] += sb;
+      dC[at] += sc;
     }
   }
 }
@@ -419,10 +441,10 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 template <typename T>
 Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
-                    bool softplus) {
+                    bool softplus, bool reverse) {
   return Inputs<T>{Rows<T>(u), Rows<T>(delta), Rows<T>(z), A.data_ptr<T>(),
                    D.numel() > 0 ? D.data_ptr<T>() : nullptr, bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
-                   Proj<T>(B), Proj<T>(C), softplus};
+                   Proj<T>(B), Proj<T>(C), softplus, reverse};
 }
 
 // The state sizes compiled in (Mamba's 16, and 8); others run with N known at run time only.
@@ -506,7 +528,7 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
       pf.start(sh.length);
       backward_block<T, NS>(in, sh, s, dout, dlast, mine, pf);
     }
-    reduce_lanes(sh, task, s, mine);
+    reduce_lanes(sh, task, s, mine, in.reverse);
   });
 }
 
@@ -516,13 +538,13 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
 // (dim,) or empty. -> (out (batch, dim, L) laid out as u, last_state (batch, dim, N) contiguous).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
-                                 const at::Tensor& delta_bias, bool softplus) {
+                                 const at::Tensor& delta_bias, bool softplus, bool reverse) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
   at::Tensor out = at::empty_like(u, at::MemoryFormat::Preserve);   // laid out as u (when u is dense)
   at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
-    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse);
     WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
   });
   return {out, last};
@@ -533,7 +555,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
 std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                                  const at::Tensor& z, const at::Tensor& delta_bias, const at::Tensor& dlast,
-                                 bool softplus) {
+                                 bool softplus, bool reverse) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
   TORCH_CHECK(dlast.numel() == 0 || (dlast.is_contiguous() && dlast.numel() == u.size(0) * u.size(1) * A.size(1) &&
@@ -553,7 +575,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
     at::Tensor pB = at::zeros({splits, batch, G, N, L}, opts), pC = at::zeros({splits, batch, G, N, L}, opts);
     at::Tensor pA = at::zeros({batch, dim, N}, opts);
     at::Tensor pD = at::zeros({batch, dD.numel()}, opts), pbias = at::zeros({batch, dbias.numel()}, opts);
-    const Inputs<T> in = inputs_of<T>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    const Inputs<T> in = inputs_of<T>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse);
     Grads<T> gr{Rows<T>(du), Rows<T>(ddelta), Rows<T>(dz), pB.data_ptr<T>(), pC.data_ptr<T>(), pA.data_ptr<T>(),
                 D.numel() > 0 ? pD.data_ptr<T>() : nullptr, delta_bias.numel() > 0 ? pbias.data_ptr<T>() : nullptr};
     const T* dl = dlast.numel() > 0 ? dlast.data_ptr<T>() : nullptr;
@@ -570,7 +592,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
 // Registered as torch.ops.<extension name>.scan_fwd / scan_bwd (dartmamba/ops/scan.py wraps them in its custom ops).
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor delta_bias, "
-        "bool softplus) -> Tensor[]", &scan_fwd);
+        "bool softplus, bool reverse) -> Tensor[]", &scan_fwd);
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
-        "Tensor delta_bias, Tensor dlast, bool softplus) -> Tensor[]", &scan_bwd);
+        "Tensor delta_bias, Tensor dlast, bool softplus, bool reverse) -> Tensor[]", &scan_bwd);
 }
