@@ -187,13 +187,22 @@ def resolved_lr(cfg: RunConfig, world_size: int) -> float:
     return o.lr if o.lr is not None else o.lr_base * global_batch_size(cfg, world_size) / o.lr_base_size
 
 
+# torch's fused CPU kernels: one C++ call per step instead of a Python loop over the parameter tensors (the demo's
+# Vim-DART, 88 tensors: 0.9 ms against 3.4 ms per step, 1 thread, AMD EPYC)
+_FUSED_ON_CPU = ("adam", "adamw")
+
+
 def create_optimizer(cfg: RunConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """timm ``create_optimizer_v2``: no weight decay for 1-d parameters (norms, biases) and the model's
-    ``no_weight_decay()`` set (positional embeddings, class token, Vim's A_log); frozen parameters left out."""
+    ``no_weight_decay()`` set (positional embeddings, class token, Vim's A_log); frozen parameters left out. Adam and
+    AdamW on CPU parameters take torch's fused implementation."""
     import timm.optim
 
     o = cfg.optim
     kwargs = {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if o.opt.lower() in _FUSED_ON_CPU and trainable and all(p.device.type == "cpu" for p in trainable):
+        kwargs["fused"] = True
     if o.eps is not None:
         kwargs["eps"] = o.eps
     if o.betas is not None:

@@ -112,3 +112,23 @@ def test_truncated_trunk_file_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cannot read trunk_weights file .*broken.pth: it is truncated, corrupt"):
         DartScorer((14, 14), trunk="mobilenetv3_small", trunk_weights=str(path))
+
+
+def test_tiny_trunk_channels_last_path_matches_the_plain_layers(seeds):
+    """The CPU forward (channels-last activations and per-call channels-last weights) equals running the layers on
+    the NCHW input, forward and every gradient; parameters keep the default layout."""
+    from dartmamba.tokenizer.scorer import TinyConvTrunk
+
+    trunk = TinyConvTrunk(dtype=torch.float64)
+    for seed in seeds:
+        x = torch.randn(3, 3, 32, 24, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        fast = trunk(x.requires_grad_())
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        grad = torch.randn_like(fast)
+        fast_grads = torch.autograd.grad(fast, [x, *trunk.parameters()], grad)
+        plain = trunk.layers(x)
+        plain_grads = torch.autograd.grad(plain, [x, *trunk.parameters()], grad)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for a, b in zip(fast_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(p.is_contiguous() for p in trunk.parameters())

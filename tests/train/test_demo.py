@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -54,3 +55,31 @@ def test_demo_trains_both_models_and_reports(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert "DART - fixed grid at equal token count:" in printed and str(out / "dart_tokens.png") in printed
     assert "[dart ] vim_tiny_dart:" in printed and "[fixed] vim_tiny_patch16_224:" in printed
+
+
+def test_the_fixed_grid_run_trains_at_a_lower_priority(monkeypatch, tmp_path):
+    """The DART run decides when the demo ends: the fixed-grid run (and its loader) start niced, so on a saturated
+    machine the DART run's steps go first; the child really runs at that niceness."""
+    import subprocess
+    import sys
+
+    from dartmamba_train import demo
+
+    captured = {}
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            if "--config" in cmd:
+                captured[os.path.basename(cmd[cmd.index("--config") + 1])] = kwargs.get("preexec_fn")
+            self.stdout = iter(())
+
+    monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    for key, (recipe, label) in demo.RUNS.items():
+        demo._launch(demo.DemoRun(key, f"{recipe}.yaml", str(tmp_path / recipe), label), [], 1)
+    assert captured["vim_dart.yaml"] is None
+    assert demo.NICENESS["fixed"] > 0
+    monkeypatch.undo()                                    # the real Popen again (the fake replaced subprocess's)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"], capture_output=True, text=True,
+                           preexec_fn=captured["vim_fixed.yaml"], check=True)
+    assert int(child.stdout) == os.nice(0) + demo.NICENESS["fixed"]
+

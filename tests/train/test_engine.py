@@ -74,6 +74,37 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_tokens(tmp_path):
     assert decay | no_decay == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_cpu_adamw_is_fused_and_steps_as_the_loop_implementation(tmp_path, seeds):
+    """On CPU parameters AdamW takes torch's fused kernel; its updates equal the per-tensor loop's (torch's
+    reference implementation) over a few steps, every parameter group included, to float32 rounding as Adam's
+    normalisation amplifies it in near-zero gradients (1e-5 absolute; the updates are ~lr = 1e-3)."""
+    vim = {"name": "vim_tiny_dart", "kwargs": {"img_size": 32, "patch_size": 8, "grid_size": 4, "num_tokens": 16,
+                                               "embed_dim": 32, "depth": 2, "dart_cfg": {"trunk": "tiny_cnn"}}}
+    cfg = load_config(write_recipe(tmp_path / "r.yaml", model=vim))
+    fused_model = create_model(cfg, 10)
+    loop_model = create_model(cfg, 10)
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = create_optimizer(cfg, fused_model, 1)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    loop = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"},
+                               "params": [dict(loop_model.named_parameters())[n] for n in
+                                          [{id(p): n for n, p in fused_model.named_parameters()}[id(q)]
+                                           for q in g["params"]]],
+                               "fused": False, "foreach": False} for g in fused.param_groups])
+    for group in (*fused.param_groups, *loop.param_groups):      # decay large enough to show in 3 steps
+        group["weight_decay"] = 10 * group["weight_decay"]
+    assert any(group["weight_decay"] > 0 for group in fused.param_groups)
+    g = torch.Generator().manual_seed(seeds[0])
+    for _ in range(3):
+        images = torch.randn(4, 3, 32, 32, generator=g)
+        for model, opt in ((fused_model, fused), (loop_model, loop)):
+            opt.zero_grad()
+            model(images).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("stage, scope", [(0, "model"), (3, "blocks")])
 def test_compiled_and_eager_steps_agree(tmp_path, dist_group, batch, stage, scope):
     # SGD: updates proportional to the gradients (Adam's normalisation would blow rounding noise in near-zero
