@@ -28,7 +28,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import cpu_model_name  # noqa: E402
+from benchmarks.common import cpu_allocator, cpu_model_name  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -136,12 +136,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-naive", action="store_true",
                         help="skip the materialise-and-index baseline (about 8 s per forward+backward at the defaults)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep glibc malloc's default thresholds (by default they are raised, as dartmamba's CPU "
+                             "entry points do: dartmamba.runtime.tune_cpu_allocator)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = cpu_allocator(default=args.default_allocator)
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(args.batch, args.dim, args.length, args.dstate, dtype, args.seed, args.groups)
     grad_out = torch.randn(args.batch, args.dim, args.length, dtype=dtype,
@@ -195,7 +199,7 @@ def main(argv=None) -> dict:
             line += f" {' / '.join(fwd):<30} | {' / '.join(both):<34} |"
         lines.append(line)
     notes = [f"best of {args.repeats} interleaved rounds; load average (1/5/15 min) {load_before} before, "
-             f"{load_after} after"]
+             f"{load_after} after", f"allocator: {allocator}"]
     if load_s is not None:
         notes.append(f"C++ kernel built or loaded in {load_s:.1f} s")
     result = {"shape": shape, "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine,
