@@ -297,8 +297,20 @@ def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     reason = _cpp_unavailable() or _cpp_unsupported(x, weight, bias)
     if reason is not None:
         raise backends.BackendUnavailableError(f"conv1d backend 'cpp' is not available: {reason}")
-    op = _ConvCppEager.apply if plain_eager(x, weight, bias) else _conv_cpp_fwd_op
-    return op(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
+    return _conv_cpp_checked(x, weight, bias, activation, reverse=reverse)
+
+
+def _conv_cpp_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
+                      *, reverse: bool = False) -> Tensor:
+    """:func:`causal_conv1d_cpp` after its checks (what the dispatcher calls). Plain eager calls that need no
+    gradient call the kernel directly, plain eager calls that do take the direct autograd.Function, everything else
+    the custom op; all three give the same bits."""
+    silu = activation in ("silu", "swish")
+    if not plain_eager(x, weight, bias):
+        return _conv_cpp_fwd_op(x, weight, bias, silu, bool(reverse))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _ConvCppEager.apply(x, weight, bias, silu, bool(reverse))
+    return _cpp_forward(x, weight, bias, silu, bool(reverse))
 
 
 backends.register(
@@ -306,7 +318,7 @@ backends.register(
     fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use F.conv1d; install "
                      "causal-conv1d (pip install 'dartmamba[cuda]')")
 backends.register(
-    "conv1d", "cpp", causal_conv1d_cpp, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
+    "conv1d", "cpp", _conv_cpp_checked, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
     fallback_warning="dartmamba's C++ causal conv1d for CPU tensors could not be built, so they use F.conv1d "
                      "(a C++ compiler and ninja are needed)")
 backends.register("conv1d", "torch", causal_conv1d_torch, devices=backends.ANY_DEVICE)

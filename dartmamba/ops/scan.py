@@ -674,8 +674,21 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     reason = _cpp_unavailable() or _cpp_unsupported(u, delta, A, B, C, D, z, delta_bias)
     if reason is not None:
         raise backends.BackendUnavailableError(f"scan backend 'cpp' is not available: {reason}")
-    op = _ScanCppEager.apply if plain_eager(u, delta, A, B, C, D, z, delta_bias) else _scan_cpp_fwd_op
-    out, last = op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+    return _scan_cpp_checked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse=reverse)
+
+
+def _scan_cpp_checked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, *, reverse=False):
+    """:func:`selective_scan_cpp` after its checks (what the dispatcher calls: it has checked the arguments and that
+    the kernel can take them). Plain eager calls that need no gradient call the kernel directly, plain eager calls
+    that do take the direct autograd.Function, everything else the custom op; all three give the same bits."""
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if not plain_eager(*tensors):
+        out, last = _scan_cpp_fwd_op(*tensors, bool(delta_softplus), bool(reverse))
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, last = _ScanCppEager.apply(*tensors, bool(delta_softplus), bool(reverse))
+    else:
+        out, last = _cpp_forward(*tensors, bool(delta_softplus), bool(reverse))
     return _with_state(out, last, return_last_state)
 
 
@@ -821,7 +834,7 @@ backends.register(
     fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's portable "
                      "chunked scan (much slower); install mamba-ssm (pip install 'dartmamba[cuda]')")
 backends.register(
-    "scan", "cpp", selective_scan_cpp, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
+    "scan", "cpp", _scan_cpp_checked, devices=("cpu",), available=_cpp_unavailable, supports=_cpp_unsupported,
     fallback_warning="dartmamba's C++ selective scan for CPU tensors could not be built, so they use the portable "
                      "chunked torch scan (slower; a C++ compiler and ninja are needed)")
 backends.register("scan", "cpu", selective_scan_cpu, devices=backends.ANY_DEVICE)

@@ -171,6 +171,14 @@ def test_cpp_eager_calls_skip_the_custom_op_with_the_same_bits(with_bias, seeds,
 
     eager = forward_backward()
     assert calls == [], "a plain eager call went through the custom op"
+    # a call that needs no gradient (inference) calls the kernel directly: the same bits, no autograd node
+    applied = []
+    real_apply = cc._ConvCppEager.apply
+    monkeypatch.setattr(cc._ConvCppEager, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    with torch.inference_mode():
+        direct = causal_conv1d(x, w, b, backend="cpp")
+    assert applied == [] and calls == [] and direct.grad_fn is None
+    assert torch.equal(direct, eager[0]) and direct.stride() == eager[0].stride()
     monkeypatch.setattr(cc, "plain_eager", lambda *tensors: False)
     traced = forward_backward()
     assert calls == [1]

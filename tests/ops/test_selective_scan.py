@@ -437,10 +437,21 @@ def test_cpp_eager_calls_skip_the_custom_ops_with_the_same_bits(groups, options,
             assert torch.equal(eager[3], traced[3])
         for name, a, b in zip(NAMES, eager[1], traced[1]):
             assert (a is None and b is None) or torch.equal(a, b), name
+    # a call that needs no gradient (inference) calls the kernel directly: the same bits, no autograd node
+    eager_apply = []
+    real_apply = ss._ScanCppEager.apply
+    monkeypatch.setattr(ss._ScanCppEager, "apply", lambda *a: eager_apply.append(1) or real_apply(*a))
+    with torch.inference_mode():
+        out, last_state = selective_scan(*inputs[:6], z=inputs[6], delta_bias=inputs[7],
+                                         delta_softplus=options["softplus"], return_last_state=True)
+    with torch.no_grad():
+        out2 = selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
+    assert eager_apply == [] and custom_op_calls == [] and out.grad_fn is None
+    assert torch.equal(out, eager[0]) and torch.equal(out2, eager[0]) and torch.equal(last_state, eager[3])
     # parameters are plain too (a model passes e.g. dt_proj.bias.float(), which is the parameter itself)
     params = [torch.nn.Parameter(t) if t is not None else None for t in inputs]
     selective_scan_cpp(*params[:6], z=params[6], delta_bias=params[7], delta_softplus=options["softplus"])
-    assert custom_op_calls == [], "a call with parameters went through the custom op"
+    assert custom_op_calls == [] and eager_apply == [1], "a call with parameters went through the custom op"
     # modes and transforms take the custom ops: the FLOP counter (a dispatch mode) counts them
     with FlopCounterMode(display=False) as counter:
         selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
