@@ -5,8 +5,9 @@ library with ``torch.utils.cpp_extension.load`` (ninja and the system C++ compil
 dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or portable code), and
 caches the build under torch's extension root (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions/<python>_<cuda>/``). The library's name carries a hash of the sources, the flags, the
-torch version and Python's, so a changed or upgraded checkout never loads a stale or ABI-incompatible binary and two
-checkouts never rebuild each other's. The sources register their ops with ``TORCH_LIBRARY(TORCH_EXTENSION_NAME)``:
+torch version and install directory and Python's version, so a changed or upgraded checkout never loads a stale or
+ABI-incompatible binary and two environments never rebuild each other's; the sources are compiled from a copy in the
+build directory, so checkouts with the same sources in one environment share one build. The sources register their ops with ``TORCH_LIBRARY(TORCH_EXTENSION_NAME)``:
 no Python bindings are compiled (a build takes ~20 s on 2 cores). Nothing is built at import time;
 ``DARTMAMBA_BUILD_CPU_KERNELS=0`` never builds (the torch implementations run instead).
 """
@@ -58,12 +59,15 @@ def _sources() -> list[Path]:
 
 def extension_name(capability: str | None = None) -> str:
     """``dartmamba_cpu_<isa>_<hash>``: the hash covers every source and header, the flags, torch's version and
-    Python's."""
+    install directory, and Python's version."""
     capability = capability or cpu_capability()
     digest = hashlib.sha256()
     for path in sorted(CSRC.glob("*.[ch]*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join([*_flags(capability), torch.__version__, sys.version]).encode())
+    # torch's install directory too: the build files name its headers and libraries, so two environments sharing a
+    # build directory would rebuild each other's library on every switch (measured: ~15 s, silently)
+    digest.update(" ".join([*_flags(capability), torch.__version__, sys.version,
+                            os.path.dirname(os.path.abspath(torch.__file__))]).encode())
     return f"dartmamba_cpu_{capability.lower()}_{digest.hexdigest()[:12]}"
 
 
@@ -71,6 +75,23 @@ def _build_directory(name: str) -> str:
     from torch.utils.cpp_extension import _get_build_directory
 
     return _get_build_directory(name, verbose=False)
+
+
+def _staged_sources(build_dir: str) -> Path:
+    """The sources copied into ``<build_dir>/src`` (each file written only when missing or different), so that the
+    build files torch writes name the same paths for every checkout with these sources: otherwise ninja sees a
+    second clone's paths as a changed build and silently rebuilds (~15 s; measured: every first run from a fresh
+    clone did, and the next run in the first checkout rebuilt again)."""
+    staged = Path(build_dir) / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        data, target = path.read_bytes(), staged / path.name
+        if target.is_file() and target.read_bytes() == data:
+            continue                                   # untouched, so its timestamp does not trigger a rebuild
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    return staged
 
 
 def cpu_kernels():
@@ -90,8 +111,9 @@ def cpu_kernels():
     if fresh:
         print(f"dartmamba: building the C++ CPU kernels for {capability} (first use on this machine; cached in "
               f"{build_dir})", file=sys.stderr, flush=True)
-    load(name=name, sources=[str(p) for p in _sources()], extra_cflags=_flags(capability),
-         extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)], build_directory=build_dir, verbose=False,
+    staged = _staged_sources(build_dir)
+    load(name=name, sources=[str(staged / p.name) for p in _sources()], extra_cflags=_flags(capability),
+         extra_ldflags=["-fopenmp"], extra_include_paths=[str(staged)], build_directory=build_dir, verbose=False,
          is_python_module=False)
     if fresh:
         print(f"dartmamba: built {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 reference (forward, every input gradient, grouped B/C, the last state), numerical stability, argument checks, the
 kernel's build fallback, and the mamba-ssm wrapper's plumbing against a stand-in extension."""
 import types
+from pathlib import Path
 import warnings
 
 import pytest
@@ -336,8 +337,8 @@ def test_failed_kernel_build_falls_back_to_the_torch_scan_with_one_warning(seeds
 
 
 def test_extension_names_follow_the_sources_flags_and_torch(tmp_path, monkeypatch):
-    """A changed source or header, ISA or torch version is a different library (never a stale or ABI-incompatible
-    binary)."""
+    """A changed source or header, ISA, torch version or torch install directory is a different library (never a
+    stale or ABI-incompatible binary, never two environments rebuilding one library in turn)."""
     from dartmamba.ops import _jit
 
     monkeypatch.setattr(_jit, "CSRC", tmp_path)
@@ -350,7 +351,34 @@ def test_extension_names_follow_the_sources_flags_and_torch(tmp_path, monkeypatc
     assert changed != base
     assert _jit.extension_name("AVX512") != changed
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert _jit.extension_name("AVX2") != changed
+    other_torch = _jit.extension_name("AVX2")
+    assert other_torch != changed
+    # another environment (torch installed elsewhere): its own build, so the two never rebuild each other's
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "another_env" / "torch" / "__init__.py"))
+    assert _jit.extension_name("AVX2") != other_torch
+
+
+def test_a_second_checkout_loads_the_built_kernels_without_rebuilding(tmp_path):
+    """The same sources in another directory (another clone, same environment) load the library already built:
+    its file is not rewritten (the build files name a copy of the sources in the build directory, not the
+    checkout's paths; before, every first run from a fresh clone rebuilt silently for ~15 s)."""
+    cpp_or_skip()
+    import shutil
+    import subprocess
+    import sys
+
+    from dartmamba.ops import _jit
+
+    library = next(Path(_jit._build_directory(_jit.extension_name())).glob("*.so"))
+    stamp = library.stat().st_mtime_ns
+    clone = tmp_path / "csrc"
+    shutil.copytree(_jit.CSRC, clone)
+    probe = ("import pathlib, sys; from dartmamba.ops import _jit; _jit.CSRC = pathlib.Path(sys.argv[1]); "
+             "print(_jit.cpu_kernels())")
+    result = subprocess.run([sys.executable, "-c", probe, str(clone)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "building" not in result.stderr
+    assert library.stat().st_mtime_ns == stamp, "the second checkout rebuilt the library"
 
 
 @pytest.mark.parametrize("bad, message", [
