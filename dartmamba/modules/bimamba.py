@@ -142,17 +142,19 @@ class BiMambaMixer(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         B = rearrange(B, "(b l) n -> b n l", l=seq_len)
         C = rearrange(C, "(b l) n -> b n l", l=seq_len)
+        low_rank = {}
         if x.device.type == "cpu":
-            # the C++ scan reads any strides: dt stays channel-last (a GEMM on dt's contiguous rows, not on its
-            # transpose, which took 4x longer) and B, C are read in place
-            dt = rearrange(F.linear(dt, dt_proj.weight), "(b l) d -> b d l", l=seq_len)
+            # the C++ scan reads any strides (B, C in place) and takes delta as dt_proj.weight @ dt: without a
+            # gradient it forms delta step by step (no GEMM, no (B, d_inner, L) tensor), with one it takes the
+            # GEMM on dt's contiguous rows (on their transpose it took 4x longer)
+            dt, low_rank = rearrange(dt, "(b l) r -> b r l", l=seq_len), {"delta_proj": dt_proj.weight}
         else:
             # mamba-ssm's kernel wants unit stride along L
             dt = rearrange(dt_proj.weight @ dt.t(), "d (b l) -> b d l", l=seq_len)
             B, C = B.contiguous(), C.contiguous()
         A = -torch.exp(A_log.float())
         return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                              reverse=reverse)
+                              reverse=reverse, **low_rank)
 
     def _stacked(self) -> dict:
         """Both branches' parameters stacked (forward first), in the one-pass layout: conv (2 d_inner, K) and bias,
@@ -203,7 +205,10 @@ class BiMambaMixer(nn.Module):
             y_backward = self._scan(x, z, "backward", reverse=True)
         else:
             y_backward = self._scan(x.flip(-1), z.flip(-1), "backward").flip(-1)
-        return self.out_proj(rearrange(torch.add(y_forward, y_backward).mul_(0.5), "b d l -> b l d"))
+        # without autograd the sum goes into y_backward, still in cache from the scan (a fresh tensor: 2-3 % of
+        # Vim-Ti's CPU inference); the same bits either way
+        y = torch.add(y_forward, y_backward) if y_backward.requires_grad else y_backward.add_(y_forward)
+        return self.out_proj(rearrange(y.mul_(0.5), "b d l -> b l d"))
 
 
 class VimBlock(nn.Module):

@@ -14,6 +14,9 @@ Shapes follow mamba-ssm's ``selective_scan_fn`` (input-dependent B and C, ungrou
 ``reverse=True`` runs the recurrence right to left (h_L = 0, t = L - 1 first): the scan of every sequence input
 flipped along L, with the output flipped back (the last state is then the one after t = 0), which is what the
 backward branch of a bidirectional mixer needs. The C++ kernel does this in place; the other backends flip.
+``delta_proj`` (dim, R) makes ``delta`` a low-rank factor (batch, R, L) of the step sizes ``delta_proj @ delta``
+(Mamba's ``dt_proj``): the C++ kernel forms them step by step where no gradient is needed; the other backends, and
+every call that needs a gradient, multiply them out first.
 
 Backends (registry op ``"scan"``, see :mod:`dartmamba.backends`; env ``DARTMAMBA_SCAN_BACKEND``), in preference
 order:
@@ -81,9 +84,10 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 
 
 def _check_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                z: Optional[Tensor], delta_bias: Optional[Tensor]) -> None:
+                z: Optional[Tensor], delta_bias: Optional[Tensor], delta_proj: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the first argument whose shape or dtype does not fit."""
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+             "delta_proj": delta_proj}
     for name, t in named.items():
         if t is None:
             continue
@@ -96,7 +100,15 @@ def _check_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must have shape (batch, dim, L), got {_shape(u)}")
     batch, dim, length = u.shape
-    if delta.shape != u.shape:
+    if delta_proj is not None:
+        if delta_proj.dim() != 2 or delta_proj.shape[0] != dim:
+            raise ValueError(f"selective_scan: delta_proj must have shape (dim, R) with dim = {dim}, "
+                             f"got {_shape(delta_proj)}")
+        rank = delta_proj.shape[1]
+        if tuple(delta.shape) != (batch, rank, length):
+            raise ValueError(f"selective_scan: with delta_proj of shape {_shape(delta_proj)}, delta must be its "
+                             f"(batch, R, L) = {(batch, rank, length)} factor, got {_shape(delta)}")
+    elif delta.shape != u.shape:
         raise ValueError(f"selective_scan: delta must have u's shape (batch, dim, L) = {_shape(u)}, "
                          f"got {_shape(delta)}")
     if A.dim() != 2 or A.shape[0] != dim:
@@ -186,6 +198,28 @@ def _flipping_for_reverse(fn):
     return run
 
 
+def _full_delta(delta_proj: Tensor, delta: Tensor) -> Tensor:
+    """delta_proj (dim, R) @ delta (batch, R, L) -> (batch, dim, L), laid out channel-last (a GEMM over the factor's
+    rows, which are contiguous when it is a slice of a (batch * L, R + ...) projection)."""
+    dtype = torch.promote_types(delta_proj.dtype, delta.dtype)
+    return torch.matmul(delta.transpose(1, 2).to(dtype), delta_proj.t().to(dtype)).transpose(1, 2)
+
+
+def _expanding_low_rank_delta(fn):
+    """A backend that takes delta in full: with ``delta_proj`` (dim, R), the (batch, R, L) ``delta`` becomes
+    ``delta_proj @ delta`` first (under autograd)."""
+    @functools.wraps(fn)
+    def run(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+            z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+            return_last_state: bool = False, *, reverse: bool = False, delta_proj: Optional[Tensor] = None):
+        if delta_proj is not None:
+            _check_args(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+            delta = _full_delta(delta_proj, delta)
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse=reverse)
+    return run
+
+
+@_expanding_low_rank_delta
 @_flipping_for_reverse
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
@@ -489,6 +523,7 @@ def _scan_cpu_autograd(ctx, grad_out, grad_states, grad_last):
 _scan_cpu_fwd_op.register_autograd(_scan_cpu_autograd, setup_context=_scan_cpu_setup_context)
 
 
+@_expanding_low_rank_delta
 @_flipping_for_reverse
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
@@ -543,11 +578,12 @@ def _cpp_unavailable() -> Optional[str]:
 
 
 def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                     return_last_state=False, *, reverse=False) -> Optional[str]:
+                     return_last_state=False, *, reverse=False, delta_proj=None) -> Optional[str]:
     """Why the C++ kernel cannot take these inputs (None when it can)."""
     if A.shape[1] > _CPP_MAX_DSTATE:
         return f"its kernel supports N <= {_CPP_MAX_DSTATE}, got A of shape {_shape(A)}"
-    bad = [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None and t.dtype not in _CPP_DTYPES]
+    bad = [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)
+           if t is not None and t.dtype not in _CPP_DTYPES]
     if bad:
         return f"its kernel computes float16/bfloat16/float32/float64 inputs, got {bad[0]}"
     return None
@@ -572,9 +608,13 @@ def _scan_cpp_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
-def _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
-    """The kernel's forward: (out in u.dtype, last state in the compute dtype)."""
-    out, last = _cpp_extension().scan_fwd(*_cpp_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus, reverse)
+def _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool,
+                 delta_proj: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The kernel's forward: (out in u.dtype, last state in the compute dtype). With ``delta_proj`` (dim, R),
+    ``delta`` is the (batch, R, L) factor and the kernel forms ``delta_proj @ delta`` step by step (no gradient)."""
+    args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias)
+    proj = args[0].new_empty(0) if delta_proj is None else delta_proj.to(args[0].dtype).contiguous()
+    out, last = _cpp_extension().scan_fwd(*args, delta_softplus, reverse, proj)
     return out.to(u.dtype), last
 
 
@@ -660,9 +700,11 @@ class _ScanCppEager(torch.autograd.Function):
 
 def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                       return_last_state: bool = False, *, reverse: bool = False):
+                       return_last_state: bool = False, *, reverse: bool = False,
+                       delta_proj: Optional[Tensor] = None):
     """The C++ CPU kernel (the ``"cpp"`` backend), as a custom op torch.compile can trace; ``reverse`` (right to
-    left) without flipping copies.
+    left) without flipping copies; a low-rank ``delta`` (``delta_proj``, see :func:`selective_scan`) formed step by
+    step in the kernel where no gradient is needed.
 
     Same arguments, shapes and result as :func:`selective_scan_reference` (grouped B, C included); any strides (the
     output is laid out as ``u``, e.g. channel-last for a channel-last ``u``). CPU tensors; math in float32 (float64 when any input is float64); gradients flow to every tensor argument and
@@ -670,25 +712,33 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Built at first use (a C++ compiler and ninja are needed; see :mod:`dartmamba.ops._jit`); raises
     :class:`~dartmamba.backends.BackendUnavailableError` when the build fails.
     """
-    _check_args(u, delta, A, B, C, D, z, delta_bias)
-    reason = _cpp_unavailable() or _cpp_unsupported(u, delta, A, B, C, D, z, delta_bias)
+    _check_args(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    reason = _cpp_unavailable() or _cpp_unsupported(u, delta, A, B, C, D, z, delta_bias, delta_proj=delta_proj)
     if reason is not None:
         raise backends.BackendUnavailableError(f"scan backend 'cpp' is not available: {reason}")
-    return _scan_cpp_checked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse=reverse)
+    return _scan_cpp_checked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse=reverse,
+                             delta_proj=delta_proj)
 
 
 def _scan_cpp_checked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, reverse=False):
+                      return_last_state=False, *, reverse=False, delta_proj=None):
     """:func:`selective_scan_cpp` after its checks (what the dispatcher calls: it has checked the arguments and that
-    the kernel can take them). Plain eager calls that need no gradient call the kernel directly, plain eager calls
-    that do take the direct autograd.Function, everything else the custom op; all three give the same bits."""
+    the kernel can take them). Plain eager calls that need no gradient call the kernel directly (a low-rank delta
+    included), plain eager calls that do take the direct autograd.Function, everything else the custom op; all
+    three give the same bits (the last two get a low-rank delta multiplied out first)."""
     tensors = (u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*tensors, delta_proj))
+    if plain_eager(*tensors, delta_proj) and not needs_grad:
+        out, last = _cpp_forward(*tensors, bool(delta_softplus), bool(reverse), delta_proj)
+        return _with_state(out, last, return_last_state)
+    if delta_proj is not None:
+        delta = _full_delta(delta_proj, delta)
+        tensors = (u, delta, A, B, C, D, z, delta_bias)
     if not plain_eager(*tensors):
         out, last = _scan_cpp_fwd_op(*tensors, bool(delta_softplus), bool(reverse))
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out, last = _ScanCppEager.apply(*tensors, bool(delta_softplus), bool(reverse))
     else:
-        out, last = _cpp_forward(*tensors, bool(delta_softplus), bool(reverse))
+        out, last = _ScanCppEager.apply(*tensors, bool(delta_softplus), bool(reverse))
     return _with_state(out, last, return_last_state)
 
 
@@ -806,6 +856,7 @@ def _scan_cuda_autograd(ctx, grad_out, grad_x, grad_pre):
 _scan_cuda_fwd_op.register_autograd(_scan_cuda_autograd, setup_context=_scan_cuda_setup_context)
 
 
+@_expanding_low_rank_delta
 @_flipping_for_reverse
 def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                               z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
@@ -843,17 +894,23 @@ backends.register("scan", "reference", selective_scan_reference, devices=backend
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: Optional[str] = None, *, reverse: bool = False):
+                   return_last_state: bool = False, backend: Optional[str] = None, *, reverse: bool = False,
+                   delta_proj: Optional[Tensor] = None):
     """Selective scan through the backend registry (op ``"scan"``).
 
     Args:
-        u: (batch, dim, L). delta: (batch, dim, L). A: (dim, N), real. B, C: (batch, N, L), or (batch, G, N, L)
+        u: (batch, dim, L). delta: (batch, dim, L), or with ``delta_proj`` its low-rank factor (batch, R, L).
+            A: (dim, N), real. B, C: (batch, N, L), or (batch, G, N, L)
             grouped (channel d uses group d // (dim / G)). D: optional (dim,). z: optional (batch, dim, L) gate.
             delta_bias: optional (dim,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last step, (batch, dim, N).
         reverse: run right to left (the scan of the flipped sequences, flipped back; the last state is the one
             after t = 0).
+        delta_proj: optional (dim, R): the scan's delta is ``delta_proj @ delta`` (Mamba's ``dt_proj`` weight and
+            its rank-R input; ``delta_bias`` is added after). The C++ kernel forms it step by step in registers
+            where no gradient is needed (no (batch, dim, L) tensor and no GEMM); elsewhere, and whenever a gradient
+            is needed, the product is taken first, under autograd.
         backend: ``None``/``"auto"`` (mamba-ssm's kernel for CUDA tensors when it imports, else the chunked
             ``"cpu"`` scan, with one RuntimeWarning; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else
             ``"cpu"``, with one RuntimeWarning), ``"cuda"``, ``"cpp"``, ``"cpu"`` or ``"reference"``. The global
@@ -863,6 +920,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     Returns:
         (batch, dim, L) in ``u.dtype``; with ``return_last_state``, (out, last_state).
     """
-    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    _check_args(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    low_rank = {} if delta_proj is None else {"delta_proj": delta_proj}
     return backends.dispatch("scan", u.device, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                             return_last_state, backend=backend, reverse=bool(reverse))
+                             return_last_state, backend=backend, reverse=bool(reverse), **low_rank)

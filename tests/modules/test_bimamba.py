@@ -60,6 +60,30 @@ def test_one_pass_equals_two_pass(scan_backend, shape, seeds, restore_backends):
             torch.testing.assert_close(grads_f[name], grads_t[name], rtol=1e-11, atol=1e-13, msg=name)
 
 
+@pytest.mark.parametrize("scan_backend", scan_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_inference_equals_the_autograd_forward(scan_backend, dtype, seeds, restore_backends):
+    """Without autograd the two-pass mixer takes other routes (on CPU the scan forms delta = dt_proj(dt) step by
+    step, and the two directions are summed in place): the same output as with autograd, which multiplies dt_proj
+    out as a GEMM and sums into a new tensor, and as the one-pass mixer."""
+    for seed in seeds[:2]:
+        mixer = random_mixer(40, 16, seed).to(dtype)
+        hidden = torch.randn(2, 23, 40, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+        with backends.use_backend("scan", scan_backend):
+            mixer.bimamba_impl = "two_pass"
+            with_grad = mixer(hidden.clone().requires_grad_()).detach()
+            with torch.no_grad():
+                no_grad = mixer(hidden)
+            with torch.inference_mode():
+                inference = mixer(hidden)
+            mixer.bimamba_impl = "fused"
+            with torch.no_grad():
+                fused = mixer(hidden)
+        for name, out in (("no_grad", no_grad), ("inference_mode", inference), ("fused", fused)):
+            torch.testing.assert_close(out, with_grad, **tol, msg=lambda m: f"seed {seed}, {name}: {m}")
+
+
 def test_stacked_weights_are_built_from_the_parameters_every_call(seed):
     """No second copy of the weights: same state dict for both implementations, and a parameter changed in place
     changes the fused output at once."""

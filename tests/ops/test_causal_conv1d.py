@@ -122,6 +122,31 @@ def test_reverse_is_the_conv_of_the_flipped_sequence(backend, dtype, kernel, see
     torch.testing.assert_close(causal_conv1d(x, w, activation=None, backend=backend, reverse=True), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti-causal"])
+def test_cpp_channel_last_forward_equals_the_gathered_one(dtype, kernel, reverse, seeds):
+    """Inputs whose channels are adjacent (a slice of a (B, L, 2C) projection) take the kernel's row-streaming
+    forward; a contiguous copy of the same values takes the gathering one. Same terms in the same order: the same
+    bits, for sequences shorter than the kernel, longer than the kernel's runs of steps, and a partial vector of
+    channels; and the reference's values."""
+    backend_or_skip("cpp")
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        for length in (1, 3, 70):
+            x = torch.randn(3, length, 2 * 37 + 5, generator=g, dtype=dtype).transpose(1, 2)[:, 5:42]
+            w, b = torch.randn(37, kernel, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+            for activation, bias in (("silu", b), (None, None)):
+                streamed = causal_conv1d(x, w, bias, activation=activation, backend="cpp", reverse=reverse)
+                gathered = causal_conv1d(x.contiguous(), w, bias, activation=activation, backend="cpp",
+                                         reverse=reverse)
+                assert torch.equal(streamed, gathered), f"seed {seed}, L {length}, {activation}"
+                flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
+                expected = flip(causal_conv1d_reference(flip(x), w, bias, activation=activation))
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(streamed, expected, **tol)
+
+
 def test_cpp_output_layout_and_opcheck(seeds):
     backend_or_skip("cpp")
     g = torch.Generator().manual_seed(seeds[0])

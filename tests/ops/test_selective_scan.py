@@ -285,6 +285,84 @@ def test_reverse_is_the_scan_of_the_flipped_sequences(backend, dtype, groups, se
                 assert_rel_close(gf, gr, TOLERANCE[dtype], f"{what}: d{name}")
 
 
+def low_rank_inputs(dtype, seed, groups=None, options=OPTION_SETS[0], rank=5):
+    """Scan inputs (batch 2, dim 40, L 37, N 16) and a low-rank delta: delta_proj (dim, R) and the factor
+    (batch, R, L), a strided slice of a (batch * L, R + 9) projection, as Vim's mixer passes dt."""
+    inputs = make_inputs(2, 40, 37, 16, dtype, seed, groups=groups, **options)
+    g = torch.Generator().manual_seed(seed + 7)
+    rows = torch.randn(2 * 37, rank + 9, generator=g, dtype=torch.float64)[:, 3:3 + rank]
+    factor = rows.reshape(2, 37, rank).transpose(1, 2).to(dtype)
+    delta_proj = (0.4 * torch.randn(40, rank, generator=g, dtype=torch.float64)).to(dtype)
+    return inputs, factor, delta_proj
+
+
+LOW_RANK_SCANS = {"cpu": selective_scan_cpu, "cpp": selective_scan_cpp, "reference": selective_scan_reference,
+                  "dispatch": selective_scan}
+
+
+@pytest.mark.parametrize("backend", list(LOW_RANK_SCANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["l2r", "r2l"])
+def test_low_rank_delta_is_the_scan_of_the_product(backend, dtype, groups, reverse, seeds):
+    """delta_proj (dim, R) with delta its (batch, R, L) factor is the scan of delta = delta_proj @ factor: without
+    autograd (the C++ kernel forms the product in registers) and with it (every gradient, the factor's and
+    delta_proj's included), both directions, grouped or not."""
+    if backend == "cpp":
+        cpp_or_skip()
+    fn = LOW_RANK_SCANS[backend]
+    tol = TOLERANCE[dtype]
+    for seed, options in zip(seeds, (OPTION_SETS[0], OPTION_SETS[3])):
+        inputs, factor, delta_proj = low_rank_inputs(dtype, seed, groups, options)
+        others = [inputs[0], *inputs[2:]]
+
+        def expected_fn(u, factor, A, B, C, D, z, delta_bias, delta_proj):
+            return flipped_reference(u, delta_proj @ factor, A, B, C, D, z, delta_bias, options["softplus"]) \
+                if reverse else selective_scan_reference(u, delta_proj @ factor, A, B, C, D, z, delta_bias,
+                                                         options["softplus"])
+
+        def actual_fn(u, factor, A, B, C, D, z, delta_bias, delta_proj):
+            return fn(u, factor, A, B, C, D, z, delta_bias, options["softplus"], reverse=reverse,
+                      delta_proj=delta_proj)
+
+        args = [others[0], factor, *others[1:], delta_proj]
+        with torch.no_grad():
+            expected = expected_fn(*args)
+            assert_rel_close(actual_fn(*args), expected, tol, f"seed {seed}: no-grad out")
+        grads = []
+        for f in (expected_fn, actual_fn):
+            leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in args]
+            out = f(*leaves)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+            grads.append((out.detach(), [t.grad if t is not None else None for t in leaves]))
+        (out_r, grads_r), (out_f, grads_f) = grads
+        assert_rel_close(out_f, out_r, tol, f"seed {seed}: out")
+        for name, gf, gr in zip(("u", "factor", *NAMES[2:], "delta_proj"), grads_f, grads_r):
+            if gr is not None:
+                assert_rel_close(gf, gr, tol, f"seed {seed}: d{name}")
+
+
+def test_cpp_low_rank_delta_needs_no_full_delta_without_autograd(seeds, monkeypatch):
+    """Calls that need no gradient hand the factor to the C++ kernel: the full (batch, dim, L) delta is never
+    built (the product is spied on); calls that need one build it, and both agree."""
+    cpp_or_skip()
+    inputs, factor, delta_proj = low_rank_inputs(torch.float32, seeds[0])
+    built = []
+    real = ss._full_delta
+    monkeypatch.setattr(ss, "_full_delta", lambda *a: built.append(1) or real(*a))
+    args = (inputs[0], factor, *inputs[2:], True)
+    with torch.inference_mode():
+        inference = selective_scan(*args, delta_proj=delta_proj)
+    with torch.no_grad():
+        no_grad = selective_scan(*args, delta_proj=delta_proj, reverse=True)
+    assert built == []
+    with_grad = selective_scan(inputs[0], factor, *inputs[2:], True, delta_proj=delta_proj.requires_grad_())
+    assert built == [1]
+    assert_rel_close(inference, with_grad.detach(), TOLERANCE[torch.float32], "inference vs autograd")
+    assert_rel_close(no_grad, flipped_reference(inputs[0], delta_proj.detach() @ factor, *inputs[2:], True),
+                     TOLERANCE[torch.float32], "right to left")
+
+
 def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
     """Each name runs its own implementation (spied in the registry), "auto" takes the C++ kernel on CPU where it
     builds (else the chunked scan), and every CPU backend gives the reference's numbers."""
@@ -394,6 +472,9 @@ def test_a_second_checkout_loads_the_built_kernels_without_rebuilding(tmp_path):
     (dict(delta_bias=torch.zeros(3, 1)), "delta_bias must have shape"),
     (dict(A=torch.zeros(3, 2, dtype=torch.complex64)), "A must be real"),
     (dict(u=torch.zeros(2, 3, 5, dtype=torch.long)), "u must be a floating-point"),
+    (dict(delta_proj=torch.zeros(4, 2)), r"delta_proj must have shape \(dim, R\) with dim = 3"),
+    (dict(delta_proj=torch.zeros(3, 2)), r"delta must be its \(batch, R, L\) = \(2, 2, 5\) factor"),
+    (dict(delta_proj=torch.zeros(3, 2, dtype=torch.long)), "delta_proj must be a floating-point"),
 ])
 def test_bad_arguments_are_named(bad, message):
     args = dict(u=torch.zeros(2, 3, 5), delta=torch.zeros(2, 3, 5), A=torch.zeros(3, 2), B=torch.zeros(2, 2, 5),

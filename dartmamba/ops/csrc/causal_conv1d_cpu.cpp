@@ -8,8 +8,10 @@
 // the activation is applied in registers and the rows are scattered into an output laid out as the input's
 // channels (channel-adjacent inputs give a channel-last output). The backward recomputes the pre-activation, and gets
 // dx[t] = sum_k w[k] dpre[t + K - 1 - k], dw[k] = sum_t dpre[t] x[t - (K - 1) + k] and dbias = sum_t dpre[t].
-// With `reverse` the conv is anti-causal (out[t] reads x[t .. t + K - 1], w[K - 1] on x[t], zeros after the end): the
-// causal conv of the flipped sequence, flipped back; the rows are reversed in the scratch, in cache.
+// Inputs whose channels are adjacent (channel-last) skip the scratch in the forward: the lanes run over the
+// channels of each time step's row (conv_forward_channels_last). With `reverse` the conv is anti-causal (out[t]
+// reads x[t .. t + K - 1], w[K - 1] on x[t], zeros after the end): the causal conv of the flipped sequence, flipped
+// back; the rows are reversed in the scratch, in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -85,6 +87,71 @@ void conv_forward(const Rows<T>& x, const T* weight, const T* bias, const ConvSh
     }
     if (sh.reverse) reverse_rows(s.rows.data(), W, sh.length);
     scatter(s.rows.data(), out, s.blk.b, s.blk.d0, s.blk.valid, W, sh.length);
+  });
+}
+
+// The forward for inputs whose channels are adjacent (a slice of a (B, L, C) projection: x.stride(1) == 1), whose
+// output like_input() lays out the same way: the lanes run over channels straight from the rows of time step t
+// (no gather into a scratch, no scatter out of one), a task is one (batch, run of kRunSteps steps). Same terms in
+// the same order as conv_forward (taps outside the sequence, zeros there, are skipped), so the same results.
+constexpr int64_t kRunSteps = 32, kPrefetchSteps = 4;
+
+template <typename T>
+void conv_forward_channels_last(const Rows<T>& x, const T* weight, const T* bias, const ConvShape& sh, bool silu,
+                                const Rows<T>& out) {
+  using Vec = Vectorized<T>;
+  const int W = sh.width;
+  const int64_t K = sh.taps, L = sh.length, dim = sh.dim;
+  std::vector<T> taps(K * dim), bias_row(dim, T(0));   // (K, dim): tap k of every channel, adjacent
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t k = 0; k < K; ++k) taps[k * dim + d] = weight[d * K + k];
+    if (bias != nullptr) bias_row[d] = bias[d];
+  }
+  const int64_t runs = (L + kRunSteps - 1) / kRunSteps;
+  const T* taps_data = taps.data();
+  const T* bias_data = bias_row.data();
+  const T* x_data = x.data;
+  T* out_data = out.data;
+  const int64_t xsb = x.sb, xst = x.st, osb = out.sb, ost = out.st;
+  const bool reverse = sh.reverse;
+  for_each_task(sh.batch * runs, [] { return 0; }, [=](int64_t task, int&) {
+    const int64_t b = task / runs, t0 = (task % runs) * kRunSteps, t1 = std::min(L, t0 + kRunSteps);
+    const T* xb = x_data + b * xsb;
+    for (int64_t t = t0; t < t1; ++t) {
+      T* dst = out_data + b * osb + t * ost;
+      // tap k reads x[first + k * step]: causal x[t - (K - 1) + k], reverse (anti-causal) x[t + (K - 1) - k]
+      const int64_t first = reverse ? t + (K - 1) : t - (K - 1), step = reverse ? -1 : 1;
+      int64_t k0 = 0, k1 = K;   // the taps inside the sequence
+      while (k0 < K && (first + k0 * step < 0 || first + k0 * step >= L)) ++k0;
+      while (k1 > k0 && (first + (k1 - 1) * step < 0 || first + (k1 - 1) * step >= L)) --k1;
+      const T* src = xb + (first + k0 * step) * xst;
+      const int64_t src_step = step * xst;
+      // the step that first reads a row reads it from memory: fetch the row kPrefetchSteps steps ahead
+      const int64_t ahead = (reverse ? t + (K - 1) : t) + kPrefetchSteps;
+      const char* next_row = ahead < L ? reinterpret_cast<const char*>(xb + ahead * xst) : nullptr;
+      for (int64_t d = 0; d < dim; d += W) {
+        if (next_row != nullptr) __builtin_prefetch(next_row + d * sizeof(T), 0, 3);
+        const int n = static_cast<int>(std::min<int64_t>(W, dim - d));
+        Vec acc = n == W ? Vec::loadu(bias_data + d) : Vec::loadu(bias_data + d, n);
+        const T* xs = src + d;
+        const T* ws = taps_data + k0 * dim + d;
+        if (n == W) {
+          for (int64_t k = k0; k < k1; ++k, xs += src_step, ws += dim) {
+            acc = at::vec::fmadd(Vec::loadu(ws), Vec::loadu(xs), acc);
+          }
+        } else {
+          for (int64_t k = k0; k < k1; ++k, xs += src_step, ws += dim) {
+            acc = at::vec::fmadd(Vec::loadu(ws, n), Vec::loadu(xs, n), acc);
+          }
+        }
+        if (silu) acc = acc * sigmoid(acc);
+        if (n == W) {
+          acc.store(dst + d);
+        } else {
+          acc.store(dst + d, n);
+        }
+      }
+    }
   });
 }
 
@@ -176,6 +243,11 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_fwd", [&] {
     using T = scalar_t;
     const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size(), reverse);
+    const T* b = bias.numel() > 0 ? bias.data_ptr<T>() : nullptr;
+    if (x.stride(1) == 1 && out.stride(1) == 1) {
+      conv_forward_channels_last<T>(Rows<T>(x), weight.data_ptr<T>(), b, sh, silu, Rows<T>(out));
+      return;
+    }
     conv_forward<T>(Rows<T>(x), weight.data_ptr<T>(), bias.numel() > 0 ? bias.data_ptr<T>() : nullptr, sh, silu,
                     Rows<T>(out));
   });

@@ -8,7 +8,9 @@
 //   h_t  = exp(dt_t A[d, n]) h_{t-1} + dt_t u_t B[b, g(d), n, t],        h_{-1} = 0
 //   y_t  = sum_n C[b, g(d), n, t] h_t[n] + D[d] u_t,   out_t = y_t silu(z_t)      (D and z optional)
 //
-// with g(d) = d / (dim / G) for G groups of B and C. With `reverse` the recurrence runs right to left (t = L - 1
+// with g(d) = d / (dim / G) for G groups of B and C. The forward also takes delta as a low-rank factor (batch, R, L)
+// with delta_proj (dim, R): each block's delta rows are then delta_proj @ factor, formed in the scratch (R vector
+// multiply-adds per step) instead of read from a (batch, dim, L) tensor. With `reverse` the recurrence runs right to left (t = L - 1
 // first, h_L = 0): the same as flipping u, delta, B, C and z along L, scanning and flipping the output back; the last
 // state is then the one after t = 0. (Rows are gathered and scattered in memory order and reversed in cache.) The recurrence is evaluated as written (no cumulative
 // log-decays, no division by decays), so it is as stable as the sequential reference for any length and any decay
@@ -65,6 +67,8 @@ struct Inputs {
   Proj<T> B, C;
   bool softplus;
   bool reverse;      // run right to left
+  const T* delta_proj = nullptr;   // (dim, R) contiguous: `delta` is then the (batch, R, L) factor of delta_proj @ delta
+  int64_t rank = 0;                // R
 };
 
 // One block of W channels d0 .. d0 + valid - 1 of batch b, group g, as time-major (L, W) rows.
@@ -77,6 +81,9 @@ struct Block {
                                                // a2_cols: A log2(e) (the decays are 2^(dt A log2(e)))
   std::vector<T> bc;                           // (L, 2, N): B_t and C_t of (b, g), contiguous per step
   int64_t bc_of = -1;                          // the b * G + g they belong to
+  std::vector<T> factor;                       // (L, R): the low-rank delta factor of batch element factor_of
+  int64_t factor_of = -1;
+  std::vector<T> proj_cols;                    // (R, W): delta_proj of the block's channels
   const T* A_col(int64_t n, int W) const { return a_cols.data() + n * W; }
   // exp(dt A[n]) on the lanes
   Vectorized<T> decay(const Vectorized<T>& step, int64_t n, int W) const {
@@ -89,6 +96,32 @@ struct Block {
       for (int l = 0; l < valid; ++l) buf[l] = values[d0 + l];
     }
     return Vectorized<T>::loadu(buf);
+  }
+
+  // pre[t] = delta_proj[d0 .. d0 + W) @ factor[:, t], in memory order (the rows of the full delta, built in
+  // registers: the (batch, dim, L) tensor is never written); terms added in order r = 0 .. R - 1.
+  void low_rank_delta(const Inputs<T>& in, const Shape& sh) {
+    using Vec = Vectorized<T>;
+    const int W = sh.width;
+    const int64_t L = sh.length, R = in.rank;
+    if (factor_of != b) {   // the factor is shared by all channels of b: copy it once, contiguous per step
+      factor.resize(L * R);
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t r = 0; r < R; ++r) factor[t * R + r] = in.delta.data[b * in.delta.sb + r * in.delta.sd + t * in.delta.st];
+      }
+      factor_of = b;
+    }
+    std::vector<T>& cols = proj_cols;
+    cols.assign(R * W, T(0));
+    for (int l = 0; l < valid; ++l) {
+      for (int64_t r = 0; r < R; ++r) cols[r * W + l] = in.delta_proj[(d0 + l) * R + r];
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      const T* f = factor.data() + t * R;
+      Vec acc(T(0));
+      for (int64_t r = 0; r < R; ++r) acc = at::vec::fmadd(Vec::loadu(cols.data() + r * W), Vec(f[r]), acc);
+      acc.store(pre.data() + t * W);
+    }
   }
 
   void load(const Inputs<T>& in, const Shape& sh, int64_t b_, int64_t g_, int64_t j) {
@@ -108,7 +141,11 @@ struct Block {
     }
     valid = static_cast<int>(std::min<int64_t>(W, sh.per_group - j * W));
     pre.resize(L * W), dt.resize(L * W), u.resize(L * W);
-    gather(in.delta, b, d0, valid, sh.width, sh.length, pre.data());
+    if (in.delta_proj != nullptr) {
+      low_rank_delta(in, sh);
+    } else {
+      gather(in.delta, b, d0, valid, sh.width, sh.length, pre.data());
+    }
     gather(in.u, b, d0, valid, sh.width, sh.length, u.data());
     if (in.reverse) reverse_rows(pre.data(), W, L), reverse_rows(u.data(), W, L);
     if (in.z.data != nullptr) {
@@ -416,9 +453,20 @@ Shape shape_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B, in
   return sh;
 }
 
+// delta_proj: empty (delta is (batch, dim, L)) or (dim, R) contiguous (delta is the (batch, R, L) factor).
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias) {
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) tensors");
+                  const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                  const at::Tensor& delta_proj = at::Tensor()) {
+  TORCH_CHECK(u.dim() == 3 && delta.dim() == 3, "u and delta must be (batch, dim, L) tensors");
+  if (delta_proj.defined() && delta_proj.numel() > 0) {
+    TORCH_CHECK(delta_proj.dim() == 2 && delta_proj.size(0) == u.size(1) && delta_proj.is_contiguous() &&
+                    delta_proj.scalar_type() == u.scalar_type(),
+                "delta_proj must be a contiguous (dim, R) tensor of u's dtype");
+    TORCH_CHECK(delta.size(0) == u.size(0) && delta.size(1) == delta_proj.size(1) && delta.size(2) == u.size(2),
+                "with delta_proj, delta must be the (batch, R, L) factor");
+  } else {
+    TORCH_CHECK(delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) tensors");
+  }
   TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be a contiguous (dim, N) tensor");
   TORCH_CHECK(A.size(1) <= 256, "the state size N must be at most 256");
   for (const at::Tensor* t : {&B, &C}) {
@@ -441,10 +489,12 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 template <typename T>
 Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                     const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
-                    bool softplus, bool reverse) {
+                    bool softplus, bool reverse, const at::Tensor& delta_proj = at::Tensor()) {
+  const bool low_rank = delta_proj.defined() && delta_proj.numel() > 0;
   return Inputs<T>{Rows<T>(u), Rows<T>(delta), Rows<T>(z), A.data_ptr<T>(),
                    D.numel() > 0 ? D.data_ptr<T>() : nullptr, bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
-                   Proj<T>(B), Proj<T>(C), softplus, reverse};
+                   Proj<T>(B), Proj<T>(C), softplus, reverse, low_rank ? delta_proj.data_ptr<T>() : nullptr,
+                   low_rank ? delta_proj.size(1) : 0};
 }
 
 // The state sizes compiled in (Mamba's 16, and 8); others run with N known at run time only.
@@ -484,7 +534,9 @@ void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* la
         if (j + 1 < task.j1) {
           const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
           const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
-          for (const Rows<T>* r : {&in.delta, &in.u, &in.z}) pf.add(*r, task.b, d1, valid, sh.length);
+          for (const Rows<T>* r : {&in.delta, &in.u, &in.z}) {
+            if (r != &in.delta || in.delta_proj == nullptr) pf.add(*r, task.b, d1, valid, sh.length);
+          }
           pf.add(out, task.b, d1, valid, sh.length, true);
         }
         pf.start(sh.length);
@@ -535,16 +587,19 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
 }  // namespace
 
 // u, delta, z: (batch, dim, L), any strides; A: (dim, N); B, C: (batch, G, N, L), any strides; D, delta_bias:
-// (dim,) or empty. -> (out (batch, dim, L) laid out as u, last_state (batch, dim, N) contiguous).
+// (dim,) or empty; delta_proj: empty, or (dim, R) with delta the (batch, R, L) factor of delta_proj @ delta (any
+// strides). -> (out (batch, dim, L) laid out as u, last_state (batch, dim, N) contiguous).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
-                                 const at::Tensor& delta_bias, bool softplus, bool reverse) {
-  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+                                 const at::Tensor& delta_bias, bool softplus, bool reverse,
+                                 const at::Tensor& delta_proj) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj);
   at::Tensor out = at::empty_like(u, at::MemoryFormat::Preserve);   // laid out as u (when u is dense)
   at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
-    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse);
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
+                                                    delta_proj);
     WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
   });
   return {out, last};
@@ -592,7 +647,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
 // Registered as torch.ops.<extension name>.scan_fwd / scan_bwd (dartmamba/ops/scan.py wraps them in its custom ops).
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor delta_bias, "
-        "bool softplus, bool reverse) -> Tensor[]", &scan_fwd);
+        "bool softplus, bool reverse, Tensor delta_proj) -> Tensor[]", &scan_fwd);
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
         "Tensor delta_bias, Tensor dlast, bool softplus, bool reverse) -> Tensor[]", &scan_bwd);
 }
