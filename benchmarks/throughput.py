@@ -8,6 +8,13 @@ the median over repeats of the time per batch (``latency_ms``) and ``img_per_s =
 growth of the process's peak resident set over the timed repeats, i.e. activations and workspace); and the device
 by name.
 
+Several cells (models, token counts, batch sizes, modes) on the CPU are timed side by side (``--interleave``, on by
+default there): every model is built and warmed up first, then each round times one iteration of every cell, the
+order rotated from round to round, so that load which comes and goes on a shared machine falls on all of them
+alike and their ratios hold; the peak memory of each cell is then that of ``--iters`` steps it ran alone after its
+warm-up. ``--interleave off`` (the default on GPUs, where large sweeps would not fit at once) runs one cell after the
+other, each model freed before the next is built.
+
 Modes: ``infer`` (``torch.inference_mode``, eval mode) and ``train`` (train mode; forward, cross-entropy on random
 labels, backward, AdamW step, ``zero_grad(set_to_none=True)``). ``--amp bf16`` runs under
 ``torch.autocast(dtype=bfloat16)`` with fp32 weights; ``--compile`` wraps the model in ``torch.compile``.
@@ -84,13 +91,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(model: torch.nn.Module, input_size: tuple[int, int, int], batch_size: int, mode: str = "infer",
-            device: torch.device | str = "cpu", amp: str = "none", compile: bool | str = False, warmup: int = 3,
-            repeats: int = 5, iters: int = 5, seed: int = 0) -> dict:
-    """Time ``model`` (already on ``device``) on one random batch; returns the measured fields (see module doc).
-
-    ``compile``: False, True (default mode) or a torch.compile mode name ("reduce-overhead", "max-autotune", ...).
-    """
+def _prepare(model: torch.nn.Module, input_size: tuple[int, int, int], batch_size: int, mode: str, device,
+             amp: str, compile: bool | str, warmup: int, seed: int):
+    """The step function of one cell (one random batch on ``device``), run ``warmup`` times; -> (step, the first
+    iteration's seconds: compilation, autotuning, allocations)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if amp not in AMP_DTYPES:
@@ -133,42 +137,95 @@ def measure(model: torch.nn.Module, input_size: tuple[int, int, int], batch_size
 
     synchronize(device)
     t0 = time.perf_counter()
-    step()                                   # first iteration: compilation, cudnn/triton autotuning, allocations
+    step()
     synchronize(device)
     first_iter_s = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         step()
     synchronize(device)
+    return step, first_iter_s
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        mem_kind = "cuda max_memory_allocated"
-        rss_before = None
-    else:
-        mem_kind = "cpu peak RSS growth" if reset_peak_rss() else "cpu peak RSS (process)"
-        rss_before = rss_mib()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) / iters)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
+
+def _time_repeat(step, device: torch.device, iters: int) -> float:
+    """Seconds per iteration over ``iters`` iterations, synchronised before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - t0) / iters
+
+
+class _PeakMemory:
+    """The peak memory of what runs between start() and stop() (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind, self.rss_before = "cuda max_memory_allocated", None
+        else:
+            self.kind = "cpu peak RSS growth" if reset_peak_rss() else "cpu peak RSS (process)"
+            self.rss_before = rss_mib()
+
+    def stop(self) -> tuple[float | None, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, self.kind
         peak_total = peak_rss_mib()
         if peak_total is None:
-            peak, mem_kind = None, "n/a"
-        elif mem_kind == "cpu peak RSS growth" and rss_before is not None:
-            peak = max(0.0, peak_total - rss_before)
-        else:
-            peak = peak_total
+            return None, "n/a"
+        if self.kind == "cpu peak RSS growth" and self.rss_before is not None:
+            return max(0.0, peak_total - self.rss_before), self.kind
+        return peak_total, self.kind
+
+
+def _result(batch_size: int, times: list[float], peak, mem_kind: str, first_iter_s: float, repeats: int,
+            iters: int, warmup: int) -> dict:
     latency = statistics.median(times)
     return {"img_per_s": batch_size / latency, "latency_ms": latency * 1e3, "latency_ms_min": min(times) * 1e3,
             "latency_ms_max": max(times) * 1e3, "peak_mem_mib": peak, "mem_kind": mem_kind,
             "first_iter_s": first_iter_s, "repeats": repeats, "iters": iters, "warmup": warmup}
+
+
+def measure(model: torch.nn.Module, input_size: tuple[int, int, int], batch_size: int, mode: str = "infer",
+            device: torch.device | str = "cpu", amp: str = "none", compile: bool | str = False, warmup: int = 3,
+            repeats: int = 5, iters: int = 5, seed: int = 0) -> dict:
+    """Time ``model`` (already on ``device``) on one random batch; returns the measured fields (see module doc).
+
+    ``compile``: False, True (default mode) or a torch.compile mode name ("reduce-overhead", "max-autotune", ...).
+    """
+    device = torch.device(device)
+    step, first_iter_s = _prepare(model, input_size, batch_size, mode, device, amp, compile, warmup, seed)
+    memory = _PeakMemory(device)
+    memory.start()
+    times = [_time_repeat(step, device, iters) for _ in range(repeats)]
+    peak, mem_kind = memory.stop()
+    return _result(batch_size, times, peak, mem_kind, first_iter_s, repeats, iters, warmup)
+
+
+def _new_row(model_name: str, model_kwargs: dict, batch_size: int, mode: str, device: torch.device, amp: str,
+             compile: bool | str) -> dict:
+    return {"model": model_name, "kwargs": json.dumps(model_kwargs, sort_keys=True), "batch": batch_size,
+            "mode": mode, "amp": amp, "compile": str(compile) if compile else "no", "device": device_name(device)}
+
+
+def _build_cell(row: dict, model_kwargs: dict, device: torch.device, input_size, with_flops: bool):
+    """The cell's model on ``device`` and its input size; fills in the row's tokens, input, params (and GFLOPs)."""
+    from dartmamba.flops import count_model_flops, model_input_size, model_num_tokens
+
+    model = build_model(row["model"], model_kwargs, device)
+    size = tuple(input_size) if input_size is not None else model_input_size(model)
+    row.update(tokens=model_num_tokens(model), input="x".join(map(str, size[1:])),
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    if with_flops:
+        row["gflops"] = count_model_flops(row["model"], input_size=size, **model_kwargs).gflops
+    return model, size
+
+
+def _failure(exc: BaseException) -> str:
+    return "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def run_one(model_name: str, model_kwargs: dict | None = None, batch_size: int = 32, mode: str = "infer",
@@ -177,28 +234,73 @@ def run_one(model_name: str, model_kwargs: dict | None = None, batch_size: int =
             with_flops: bool = False) -> dict:
     """Build ``model_name`` on ``device``, measure it, and return one result row (an OOM or an error becomes
     ``status`` instead of an exception)."""
-    from dartmamba.flops import count_model_flops, model_input_size, model_num_tokens
-
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     model_kwargs = dict(model_kwargs or {})
-    row = {"model": model_name, "kwargs": json.dumps(model_kwargs, sort_keys=True), "batch": batch_size,
-           "mode": mode, "amp": amp, "compile": str(compile) if compile else "no", "device": device_name(device)}
+    row = _new_row(model_name, model_kwargs, batch_size, mode, device, amp, compile)
     model = None
     try:
-        model = build_model(model_name, model_kwargs, device)
-        size = tuple(input_size) if input_size is not None else model_input_size(model)
-        row.update(tokens=model_num_tokens(model), input="x".join(map(str, size[1:])),
-                   params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-        if with_flops:
-            row["gflops"] = count_model_flops(model_name, input_size=size, **model_kwargs).gflops
+        model, size = _build_cell(row, model_kwargs, device, input_size, with_flops)
         row.update(measure(model, size, batch_size, mode, device, amp, compile, warmup, repeats, iters))
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001  (a failed cell is a result, not the end of the sweep)
-        row["status"] = "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        row["status"] = _failure(exc)
     finally:
         del model
         _free(device)
     return row
+
+
+def run_interleaved(cells: list[tuple[str, dict, int, str]], device: torch.device | str = "auto", amp: str = "none",
+                    compile: bool | str = False, warmup: int = 3, repeats: int = 5, iters: int = 5,
+                    input_size: tuple[int, int, int] | None = None, with_flops: bool = False) -> list[dict]:
+    """Measure cells ``(model_name, model_kwargs, batch_size, mode)`` side by side; one row each, as run_one.
+
+    Every model is built and warmed up first, its peak memory is that of ``iters`` more steps run alone; then each
+    of ``repeats`` repeats is ``iters`` rounds, and each round times one iteration of every cell, the order rotated
+    by one from round to round: load that comes and goes on a shared machine falls on every cell alike, so their
+    ratios hold where one-after-the-other timings drift apart. A repeat's time is the mean of the cell's ``iters``
+    iterations in it, as in :func:`measure`. All the models are held at once (mind the memory of large sweeps).
+    """
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    rows, live = [], []
+    for model_name, model_kwargs, batch_size, mode in cells:
+        model_kwargs = dict(model_kwargs or {})
+        row = _new_row(model_name, model_kwargs, batch_size, mode, device, amp, compile)
+        row["timing"] = "interleaved"
+        rows.append(row)
+        try:
+            model, size = _build_cell(row, model_kwargs, device, input_size, with_flops)
+            step, first_iter_s = _prepare(model, size, batch_size, mode, device, amp, compile, warmup, 0)
+            memory = _PeakMemory(device)
+            memory.start()
+            for _ in range(iters):
+                step()
+            synchronize(device)
+            live.append({"row": row, "model": model, "step": step, "first": first_iter_s,
+                         "memory": memory.stop(), "times": []})
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = _failure(exc)
+    for repeat in range(repeats):
+        spent = [0.0] * len(live)
+        for i in range(iters):
+            for k in range(len(live)):
+                j = (k + repeat * iters + i) % len(live)
+                if "status" in live[j]["row"]:
+                    continue
+                try:
+                    spent[j] += _time_repeat(live[j]["step"], device, 1)
+                except Exception as exc:  # noqa: BLE001
+                    live[j]["row"]["status"] = _failure(exc)
+        for cell, seconds in zip(live, spent):
+            cell["times"].append(seconds / iters)
+    for cell in live:
+        if "status" not in cell["row"]:
+            peak, kind = cell["memory"]
+            cell["row"].update(_result(cell["row"]["batch"], cell["times"], peak, kind, cell["first"], repeats,
+                                       iters, warmup), status="ok")
+    live.clear()
+    _free(device)
+    return rows
 
 
 def parse_args(argv=None):
@@ -221,6 +323,10 @@ def parse_args(argv=None):
     parser.add_argument("--default-allocator", action="store_true",
                         help="CPU: keep glibc malloc's default thresholds (by default they are raised, as dartmamba's "
                              "CPU entry points do: dartmamba.runtime.tune_cpu_allocator)")
+    parser.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
+                        help="time the cells side by side, in rounds of one repeat each (auto: on for several cells "
+                             "on the CPU, where the machine is often shared; off: one cell after the other, each "
+                             "model freed before the next is built)")
     parser.add_argument("--flops", action="store_true", help="also count GFLOPs (fake tensors, on the CPU)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
@@ -244,27 +350,40 @@ def main(argv=None) -> int:
     env = environment(device)
     print(f"device: {env['device']}; torch {env['torch']}"
           + (f"; {env['allocator']}" if "allocator" in env else ""), flush=True)
-    rows = []
+    cells = []
     for name in args.model:
         for tokens in (args.tokens or [None]):
             kwargs = dict(base_kwargs)
             if tokens is not None:
                 kwargs.update(tokens_kwargs(name, tokens, int(base_kwargs.get("patch_size", 16))))
-            for batch in args.batch_size:
-                for mode in args.mode:
-                    row = run_one(name, kwargs, batch, mode, device, args.amp, args.compile or False, args.warmup,
-                                  args.repeats, args.iters, input_size, args.flops)
-                    rows.append(row)
-                    print(f"{name} {row['kwargs']} batch {batch} {mode}: "
-                          + (f"{row['img_per_s']:,.1f} img/s, {row['latency_ms']:.2f} ms/batch"
-                             if row["status"] == "ok" else row["status"]), flush=True)
+            cells += [(name, kwargs, batch, mode) for batch in args.batch_size for mode in args.mode]
+    interleave = args.interleave == "on" or (args.interleave == "auto" and device.type == "cpu" and len(cells) > 1)
+
+    def report(row):
+        print(f"{row['model']} {row['kwargs']} batch {row['batch']} {row['mode']}: "
+              + (f"{row['img_per_s']:,.1f} img/s, {row['latency_ms']:.2f} ms/batch"
+                 if row["status"] == "ok" else row["status"]), flush=True)
+
+    if interleave:
+        rows = run_interleaved(cells, device, args.amp, args.compile or False, args.warmup, args.repeats, args.iters,
+                               input_size, args.flops)
+        for row in rows:
+            report(row)
+    else:
+        rows = []
+        for cell in cells:
+            rows.append(run_one(*cell, device, args.amp, args.compile or False, args.warmup, args.repeats,
+                                args.iters, input_size, args.flops))
+            report(rows[-1])
     if args.csv:
         write_csv(args.csv, [{**r, **{"device": env["device"]}} for r in rows])
     if args.json:
         write_json(args.json, {"environment": env, "rows": rows})
     print()
+    timing = ("the cells interleaved: each round times one iteration of every cell" if interleave
+              else "one cell after the other")
     print(f"### Throughput on {env['device']} (torch {env['torch']}; median of {args.repeats} repeats x "
-          f"{args.iters} iterations after {args.warmup} warm-up)")
+          f"{args.iters} iterations after {args.warmup} warm-up; {timing})")
     print()
     columns = [c for c in COLUMNS if c[0] != "gflops" or args.flops]
     print(markdown_table(rows, columns))

@@ -8,13 +8,13 @@ argument, ``dartmamba.backends.set_backend(op, name)`` / ``use_backend``, or ``D
 - :func:`causal_conv1d` (op ``"conv1d"``, module :mod:`.conv1d`): ``"cuda"`` (causal-conv1d), ``"cpp"`` (a C++
   kernel for CPU tensors, built with the scan's), ``"torch"``.
 - :func:`rms_norm` / :class:`RMSNorm` (op ``"rmsnorm"``, module :mod:`.rmsnorm`): ``"triton"`` (mamba-ssm),
-  ``"torch"``.
+  ``"cpp"`` (a C++ forward for CPU calls that need no gradient, built with the scan's), ``"torch"``.
 
 Nothing here imports CUDA extensions, mamba-ssm, causal-conv1d or triton, or builds anything, at import time.
 """
 from . import conv1d as _conv1d, rmsnorm as _rmsnorm, scan as _scan
 from .conv1d import causal_conv1d, causal_conv1d_cpp, causal_conv1d_reference
-from .rmsnorm import RMSNorm, rms_norm, rms_norm_reference
+from .rmsnorm import RMSNorm, rms_norm, rms_norm_cpp, rms_norm_reference
 from .scan import (scan_backward_macs, scan_forward_macs, selective_scan, selective_scan_cpp, selective_scan_cpu,
                    selective_scan_mamba_cuda, selective_scan_reference)
 

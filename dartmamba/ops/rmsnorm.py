@@ -18,6 +18,10 @@ Backends (registry op ``"rmsnorm"``, see :mod:`dartmamba.backends`; env ``DARTMA
   lazily, never at module import. They call mamba-ssm's private ``_layer_norm_fwd`` / ``_layer_norm_bwd``
   (signatures of mamba-ssm 2.x) rather than the ``rms_norm_fn`` autograd.Function, so dynamo never has to trace
   the kernels' Python launch code (``torch.cuda.device`` context, autotuner).
+- ``"cpp"``: a C++ kernel for CPU tensors (``csrc/rms_norm_cpu.cpp``, built with the scan's kernels), forward
+  only: plain eager calls that need no gradient (inference), one pass over each row instead of six torch ops
+  (0.21 -> 0.05 ms per Vim-Ti block at batch 8 on 2 cores). Calls that need a gradient, and traced ones, take
+  ``"torch"``.
 - ``"torch"``: plain ops on any device (fused by Inductor under torch.compile).
 """
 from __future__ import annotations
@@ -28,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ._common import compute_dtype, register_flops, zero_flops
+from ._common import compute_dtype, plain_eager, register_flops, zero_flops
 
-__all__ = ["rms_norm", "rms_norm_reference", "RMSNorm"]
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_cpp", "RMSNorm"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -212,6 +216,54 @@ def rms_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, re
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# C++ kernel for CPU tensors (forward only)
+# ----------------------------------------------------------------------------------------------------------------
+def _cpp_unavailable() -> Optional[str]:
+    from ._jit import cpu_kernels_unavailable
+
+    return cpu_kernels_unavailable()
+
+
+def _cpp_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                     *args, **kwargs) -> Optional[str]:
+    tensors = (x, weight, bias, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "its kernel has no backward (calls that need a gradient take the torch ops)"
+    if not plain_eager(*tensors):
+        return "traced and transformed calls take the torch ops (which Inductor fuses)"
+    return None
+
+
+def rms_norm_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                 eps: float = 1e-5, prenorm: bool = False,
+                 residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """The ``"cpp"`` backend: the C++ kernel (CPU tensors; plain eager calls that need no gradient). Arguments and
+    result as :func:`rms_norm_reference`; math in float32 (float64 when any input is float64)."""
+    _check_args(x, weight, bias, residual)
+    reason = _cpp_unavailable() or _cpp_unsupported(x, weight, bias, residual)
+    if reason is not None:
+        raise backends.BackendUnavailableError(f"rmsnorm backend 'cpp' is not available: {reason}")
+    return _rms_norm_cpp_checked(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+
+
+def _rms_norm_cpp_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          residual: Optional[Tensor] = None, eps: float = 1e-5, prenorm: bool = False,
+                          residual_in_fp32: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`rms_norm_cpp` after its checks (what the dispatcher calls)."""
+    from ._jit import cpu_kernels
+
+    cdt = compute_dtype(x, weight, bias, residual)
+    empty = x.new_empty(0, dtype=cdt)
+    out, residual_out = cpu_kernels().rms_norm_fwd(
+        _rows(x.to(cdt)), weight.to(cdt).contiguous(), empty if bias is None else bias.to(cdt).contiguous(),
+        empty if residual is None else _rows(residual.to(cdt)), float(eps), bool(prenorm))
+    out = out.view(x.shape).to(x.dtype)
+    if not prenorm:
+        return out
+    return out, residual_out.view(x.shape).to(_residual_dtype(x, residual, residual_in_fp32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
 backends.register(
@@ -219,6 +271,8 @@ backends.register(
     supports=_triton_unsupported,
     fallback_warning="mamba-ssm's Triton RMSNorm is unavailable, so CUDA tensors use the plain torch RMSNorm; "
                      "install mamba-ssm (pip install 'dartmamba[cuda]')")
+backends.register("rmsnorm", "cpp", _rms_norm_cpp_checked, devices=("cpu",), available=_cpp_unavailable,
+                  supports=_cpp_unsupported)
 backends.register("rmsnorm", "torch", rms_norm_torch, devices=backends.ANY_DEVICE)
 
 
@@ -232,7 +286,8 @@ def rms_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual:
         eps: added to the mean square. prenorm: also return ``residual_out = x + residual``.
         residual_in_fp32: store ``residual_out`` in float32 (or wider).
         backend: ``None``/``"auto"`` (mamba-ssm's Triton kernel for CUDA tensors when it imports, else
-            ``"torch"``), ``"triton"`` or ``"torch"``. The global setting is
+            ``"torch"``; the C++ kernel for CPU calls that need no gradient, else ``"torch"``), ``"triton"``,
+            ``"cpp"`` or ``"torch"``. The global setting is
             ``dartmamba.backends.set_backend("rmsnorm", ...)`` or ``DARTMAMBA_RMSNORM_BACKEND``.
 
     Returns:

@@ -52,6 +52,41 @@ def test_failures_become_a_status(monkeypatch):
     assert row["status"].startswith("error:")
 
 
+def test_interleaved_cells_take_turns_and_keep_their_own_times(monkeypatch):
+    """run_interleaved: every cell is timed one iteration per round, round r starting at cell r (mod cells); a
+    repeat is the mean of a cell's iterations in it and each row's median is over its own repeats; a cell that fails
+    to build is a status and the others still run."""
+    order, index, count = [], {}, {}
+
+    def fake_repeat(step, device, iters):            # cell i's k-th repeat takes 0.01 * i * k s: distinct
+        order.append(step)
+        index.setdefault(step, len(index) + 1)
+        count[step] = count.get(step, 0) + 1
+        return 0.01 * index[step] * count[step]
+    monkeypatch.setattr(throughput, "_time_repeat", fake_repeat)
+    cells = [("vim_tiny_patch16_224", TINY, 2, "infer"), ("no_such_model_xyz", {}, 2, "infer"),
+             ("vim_tiny_patch16_224", TINY, 3, "infer"), ("vim_tiny_patch16_224", TINY, 2, "train")]
+    rows = throughput.run_interleaved(cells, "cpu", warmup=1, repeats=3, iters=2)
+    assert [r["status"] for r in rows][1].startswith("error:")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["batch"], r["mode"]) for r in ok] == [(2, "infer"), (3, "infer"), (2, "train")]
+    steps = list(dict.fromkeys(order))                # in order of first appearance: the cells
+    assert order == [steps[(k + r) % 3] for r in range(6) for k in range(3)]
+    for row, step in zip(ok, steps):
+        i = steps.index(step) + 1       # its iterations take 0.01 i (1, 2, ..., 6): repeats 1.5, 3.5, 5.5 x 0.01 i
+        assert row["latency_ms"] == pytest.approx(1e3 * 0.01 * i * 3.5)
+        assert row["timing"] == "interleaved" and row["repeats"] == 3 and row["mem_kind"].startswith("cpu")
+
+
+def test_cli_interleaves_several_cpu_cells_unless_told_not_to(capsys):
+    base = ["--model", "vim_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--device", "cpu",
+            "--batch-size", "2", "3", "--warmup", "1", "--repeats", "1", "--iters", "1"]
+    assert throughput.main(base) == 0
+    assert "the cells interleaved" in capsys.readouterr().out
+    assert throughput.main(base + ["--interleave", "off"]) == 0
+    assert "one cell after the other" in capsys.readouterr().out
+
+
 def test_cli_writes_csv_json_and_prints_the_table_last(tmp_path, capsys):
     out_csv, out_json = tmp_path / "t.csv", tmp_path / "t.json"
     rc = throughput.main(["--model", "vim_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--device", "cpu",

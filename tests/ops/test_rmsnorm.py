@@ -4,8 +4,9 @@ module's checkpoint layout, and the Triton wrapper's plumbing against stand-in k
 import pytest
 import torch
 
+from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import RMSNorm, rms_norm, rms_norm_reference
+from dartmamba.ops import RMSNorm, rms_norm, rms_norm_cpp, rms_norm_reference
 from dartmamba.ops import rmsnorm as rn
 
 
@@ -42,6 +43,62 @@ def test_torch_backend_matches_reference(dtype, with_residual, with_bias, prenor
         for name, a, e in zip(("x", "weight", "bias", "residual"), args_t, args_r):
             if e is not None:
                 torch.testing.assert_close(a.grad, e.grad, **tol, msg=lambda m: f"seed {seed}, d{name}: {m}")
+
+
+def cpp_or_skip():
+    reason = rn._cpp_unavailable()
+    if reason is not None:
+        pytest.skip(f"the C++ CPU kernels are not available here: {reason}")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float64)], ids=["fp32", "fp64", "bf16-fp32res", "fp64res"])
+@pytest.mark.parametrize("dim", [37, 192])
+@pytest.mark.parametrize("options", [dict(residual=True, prenorm=True, residual_in_fp32=True),
+                                     dict(residual=True, prenorm=True), dict(bias=True), dict()],
+                         ids=["vim-block", "prenorm", "bias", "plain"])
+def test_cpp_backend_matches_reference(dtypes, dim, options, seeds):
+    """The C++ forward (calls without autograd) against the reference: values and dtypes of both outputs, rows of
+    any stride (x a strided slice), a partial vector at the end of the row, mixed input dtypes."""
+    cpp_or_skip()
+    x_dtype, res_dtype = dtypes
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 9, dim + 4, generator=g, dtype=torch.float64)[..., 2:2 + dim].to(x_dtype)
+        w = (torch.rand(dim, generator=g, dtype=torch.float64) + 0.5).to(x_dtype)
+        b = torch.randn(dim, generator=g, dtype=torch.float64).to(x_dtype) if options.get("bias") else None
+        r = torch.randn(3, 9, dim, generator=g, dtype=torch.float64).to(res_dtype) if options.get("residual") else None
+        kw = dict(eps=1e-5, prenorm=options.get("prenorm", False),
+                  residual_in_fp32=options.get("residual_in_fp32", False))
+        expected = rms_norm_reference(x, w, b, r, **kw)
+        with torch.no_grad():
+            actual = rms_norm(x, w, b, r, backend="cpp", **kw)
+        expected, actual = (expected, actual) if kw["prenorm"] else ((expected,), (actual,))
+        for a, e in zip(actual, expected):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[e.dtype]
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_cpp_backend_takes_the_calls_without_autograd(monkeypatch):
+    """"auto" on CPU: the C++ kernel for calls that need no gradient (no_grad, inference_mode, inputs that do not
+    require one), the torch ops for calls that need a gradient; forcing "cpp" on one raises, naming why."""
+    cpp_or_skip()
+    ran = []
+    for impl in backends.implementations("rmsnorm"):
+        monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name, **k: ran.append(_name) or _fn(*a, **k))
+    x, w = torch.randn(2, 5, 16), torch.rand(16) + 0.5
+    with torch.no_grad():
+        rms_norm(x, w.requires_grad_())
+    with torch.inference_mode():
+        rms_norm(x, w)
+    rms_norm(x, w.detach())
+    out = rms_norm(x.requires_grad_(), w)
+    assert ran == ["cpp", "cpp", "cpp", "torch"]
+    out.sum().backward()
+    assert x.grad is not None
+    with pytest.raises(BackendUnavailableError, match="'cpp'.*no backward"):
+        rms_norm(x, w, backend="cpp")
 
 
 def test_normalises_to_unit_rms():
@@ -91,7 +148,7 @@ def test_module_layout_and_checkpoint_loading():
 def test_bad_arguments_are_named(bad, message):
     args = dict(x=torch.ones(2, 8), weight=torch.ones(8))
     args.update(bad)
-    for fn in (rms_norm, rms_norm_reference):
+    for fn in (rms_norm, rms_norm_reference, rms_norm_cpp):
         with pytest.raises(ValueError, match=message):
             fn(**args)
 
