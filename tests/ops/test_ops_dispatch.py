@@ -140,7 +140,7 @@ def test_cpu_tensors_default_to_the_cpu_kernels_or_the_portable_backends(restore
     built = cpu_kernels_unavailable() is None
     assert backends.choose("scan", "cpu") == ("cpp" if built else "cpu")
     assert backends.choose("conv1d", "cpu") == ("cpp" if built else "torch")
-    assert backends.choose("rmsnorm", "cpu") == "torch"
+    assert backends.choose("rmsnorm", "cpu") == ("cpp" if built else "torch")
 
 
 @pytest.mark.parametrize("op, fallback, package", [("scan", "cpu", "mamba-ssm"), ("conv1d", "torch", "causal-conv1d"),

@@ -76,8 +76,10 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_tokens(tmp_path):
 
 def test_cpu_adamw_is_fused_and_steps_as_the_loop_implementation(tmp_path, seeds):
     """On CPU parameters AdamW takes torch's fused kernel; its updates equal the per-tensor loop's (torch's
-    reference implementation) over a few steps, every parameter group included, to float32 rounding as Adam's
-    normalisation amplifies it in near-zero gradients (1e-5 absolute; the updates are ~lr = 1e-3)."""
+    reference implementation) over a few steps, every parameter group included. Both optimizers get the same
+    gradients at every step (the fused model's, copied), so only their arithmetic differs: float32 rounding of
+    updates ~lr = 1e-3 (recomputing each model's own gradients let Adam's normalisation blow the models' rounding
+    drift up in near-zero gradients, past 1e-5 in one element of 18,432 once)."""
     vim = {"name": "vim_tiny_dart", "kwargs": {"img_size": 32, "patch_size": 8, "grid_size": 4, "num_tokens": 16,
                                                "embed_dim": 32, "depth": 2, "dart_cfg": {"trunk": "tiny_cnn"}}}
     cfg = load_config(write_recipe(tmp_path / "r.yaml", model=vim))
@@ -97,12 +99,15 @@ def test_cpu_adamw_is_fused_and_steps_as_the_loop_implementation(tmp_path, seeds
     g = torch.Generator().manual_seed(seeds[0])
     for _ in range(3):
         images = torch.randn(4, 3, 32, 32, generator=g)
-        for model, opt in ((fused_model, fused), (loop_model, loop)):
-            opt.zero_grad()
-            model(images).square().mean().backward()
-            opt.step()
+        fused.zero_grad()
+        loop.zero_grad()
+        fused_model(images).square().mean().backward()
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            b.grad = None if a.grad is None else a.grad.clone()
+        fused.step()
+        loop.step()
     for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("stage, scope", [(0, "model"), (3, "blocks")])
