@@ -589,9 +589,10 @@ def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
     return None
 
 
-def _cpp_inputs(u, delta, A, B, C, D, z, delta_bias) -> list[Tensor]:
-    """All in the compute dtype; B, C grouped (views); A, D, delta_bias contiguous; absent ones 0-element."""
-    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+def _cpp_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj=None) -> list[Tensor]:
+    """All in the compute dtype (``delta_proj`` counts too); B, C grouped (views); A, D, delta_bias contiguous;
+    absent ones 0-element."""
+    cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, delta_proj)
 
     def cast(t):
         return u.new_empty(0, dtype=cdt) if t is None else t if t.dtype == cdt else t.to(cdt)
@@ -612,7 +613,7 @@ def _cpp_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reve
                  delta_proj: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The kernel's forward: (out in u.dtype, last state in the compute dtype). With ``delta_proj`` (dim, R),
     ``delta`` is the (batch, R, L) factor and the kernel forms ``delta_proj @ delta`` step by step (no gradient)."""
-    args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias)
+    args = _cpp_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     proj = args[0].new_empty(0) if delta_proj is None else delta_proj.to(args[0].dtype).contiguous()
     out, last = _cpp_extension().scan_fwd(*args, delta_softplus, reverse, proj)
     return out.to(u.dtype), last
