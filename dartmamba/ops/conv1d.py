@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import plain_eager, register_flops
+from ._jit import cpu_kernels_unavailable
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference", "causal_conv1d_cpp"]
 
@@ -178,10 +179,8 @@ def _register_package_flops() -> None:
 _CPP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _cpp_unavailable() -> Optional[str]:
-    from ._jit import cpu_kernels_unavailable
-
-    return cpu_kernels_unavailable()
+# the availability check shared by every "cpp" backend (the kernels are one library)
+_cpp_unavailable = cpu_kernels_unavailable
 
 
 def _cpp_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import backends
 from ._common import compute_dtype, plain_eager, register_flops, zero_flops
+from ._jit import cpu_kernels_unavailable
 
 __all__ = ["rms_norm", "rms_norm_reference", "rms_norm_cpp", "RMSNorm"]
 
@@ -218,10 +219,8 @@ def rms_norm_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, re
 # ----------------------------------------------------------------------------------------------------------------
 # C++ kernel for CPU tensors (forward only)
 # ----------------------------------------------------------------------------------------------------------------
-def _cpp_unavailable() -> Optional[str]:
-    from ._jit import cpu_kernels_unavailable
-
-    return cpu_kernels_unavailable()
+# the availability check shared by every "cpp" backend (the kernels are one library)
+_cpp_unavailable = cpu_kernels_unavailable
 
 
 def _cpp_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,

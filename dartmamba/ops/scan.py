@@ -64,6 +64,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import compute_dtype, plain_eager, register_flops
+from ._jit import cpu_kernels_unavailable
 
 __all__ = [
     "selective_scan",
@@ -571,10 +572,8 @@ def _cpp_extension():
     return cpu_kernels()
 
 
-def _cpp_unavailable() -> Optional[str]:
-    from ._jit import cpu_kernels_unavailable
-
-    return cpu_kernels_unavailable()
+# the availability check shared by every "cpp" backend (the kernels are one library)
+_cpp_unavailable = cpu_kernels_unavailable
 
 
 def _cpp_unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
