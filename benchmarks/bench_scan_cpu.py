@@ -3,7 +3,7 @@
 Runs the Vim mixer's call (D, z gate, delta_bias, softplus) and prints a table of forward and forward+backward
 times and the speedup of each backend over two baselines under plain autograd: the sequential reference
 (``selective_scan_reference``, a lean per-step loop) and a "naive" materialise-and-index formulation (the one
-behind the 7.9 s figure in docs' platform notes). The backends are timed in interleaved rounds (every backend once
+docs' platform notes time). The backends are timed in interleaved rounds (every backend once
 per round, best of ``--repeats`` rounds), so that other work on a shared machine slows them alike; the load average
 before and after is printed with the table. Also prints the largest relative difference of the output and of every
 gradient against the reference, and the time the C++ kernel took to build or load.
@@ -51,7 +51,7 @@ def make_inputs(batch: int, dim: int, length: int, dstate: int, dtype: torch.dty
 
 
 def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The textbook formulation behind the platform notes' 7.9 s baseline: materialise exp(delta*A) and
+    """The textbook formulation of the platform notes' baseline: materialise exp(delta*A) and
     delta*B*u as (batch, dim, L, N), then index one time step per loop iteration (whose backward scatters into a
     full-size zero tensor every step). Same result as the reference; benchmark baseline only; ungrouped B, C."""
     dtype = u.dtype
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-reference", action="store_true", help="time the fast scans only")
     parser.add_argument("--skip-naive", action="store_true",
-                        help="skip the materialise-and-index baseline (about 8 s per forward+backward at the defaults)")
+                        help="skip the materialise-and-index baseline (the slowest by far)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc malloc's default thresholds (by default they are raised, as dartmamba's CPU "
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         fns["reference"] = found.pop("reference")
     if not args.skip_naive and args.groups is None:
         fns["naive"] = naive_scan
-    labels = {"cpu": "cpu (chunked)", "cpp": "cpp (C++)"}
+    labels = {"torch": "torch (chunked)", "cpp": "cpp (C++)"}
     fns.update({labels.get(k, k): v for k, v in found.items()})
     for fn in fns.values():                                  # warm-up (allocator, first-call overheads)
         run(fn, inputs, grad_out, False)

@@ -181,7 +181,7 @@ def backend_choices(device: torch.device) -> dict:
     import dartmamba.tokenizer  # noqa: F401  (registers resample)
 
     out = {}
-    ops = sorted(getattr(backends, "_OPS", {})) or ["scan", "conv1d", "rmsnorm", "resample"]
+    ops = backends.ops()
     for op in ops:
         try:
             out[op] = backends.choose(op, device)

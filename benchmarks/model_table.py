@@ -10,7 +10,7 @@ memory; bf16 autocast by default. Vim-S at 196 tokens runs twice, with the one-p
 it as they are, with the card named.
 
 Examples:
-  python -m benchmarks.model_table                        # batch 256, bf16, eager; ~2-3 min on an H100
+  python -m benchmarks.model_table                        # batch 256, bf16, eager
   python -m benchmarks.model_table --compile --out benchmarks/results/<card>/
   python -m benchmarks.model_table --quick                # fewer repeats, batch 128
   python -m benchmarks.model_table --device cpu --batch-size 2 --tiny    # CPU smoke run of the script itself

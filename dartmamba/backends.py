@@ -8,7 +8,12 @@ registered next to their implementations, in preference order. Each registration
 - an availability check (``None`` when usable, else the reason; it runs once per process and is a constant under
   ``torch.compile``),
 - an optional ``supports(*args, **kwargs)`` check of the inputs (shapes, dtypes, grad mode): ``None`` when the
-  backend can take them, else the reason it cannot; it reads metadata only, never tensor values (no host sync).
+  backend can take them, else the reason it cannot; it reads metadata only, never tensor values (no host sync);
+- its **capabilities**: the layout modes of the op it handles itself (e.g. the scan's ``"reverse"``,
+  ``"low_rank_delta"``, ``"any_strides"``). An op declares its modes once with :func:`declare_modes`, each with
+  one generic adapter that emulates it (flip the sequences, multiply out the low-rank factor, make the sequences
+  unit-stride); a backend registered without a mode gets that adapter wrapped around it at registration, so every
+  backend takes every mode and callers never test which backend or device they run on.
 
 :func:`dispatch` chooses and calls, with one rule for every op:
 
@@ -22,13 +27,14 @@ registered next to their implementations, in preference order. Each registration
 
 Registering a backend::
 
-    backends.register("scan", "cpu", selective_scan_cpu, devices=backends.ANY_DEVICE)
-    backends.register("scan", "cuda", selective_scan_mamba_cuda, devices=("cuda",), available=_mamba_unavailable,
-                      fallback_warning="mamba-ssm's CUDA selective scan is unavailable, ...")
+    backends.register("scan", "torch", selective_scan_torch, devices=backends.ANY_DEVICE)
+    backends.register("scan", "cpp", scan_cpp, devices=("cpu",), available=cpu_kernels_unavailable,
+                      capabilities={"reverse", "low_rank_delta", "any_strides"})
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
@@ -40,7 +46,7 @@ import torch
 
 __all__ = ["ANY_DEVICE", "Backend", "BackendUnavailableError", "register", "dispatch", "resolve", "choose",
            "implementations", "backend_names", "ops", "set_backend", "get_backend", "use_backend", "allow_device",
-           "cached_check", "cuda_extension_check", "module_check"]
+           "cached_check", "cuda_extension_check", "module_check", "declare_modes", "capabilities"]
 
 ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")    # "meta": shapes only (sizes, FLOP counts)
 
@@ -60,6 +66,12 @@ class Backend:
     available: Callable[[], str | None]                 # None when usable, else the reason (cached)
     supports: Callable[..., str | None] | None = None   # None when it takes the inputs, else the reason
     fallback_warning: str | None = None                 # warned once when "auto" passes over it as unavailable
+    capabilities: frozenset[str] = frozenset()         # the op's modes this backend handles itself
+    raw: Callable | None = None                         # as registered; ``fn`` adds the adapters of missing modes
+
+    def __post_init__(self):
+        if self.raw is None:
+            self.raw = self.fn
 
     def cannot_run(self, device_type: str, args: tuple = (), kwargs: dict | None = None,
                    check_inputs: bool = True) -> str | None:
@@ -81,6 +93,7 @@ class Backend:
 class _Op:
     backends: list[Backend] = field(default_factory=list)
     forced: str | None = None
+    modes: dict[str, Callable[[Callable], Callable]] = field(default_factory=dict)   # mode -> adapter
 
 
 _OPS: dict[str, _Op] = {}
@@ -153,25 +166,52 @@ def _always_available() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Registration and settings
 # ----------------------------------------------------------------------------------------------------------------
+def declare_modes(op: str, adapters: dict[str, Callable[[Callable], Callable]]) -> None:
+    """Declare the layout modes of ``op`` and the generic adapter of each: ``adapter(fn)`` returns ``fn`` taking that
+    mode too (emulated, e.g. by flipping). Adapters apply outermost first in the dict's order. Backends registered
+    already are wrapped again."""
+    entry = _OPS.setdefault(op, _Op())
+    entry.modes = dict(adapters)
+    entry.backends = [_adapted(entry, b.op, b.name, b.raw, devices=b.devices, available=b.available,
+                               supports=b.supports, fallback_warning=b.fallback_warning,
+                               capabilities=b.capabilities) for b in entry.backends]
+
+
+def _adapted(entry: _Op, op: str, name: str, fn: Callable, *, capabilities, **fields) -> Backend:
+    capabilities = frozenset(capabilities or ())
+    unknown = sorted(capabilities - set(entry.modes))
+    if unknown:
+        raise ValueError(f"{op} backend {name!r}: capabilities must be among the op's modes "
+                         f"{sorted(entry.modes)}, got {unknown}")
+    call = fn
+    for mode, adapter in reversed(entry.modes.items()):
+        if mode not in capabilities:
+            call = adapter(call)
+    return Backend(op, name, call, raw=fn, capabilities=capabilities, **fields)
+
+
 def register(op: str, name: str, fn: Callable, *, devices: tuple[str, ...],
              available: Callable[[], str | None] | None = None, supports: Callable[..., str | None] | None = None,
-             fallback_warning: str | None = None) -> Callable:
+             fallback_warning: str | None = None, capabilities=()) -> Callable:
     """Register ``fn`` as backend ``name`` of ``op``; registration order is the preference order of ``"auto"``.
 
-    Registering a name again replaces that backend in place (its preference is kept). Returns ``fn``.
+    ``capabilities``: the op's modes (see :func:`declare_modes`) ``fn`` handles itself; the others are adapted.
+    Registering a name again replaces that backend in place (its preference is kept). Returns the callable that
+    runs (``fn`` with the adapters of the modes it lacks).
     """
     if name == "auto":
         raise ValueError(f"{op}: 'auto' is not a backend name")
-    backend = Backend(op, name, fn, tuple(devices), cached_check(available or _always_available), supports,
-                      fallback_warning)
     entry = _OPS.setdefault(op, _Op())
+    backend = _adapted(entry, op, name, fn, devices=tuple(devices),
+                       available=cached_check(available or _always_available), supports=supports,
+                       fallback_warning=fallback_warning, capabilities=capabilities)
     for i, old in enumerate(entry.backends):
         if old.name == name:
             entry.backends[i] = backend
             break
     else:
         entry.backends.append(backend)
-    return fn
+    return backend.fn
 
 
 def ops() -> list[str]:
@@ -243,8 +283,7 @@ def allow_device(op: str, name: str, device_type: str, prefer: bool = False) -> 
     _check_name(op, name, f"backend for {op!r}")
     saved = list(entry.backends)
     backend = next(b for b in saved if b.name == name)
-    extra = Backend(backend.op, backend.name, backend.fn, (device_type,), backend.available, backend.supports,
-                    backend.fallback_warning)
+    extra = dataclasses.replace(backend, devices=(device_type,))
     entry.backends = [extra, *saved] if prefer else [*saved, extra]
     try:
         yield
@@ -293,7 +332,8 @@ def resolve(op: str, device: torch.device | str, *args, backend: str | None = No
 
 
 def dispatch(op: str, device: torch.device | str, *args, backend: str | None = None, **kwargs):
-    """Run ``op`` on its chosen backend: ``resolve(op, device, *args, backend=backend, **kwargs).fn(*args, **kwargs)``.
+    """Run ``op`` on its chosen backend: ``resolve(op, device, *args, backend=backend, **kwargs).fn(*args,
+    **kwargs)`` (the backend with the adapters of the modes it lacks).
 
     ``device`` is the device of the op's inputs (the choice depends on its type only).
     """
@@ -303,3 +343,9 @@ def dispatch(op: str, device: torch.device | str, *args, backend: str | None = N
 def choose(op: str, device: torch.device | str, requested: str | None = None) -> str:
     """The name of the backend ``op`` gets on ``device`` in general (inputs not considered): for reports."""
     return resolve(op, device, backend=requested, check_inputs=False).name
+
+
+def capabilities(op: str, device: torch.device | str, requested: str | None = None) -> frozenset[str]:
+    """The modes the backend ``op`` gets on ``device`` in general handles itself (the rest are adapted): lets a
+    layer choose between two equivalent formulations by what the chosen backend does natively."""
+    return resolve(op, device, backend=requested, check_inputs=False).capabilities

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
+from .compat.torch_internals import RecordingFlopCounterMode
 from .ops.scan import scan_backward_macs, scan_forward_macs
 from .tokenizer.posembed import posembed_macs
 from .tokenizer.resample import resample_macs
@@ -111,24 +112,15 @@ def _extra_aten_formulas() -> dict:
     return extra
 
 
-class _Counter(FlopCounterMode):
-    """FlopCounterMode that records custom ops without a formula, and picks up formulas registered after it began
-    (an op whose module is imported lazily, during the count, registers its formula then)."""
+class _Counter(RecordingFlopCounterMode):
+    """The FLOP counter of a count: records custom ops without a formula (a new op must say what it costs, even if
+    that is 0) and picks up formulas registered after it began (see :mod:`dartmamba.compat.torch_internals`)."""
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.missing: set = set()
-
-    def _count_flops(self, func_packet, out, args, kwargs):
-        if func_packet not in self.flop_registry:
-            if func_packet in flop_registry:
-                self.flop_registry[func_packet] = flop_registry[func_packet]
-            elif _namespace(func_packet) not in (None, *_TORCH_NAMESPACES):
-                self.missing.add(func_packet)
-        return super()._count_flops(func_packet, out, args, kwargs)
+        super().__init__(lambda op: _namespace(op) not in (None, *_TORCH_NAMESPACES), **kwargs)
 
     def part_of(self, op) -> str | None:
-        return getattr(self.flop_registry.get(op), "flop_part", None)
+        return getattr(self.formula(op), "flop_part", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

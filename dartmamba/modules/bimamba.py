@@ -1,16 +1,18 @@
 """Bidirectional Mamba mixer ("bimamba v2", as in Vision Mamba) and the Vim residual block.
 
-Built only from :mod:`dartmamba.ops`, so the backend (mamba-ssm CUDA kernels or the exact CPU scan) is chosen in
-one place. Parameter names and shapes follow hustvl/Vim so its checkpoints load unchanged.
+Built only from :mod:`dartmamba.ops`, which choose the backend (mamba-ssm's CUDA kernels, the C++ CPU kernels, the
+torch scan) in one place: the mixer calls each op one way on every device, with the layout modes it wants
+(``reverse=True`` for the backward branch, the low-rank ``delta_proj`` for ``dt_proj``, strided views), and a backend
+without a mode gets the ops' generic adapter. Parameter names and shapes follow hustvl/Vim so its checkpoints load
+unchanged.
 
 Two implementations of the same mixer (``bimamba_impl``): ``"fused"`` runs both directions as one problem of
 2 * d_inner channels (one causal conv, one batched GEMM for each of x_proj and dt_proj, one selective scan with B
-and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does (the reference the
-fused path is tested against; on CPU its backward direction runs the conv and the scan right to left in place,
-``reverse=True``, instead of on flipped copies). ``"auto"`` (the default) takes, per call, the one for the input's device: two-pass
-on CPU, where it measured faster (2-core AMD EPYC, 1 thread: Vim-Ti inference at batch 8 and the demo's training
-step, see docs/benchmarks.md), fused on CUDA, where one launch per stage replaces two (the GPU check times both:
-benchmarks/model_table.py).
+and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does, the backward branch
+right to left (``reverse=True``). ``"auto"`` (the default) decides by a capability of the scan backend the inputs'
+device gets: two-pass where it runs right to left natively (no flipped copies; the C++ kernel), fused where
+``reverse`` would be adapted with flipped copies anyway (mamba-ssm's kernel; one launch per stage instead of two).
+docs/benchmarks.md has the timings behind the rule.
 """
 from __future__ import annotations
 
@@ -23,22 +25,26 @@ from einops import rearrange
 from timm.layers import DropPath, register_notrace_function, register_notrace_module
 from torch import Tensor
 
+from .. import backends
 from ..ops import RMSNorm, causal_conv1d, rms_norm, selective_scan
 
 BIMAMBA_IMPLS = ("auto", "fused", "two_pass")
 DEFAULT_BIMAMBA_IMPL = "auto"
-_AUTO_IMPL = {"cuda": "fused"}          # device type -> implementation of "auto"; every other device: "two_pass"
 
 
 def resolve_bimamba_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` means for inputs on ``device`` ("auto": see the module docstring)."""
-    return _AUTO_IMPL.get(device.type, "two_pass") if impl == "auto" else impl
+    """The implementation ``impl`` means for inputs on ``device``: "auto" is "two_pass" where the scan backend the
+    device gets runs right to left itself (capability ``"reverse"``), else "fused"."""
+    if impl != "auto":
+        return impl
+    return "two_pass" if "reverse" in backends.capabilities("scan", device) else "fused"
 
 
 def _grouped_mm(a: Tensor, b: Tensor) -> Tensor:
-    """(G, M, K) @ (G, K, N) -> (G, M, N): one batched GEMM on the GPU; on the CPU one GEMM per group, because
-    torch's CPU bmm copies operands whose rows are strided (the fused mixer's channel-last views) first."""
-    if a.device.type == "cuda":
+    """(G, M, K) @ (G, K, N) -> (G, M, N): one batched GEMM when both operands are dense, else one GEMM per group
+    (mm reads strided rows in place, where bmm may copy the operands first; the fused mixer's x_proj input is such a
+    view when the conv's output is channel-last)."""
+    if a.is_contiguous() and b.is_contiguous():
         return torch.bmm(a, b)
     return torch.stack([torch.mm(a[g], b[g]) for g in range(a.shape[0])])
 
@@ -85,8 +91,8 @@ class BiMambaMixer(nn.Module):
 
     ``bimamba_impl``: ``"fused"`` (both directions in one pass over 2 * d_inner channels; the stacked weights are
     built from the two branches' parameters on every call, so there is no second copy to drift), ``"two_pass"``
-    (one direction after the other) or ``"auto"`` (per call: fused on CUDA, two-pass elsewhere). Same parameters,
-    same result to rounding.
+    (one direction after the other) or ``"auto"`` (per call, by the scan backend's capabilities: see the module
+    docstring). Same parameters, same result to rounding.
     """
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
@@ -142,19 +148,11 @@ class BiMambaMixer(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         B = rearrange(B, "(b l) n -> b n l", l=seq_len)
         C = rearrange(C, "(b l) n -> b n l", l=seq_len)
-        low_rank = {}
-        if x.device.type == "cpu":
-            # the C++ scan reads any strides (B, C in place) and takes delta as dt_proj.weight @ dt: without a
-            # gradient it forms delta step by step (no GEMM, no (B, d_inner, L) tensor), with one it takes the
-            # GEMM on dt's contiguous rows (on their transpose it took 4x longer)
-            dt, low_rank = rearrange(dt, "(b l) r -> b r l", l=seq_len), {"delta_proj": dt_proj.weight}
-        else:
-            # mamba-ssm's kernel wants unit stride along L
-            dt = rearrange(dt_proj.weight @ dt.t(), "d (b l) -> b d l", l=seq_len)
-            B, C = B.contiguous(), C.contiguous()
+        # delta as dt_proj.weight @ dt (the low-rank mode); B, C and dt as strided views of x_dbl
+        dt = rearrange(dt, "(b l) r -> b r l", l=seq_len)
         A = -torch.exp(A_log.float())
         return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                              reverse=reverse, **low_rank)
+                              reverse=reverse, delta_proj=dt_proj.weight)
 
     def _stacked(self) -> dict:
         """Both branches' parameters stacked (forward first), in the one-pass layout: conv (2 d_inner, K) and bias,
@@ -199,14 +197,8 @@ class BiMambaMixer(nn.Module):
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)
         y_forward = self._scan(x, z, "forward")
-        if x.device.type == "cpu":
-            # the C++ conv and scan run right to left in place (no flipped copies of x, z and y: 4-6 % of Vim-Ti's
-            # CPU inference); mamba-ssm's kernels have no such mode, so elsewhere the branch runs on flipped copies
-            y_backward = self._scan(x, z, "backward", reverse=True)
-        else:
-            y_backward = self._scan(x.flip(-1), z.flip(-1), "backward").flip(-1)
-        # without autograd the sum goes into y_backward, still in cache from the scan (a fresh tensor: 2-3 % of
-        # Vim-Ti's CPU inference); the same bits either way
+        y_backward = self._scan(x, z, "backward", reverse=True)
+        # without autograd the sum goes into y_backward, still in cache from the scan; the same bits either way
         y = torch.add(y_forward, y_backward) if y_backward.requires_grad else y_backward.add_(y_forward)
         return self.out_proj(rearrange(y.mul_(0.5), "b d l -> b l d"))
 

@@ -8,7 +8,8 @@ caches the build under torch's extension root (``TORCH_EXTENSIONS_DIR``, default
 torch version and install directory and Python's version, so a changed or upgraded checkout never loads a stale or
 ABI-incompatible binary and two environments never rebuild each other's; the sources are compiled from a copy in the
 build directory, so checkouts with the same sources in one environment share one build. The sources register their ops with ``TORCH_LIBRARY(TORCH_EXTENSION_NAME)``:
-no Python bindings are compiled (a build takes ~20 s on 2 cores). Nothing is built at import time;
+no Python bindings are compiled. Each op's ``cpp`` module registers, with :func:`after_load`, what it adds to the
+ops once the library loads (fake implementations, autograd, FLOP formulas). Nothing is built at import time;
 ``DARTMAMBA_BUILD_CPU_KERNELS=0`` never builds (the torch implementations run instead).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from .. import backends
 
-__all__ = ["cpu_capability", "extension_name", "cpu_kernels", "cpu_kernels_unavailable"]
+__all__ = ["cpu_capability", "extension_name", "cpu_kernels", "cpu_kernels_unavailable", "after_load",
+           "register_cpp_backend"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 
@@ -38,6 +40,7 @@ _ISA_FLAGS = {
 }
 _COMMON_FLAGS = ["-O3", "-fopenmp"]    # torch's at::parallel_for runs on OpenMP (torch's own libgomp at run time)
 _LOADED: dict = {}
+_AFTER_LOAD: list = []
 
 
 def cpu_capability() -> str:
@@ -65,23 +68,31 @@ def extension_name(capability: str | None = None) -> str:
     for path in sorted(CSRC.glob("*.[ch]*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     # torch's install directory too: the build files name its headers and libraries, so two environments sharing a
-    # build directory would rebuild each other's library on every switch (measured: ~15 s, silently)
+    # build directory would rebuild each other's library on every switch, silently
     digest.update(" ".join([*_flags(capability), torch.__version__, sys.version,
                             os.path.dirname(os.path.abspath(torch.__file__))]).encode())
     return f"dartmamba_cpu_{capability.lower()}_{digest.hexdigest()[:12]}"
 
 
 def _build_directory(name: str) -> str:
-    from torch.utils.cpp_extension import _get_build_directory
+    from ..compat.torch_internals import extension_build_directory
 
-    return _get_build_directory(name, verbose=False)
+    return extension_build_directory(name)
+
+
+def after_load(register) -> None:
+    """Call ``register(namespace)`` once the kernels' library is loaded (at once if it is): what an op adds to its
+    C++-registered ops (``torch.library.register_fake`` / ``register_autograd``, FLOP formulas), done once."""
+    _AFTER_LOAD.append(register)
+    if "ops" in _LOADED:
+        register(_LOADED["name"])
 
 
 def _staged_sources(build_dir: str) -> Path:
     """The sources copied into ``<build_dir>/src`` (each file written only when missing or different), so that the
     build files torch writes name the same paths for every checkout with these sources: otherwise ninja sees a
-    second clone's paths as a changed build and silently rebuilds (~15 s; measured: every first run from a fresh
-    clone did, and the next run in the first checkout rebuilt again)."""
+    second clone's paths as a changed build and silently rebuilds (every first run from a fresh clone did, and the
+    next run in the first checkout rebuilt again)."""
     staged = Path(build_dir) / "src"
     staged.mkdir(parents=True, exist_ok=True)
     for path in sorted(CSRC.glob("*.[ch]*")):
@@ -96,11 +107,28 @@ def _staged_sources(build_dir: str) -> Path:
 
 def cpu_kernels():
     """The kernels' op namespace ``torch.ops.<name>`` (``scan_fwd``, ``scan_bwd``, ``causal_conv1d_fwd``,
-    ``causal_conv1d_bwd``), built on first use on this machine and loaded from the cache afterwards. Raises whatever
+    ``causal_conv1d_bwd``, ``rms_norm_fwd``), built on first use on this machine and loaded from the cache afterwards. Raises whatever
     the build raises (no compiler, no ninja, a compile error)."""
     if "ops" in _LOADED:
         return _LOADED["ops"]
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "No CUDA runtime is found": moot
+    # "No CUDA runtime is found" (logged when cpp_extension is first imported) is moot for CPU kernels: the
+    # extension logger is quieted for this call only
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        name = _load()
+    finally:
+        logger.setLevel(level)
+    for register in _AFTER_LOAD:
+        register(name)
+    _LOADED["name"] = name
+    _LOADED["ops"] = getattr(torch.ops, name)
+    return _LOADED["ops"]
+
+
+def _load() -> str:
+    """Build (when not cached) and load the library; returns its name."""
     from torch.utils.cpp_extension import load
 
     capability = cpu_capability()
@@ -117,8 +145,7 @@ def cpu_kernels():
          is_python_module=False)
     if fresh:
         print(f"dartmamba: built {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    _LOADED["ops"] = getattr(torch.ops, name)
-    return _LOADED["ops"]
+    return name
 
 
 def _check() -> str | None:
@@ -135,3 +162,12 @@ def _check() -> str | None:
 
 # the availability check of every "cpp" backend: None when the kernels load, else why not (cached per process)
 cpu_kernels_unavailable = backends.cached_check(_check)
+
+
+def register_cpp_backend(op: str, fn, *, supports, capabilities=(), fallback: str | None = None):
+    """Register ``fn`` as the ``"cpp"`` backend of ``op``: CPU tensors, available where these kernels load;
+    ``fallback`` completes the warning "auto" gives once when it passes over the kernels (what runs instead)."""
+    warning = None if fallback is None else (f"dartmamba's C++ {op} kernel for CPU tensors could not be built, so "
+                                             f"they use {fallback} (a C++ compiler and ninja are needed)")
+    return backends.register(op, "cpp", fn, devices=("cpu",), available=cpu_kernels_unavailable, supports=supports,
+                             capabilities=capabilities, fallback_warning=warning)

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dartmamba.flops import (DART_EXTRA_PARTS, MissingFlopFormulaError, count_flops, count_model_flops,
                              custom_op_formulas, fit_exponent, resample_macs, scan_backward_macs, scan_forward_macs)
-from dartmamba.ops import selective_scan_cpu, selective_scan_reference
+from dartmamba.ops import selective_scan, selective_scan_reference, selective_scan_torch
 
 DEPTH = dict(depth=4)   # token scaling of a 4-layer stack is the scaling of the 24-layer one, and 6x cheaper
 
@@ -70,20 +70,41 @@ def test_scan_formula_matches_an_analytic_count_of_the_reference():
     with CountMultiplies() as mults:
         selective_scan_reference(*args[:5])
     assert mults.count == scan_forward_macs(batch, dim, length, dstate, has_D=False, has_z=False)
-    # the custom op, as FlopCounterMode sees it (2 FLOPs per multiply-add), forward and backward
-    args = scan_inputs(batch, dim, length, dstate, grad=True)
-    with FlopCounterMode(display=False) as counter:
-        out = selective_scan_cpu(*args[:6], z=args[6], delta_bias=args[7], delta_softplus=True)
-    assert counter.get_total_flops() == 2 * scan_forward_macs(batch, dim, length, dstate)
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    assert counter.get_total_flops() == 2 * scan_backward_macs(batch, dim, length, dstate)
+    # each backend's op, as FlopCounterMode sees it (2 FLOPs per multiply-add), forward and backward
+    from dartmamba.ops._jit import cpu_kernels_unavailable
+
+    scans = [selective_scan_torch]
+    if cpu_kernels_unavailable() is None:                   # the C++-registered op, its formula registered at load
+        scans.append(lambda *a, **k: selective_scan(*a, **k, backend="cpp"))
+    for scan in scans:
+        args = scan_inputs(batch, dim, length, dstate, grad=True)
+        with FlopCounterMode(display=False) as counter:
+            out = scan(*args[:6], z=args[6], delta_bias=args[7], delta_softplus=True)
+        assert counter.get_total_flops() == 2 * scan_forward_macs(batch, dim, length, dstate)
+        with FlopCounterMode(display=False) as counter:
+            out.sum().backward()
+        assert counter.get_total_flops() == 2 * scan_backward_macs(batch, dim, length, dstate)
 
 
 def test_custom_op_formulas_are_registered():
     names = custom_op_formulas()
-    assert {"selective_scan_cpu_fwd", "selective_scan_cuda_fwd", "selective_scan_cpu_bwd",
+    assert {"selective_scan_torch_fwd", "selective_scan_cuda_fwd", "selective_scan_torch_bwd",
             "selective_scan_cuda_bwd"} <= set(names)
+
+
+def test_every_cpp_kernel_op_has_a_formula():
+    """The C++-registered ops get their formulas once, when the library loads (dartmamba.ops._jit.after_load)."""
+    from torch.utils.flop_counter import flop_registry
+
+    from dartmamba.ops._jit import cpu_kernels, cpu_kernels_unavailable, extension_name
+
+    if cpu_kernels_unavailable() is not None:
+        pytest.skip("the C++ CPU kernels are not available here")
+    namespace = cpu_kernels()
+    prefix = extension_name() + "::"
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix)]
+    assert sorted(names) == ["causal_conv1d_bwd", "causal_conv1d_fwd", "rms_norm_fwd", "scan_bwd", "scan_fwd"]
+    assert all(getattr(namespace, n) in flop_registry for n in names), names
 
 
 def test_every_dartmamba_custom_op_has_a_formula():

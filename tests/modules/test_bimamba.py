@@ -1,5 +1,7 @@
 """The one-pass bidirectional mixer equals the two-pass one it replaces: forward, the input's and every parameter's
 gradient in float64, on every CPU scan backend; the stacked weights are never stored; Vim passes the option on."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -8,12 +10,12 @@ import dartmamba.models  # noqa: F401  (registers the models)
 from dartmamba import backends
 from dartmamba.flops import count_flops
 from dartmamba.modules.bimamba import BiMambaMixer, resolve_bimamba_impl
-from dartmamba.ops import scan as ss
+from dartmamba.ops._jit import cpu_kernels_unavailable
 
 
 def scan_backends():
-    names = ["cpu", "reference"]
-    if ss._cpp_unavailable() is None:
+    names = ["torch", "reference"]
+    if cpu_kernels_unavailable() is None:
         names.insert(0, "cpp")
     return names
 
@@ -121,14 +123,56 @@ def test_vim_passes_the_option_and_both_give_the_same_model(seed):
     assert timm.create_model("vim_tiny_patch16_224", **kwargs).layers[0].mixer.bimamba_impl == "auto"
 
 
-def test_auto_takes_fused_on_cuda_and_two_pass_elsewhere(monkeypatch):
-    assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"
-    assert resolve_bimamba_impl("auto", torch.device("cpu")) == "two_pass"
+def test_auto_follows_the_scan_backends_reverse_capability(monkeypatch, restore_backends):
+    """"auto" is two-pass where the scan backend runs right to left natively, fused where reverse is adapted."""
+    native = "reverse" in backends.capabilities("scan", "cpu")
+    assert native == (cpu_kernels_unavailable() is None)              # the C++ kernel has it
+    assert resolve_bimamba_impl("auto", torch.device("cpu")) == ("two_pass" if native else "fused")
+    with backends.use_backend("scan", "torch"):                        # the torch scan flips: fused
+        assert resolve_bimamba_impl("auto", torch.device("cpu")) == "fused"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                # no CUDA here: the fallback warns
+        assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"   # mamba-ssm or the torch scan
     assert resolve_bimamba_impl("fused", torch.device("cpu")) == "fused"
     mixer = random_mixer(16, 4, 0)
     ran = []
     monkeypatch.setattr(mixer, "forward_fused", lambda h: ran.append("fused") or h)
-    mixer(torch.randn(1, 3, 16, dtype=torch.float64))          # auto on CPU: the two-pass body
-    mixer.bimamba_impl = "fused"
+    with backends.use_backend("scan", "reference"):
+        mixer(torch.randn(1, 3, 16, dtype=torch.float64))              # auto, no native reverse: fused
+    mixer.bimamba_impl = "two_pass"
     mixer(torch.randn(1, 3, 16, dtype=torch.float64))
     assert ran == ["fused"]
+
+
+@pytest.fixture
+def bare_backends():
+    """The scan's and the conv's reference registered again as "bare" WITHOUT capabilities: what a GPU kernel
+    without the layout modes (mamba-ssm, causal-conv1d) gets, the generic adapters included."""
+    for op in ("scan", "conv1d"):
+        raw = next(b.raw for b in backends.implementations(op) if b.name == "reference")
+        backends.register(op, "bare", raw, devices=backends.ANY_DEVICE)
+    yield
+    for op in ("scan", "conv1d"):
+        entry = backends._OPS[op]
+        entry.backends = [b for b in entry.backends if b.name != "bare"]
+
+
+@pytest.mark.parametrize("impl", ["two_pass", "fused"])
+def test_mixer_on_backends_without_modes_equals_the_default_path(impl, bare_backends, seeds, restore_backends):
+    """The mixer calls each op one way on every device: forced onto backends without reverse / low-rank delta /
+    strided inputs (the path a GPU with mamba-ssm runs, adapted), it gives the default CPU path's output and
+    gradients."""
+    mixer = random_mixer(24, 4, seeds[0])
+    g = torch.Generator().manual_seed(seeds[0])
+    hidden = torch.randn(2, 9, 24, dtype=torch.float64, generator=g)
+    grad_out = torch.randn(2, 9, 24, dtype=torch.float64, generator=g)
+    default = run(mixer, hidden, impl, grad_out)
+    with backends.use_backend("scan", "bare"), backends.use_backend("conv1d", "bare"):
+        bare = run(mixer, hidden, impl, grad_out)
+        with torch.no_grad():
+            bare_no_grad = mixer(hidden)
+    torch.testing.assert_close(bare[0], default[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(bare_no_grad, default[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(bare[1], default[1], rtol=1e-11, atol=1e-13)
+    for name in default[2]:
+        torch.testing.assert_close(bare[2][name], default[2][name], rtol=1e-11, atol=1e-13, msg=name)

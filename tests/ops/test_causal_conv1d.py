@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import causal_conv1d, causal_conv1d_reference
-from dartmamba.ops import conv1d as cc
+from dartmamba.ops import causal_conv1d, causal_conv1d_cpp, causal_conv1d_reference
+from dartmamba.ops._jit import cpu_kernels, cpu_kernels_unavailable
+from dartmamba.ops.conv1d import cuda as conv_cuda
 
 
 def leaves(*tensors):
@@ -14,8 +15,8 @@ def leaves(*tensors):
 
 
 def backend_or_skip(name):
-    if name == "cpp" and cc._cpp_unavailable() is not None:
-        pytest.skip(f"the C++ CPU kernels are not available here: {cc._cpp_unavailable()}")
+    if name == "cpp" and cpu_kernels_unavailable() is not None:
+        pytest.skip(f"the C++ CPU kernels are not available here: {cpu_kernels_unavailable()}")
     return name
 
 
@@ -162,31 +163,30 @@ def test_cpp_output_layout_and_opcheck(seeds):
     torch.testing.assert_close(out, causal_conv1d_reference(xz[:, :20], w, b))
     contiguous = torch.randn(2, 20, 9, generator=g)
     assert causal_conv1d(contiguous, w, b, backend="cpp").is_contiguous()
+    # the C++-registered op with the fake, autograd and schema registered from Python when the library loads
+    op = cpu_kernels().causal_conv1d_fwd.default
     args = [t.requires_grad_() for t in (x, w, b)]
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True, False))
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*args, True, True))   # right to left
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (args[0], args[1], None, False, False))
+    torch.library.opcheck(op, (*args, True, False))
+    torch.library.opcheck(op, (*args, True, True))   # right to left
+    torch.library.opcheck(op, (args[0], args[1], torch.empty(0), False, False))
     sliced = [xz[:, :20].detach().requires_grad_(), w, b]
-    torch.library.opcheck(torch.ops.dartmamba.causal_conv1d_cpp_fwd.default, (*sliced, True, True))
+    torch.library.opcheck(op, (*sliced, True, True))
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_cpp_eager_calls_skip_the_custom_op_with_the_same_bits(with_bias, seeds, monkeypatch):
-    """Plain eager calls (parameters included) run the kernels through a direct autograd.Function; the custom op
-    (what torch.compile, fake tensors and the FLOP counter see) gives the same output and gradients bit for bit."""
+def test_cpp_one_path_eager_compiled_and_inference_agree(with_bias, seeds):
+    """Every call (parameters included) runs the one C++-registered op: eager with autograd, compiled (fullgraph)
+    and inference give the same output, layout and gradients bit for bit, and match the reference."""
     backend_or_skip("cpp")
     g = torch.Generator().manual_seed(seeds[0])
     x = torch.randn(3, 64, 80, generator=g).transpose(1, 2)[:, :37]       # a channel-adjacent slice, as in Vim
     w = torch.nn.Parameter(torch.randn(37, 4, generator=g))
     b = torch.nn.Parameter(torch.randn(37, generator=g)) if with_bias else None
     grad = torch.randn(3, 37, 64, generator=g)
-    calls = []
-    real_op = cc._conv_cpp_fwd_op
-    monkeypatch.setattr(cc, "_conv_cpp_fwd_op", lambda *a: calls.append(1) or real_op(*a))
 
-    def forward_backward():
+    def forward_backward(fn):
         args = leaves(x, w, b)
-        out = causal_conv1d(args[0], w, b, backend="cpp")
+        out = fn(args[0], w, b)
         out.backward(grad)
         grads = [args[0].grad, w.grad.clone(), None if b is None else b.grad.clone()]
         w.grad = None
@@ -194,22 +194,22 @@ def test_cpp_eager_calls_skip_the_custom_op_with_the_same_bits(with_bias, seeds,
             b.grad = None
         return out.detach(), grads
 
-    eager = forward_backward()
-    assert calls == [], "a plain eager call went through the custom op"
-    # a call that needs no gradient (inference) calls the kernel directly: the same bits, no autograd node
-    applied = []
-    real_apply = cc._ConvCppEager.apply
-    monkeypatch.setattr(cc._ConvCppEager, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    def conv(x, w, b):
+        return causal_conv1d(x, w, b, backend="cpp")
+
+    eager = forward_backward(conv)
+    traced = forward_backward(torch.compile(conv, fullgraph=True, backend="aot_eager"))
+    reference = forward_backward(causal_conv1d_reference)
     with torch.inference_mode():
-        direct = causal_conv1d(x, w, b, backend="cpp")
-    assert applied == [] and calls == [] and direct.grad_fn is None
+        direct = conv(x, w, b)
+    assert direct.grad_fn is None
     assert torch.equal(direct, eager[0]) and direct.stride() == eager[0].stride()
-    monkeypatch.setattr(cc, "plain_eager", lambda *tensors: False)
-    traced = forward_backward()
-    assert calls == [1]
     assert torch.equal(eager[0], traced[0]) and eager[0].stride() == traced[0].stride()
-    for a, r in zip(eager[1], traced[1]):
-        assert (a is None and r is None) or torch.equal(a, r)
+    torch.testing.assert_close(eager[0], reference[0])
+    for a, t, r in zip(eager[1], traced[1], reference[1]):
+        assert (a is None and t is None) or torch.equal(a, t)
+        if r is not None:
+            torch.testing.assert_close(a, r)
 
 
 def test_cpp_gradients_do_not_depend_on_the_thread_count(seeds):
@@ -252,7 +252,7 @@ def test_mixed_dtypes_compute_in_the_wider_one(backend, seeds):
 def test_bad_arguments_are_named(bad, message):
     args = dict(x=torch.zeros(2, 3, 5), weight=torch.zeros(3, 4), bias=torch.zeros(3), activation="silu")
     args.update(bad)
-    for fn in (causal_conv1d, cc.causal_conv1d_cpp, causal_conv1d_reference):
+    for fn in (causal_conv1d, causal_conv1d_cpp, causal_conv1d_reference):
         with pytest.raises(ValueError, match=message):
             fn(**args)
 
@@ -263,7 +263,7 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 
 def _conv_ready():
-    return torch.cuda.is_available() and cc._cuda_unavailable() is None
+    return torch.cuda.is_available() and conv_cuda.cuda_unavailable() is None
 
 
 @pytest.mark.gpu

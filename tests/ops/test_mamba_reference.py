@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dartmamba.ops import scan as ss
+from dartmamba.ops._jit import cpu_kernels_unavailable
 
 from tests.ops import mamba_reference
 
@@ -24,9 +25,9 @@ def mamba_ref():
 
 
 def backend_fn(name):
-    if name == "cpp" and ss._cpp_unavailable() is not None:
-        pytest.skip(f"the C++ scan kernel is not available here: {ss._cpp_unavailable()}")
-    return {"cpp": ss.selective_scan_cpp, "cpu": ss.selective_scan_cpu, "reference": ss.selective_scan_reference}[name]
+    if name == "cpp" and cpu_kernels_unavailable() is not None:
+        pytest.skip(f"the C++ scan kernel is not available here: {cpu_kernels_unavailable()}")
+    return {"cpp": ss.selective_scan_cpp, "torch": ss.selective_scan_torch, "reference": ss.selective_scan_reference}[name]
 
 
 def grid_inputs(seqlen, groups, itype, seed):
@@ -51,7 +52,7 @@ def forward_backward(fn, inputs, grad_out):
     return out.detach(), last.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
 @pytest.mark.parametrize("itype", list(ITYPES))
 @pytest.mark.parametrize("varBC_groups", [1, 2])
 @pytest.mark.parametrize("seqlen", [128, 256, 512, 1024, 2048, 4096])

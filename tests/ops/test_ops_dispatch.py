@@ -10,7 +10,7 @@ import dartmamba.tokenizer  # noqa: F401  (registers partition, resample, posemb
 from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
 from dartmamba.ops import causal_conv1d, selective_scan
-from dartmamba.ops import scan as ss
+from dartmamba.ops.scan import cuda as scan_cuda
 
 OPS = backends.ops()
 DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -112,10 +112,10 @@ def test_entry_points_dispatch_through_the_registry(monkeypatch, restore_backend
                             or _real(*a, **k))
     monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "reference")
     selective_scan(*scan_inputs())
-    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cpu")
+    monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "torch")
     selective_scan(*scan_inputs())
     selective_scan(*scan_inputs(), backend="reference")        # the argument wins over the environment
-    assert calls == ["reference", "cpu", "reference"]
+    assert calls == ["reference", "torch", "reference"]
     monkeypatch.setenv("DARTMAMBA_SCAN_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="'cuda'"):
         selective_scan(*scan_inputs())
@@ -138,12 +138,12 @@ def test_cpu_tensors_default_to_the_cpu_kernels_or_the_portable_backends(restore
     from dartmamba.ops._jit import cpu_kernels_unavailable
 
     built = cpu_kernels_unavailable() is None
-    assert backends.choose("scan", "cpu") == ("cpp" if built else "cpu")
+    assert backends.choose("scan", "cpu") == ("cpp" if built else "torch")
     assert backends.choose("conv1d", "cpu") == ("cpp" if built else "torch")
     assert backends.choose("rmsnorm", "cpu") == ("cpp" if built else "torch")
 
 
-@pytest.mark.parametrize("op, fallback, package", [("scan", "cpu", "mamba-ssm"), ("conv1d", "torch", "causal-conv1d"),
+@pytest.mark.parametrize("op, fallback, package", [("scan", "torch", "mamba-ssm"), ("conv1d", "torch", "causal-conv1d"),
                                                    ("rmsnorm", "torch", "mamba-ssm")])
 def test_cuda_without_the_kernels_falls_back_with_one_warning(op, fallback, package, monkeypatch, restore_backends):
     """On a CUDA device whose extension does not import, "auto" takes the portable backend and warns once."""
@@ -178,8 +178,114 @@ def test_availability_checks_are_cached_and_never_import_at_module_import():
     for name in ("selective_scan_cuda", "causal_conv1d", "mamba_ssm"):
         if name in sys.modules and not torch.cuda.is_available():
             pytest.fail(f"{name} imported on a machine without CUDA")
-    assert ss._mamba_unavailable() is ss._mamba_unavailable()  # cached: one import attempt
+    assert scan_cuda.mamba_unavailable() is scan_cuda.mamba_unavailable()  # cached: one import attempt
     calls = []
     check = backends.cached_check(lambda: calls.append(1))
     assert check() is None and check() is None and calls == [1]
     assert backends.cached_check(check) is check
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capabilities and the generic adapters
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def bare_backends():
+    """Registers backends under test names; removes them afterwards."""
+    added = []
+
+    def register(op, name, fn, **kwargs):
+        added.append((op, name))
+        return backends.register(op, name, fn, devices=backends.ANY_DEVICE, **kwargs)
+
+    yield register
+    for op, name in added:
+        if op in backends._OPS:
+            entry = backends._OPS[op]
+            entry.backends = [b for b in entry.backends if b.name != name]
+
+
+def test_capabilities_are_declared_and_the_rest_adapted(bare_backends):
+    """A backend gets the op's adapter for each mode it does not declare, and none for those it does; an unknown
+    capability is an error naming the op's modes."""
+    seen = []
+
+    def backend(x, *, flipped=False):
+        seen.append(flipped)
+        return x
+
+    def flipping(fn):
+        def run(x, *, flipped=False):
+            return fn(-x) if flipped else fn(x)
+        return run
+
+    backends.declare_modes("toy_modes", {"flipped": flipping})
+    try:
+        bare_backends("toy_modes", "native", backend, capabilities={"flipped"})
+        bare_backends("toy_modes", "adapted", backend)
+        assert backends.dispatch("toy_modes", "cpu", 3, backend="native", flipped=True) == 3 and seen == [True]
+        assert backends.dispatch("toy_modes", "cpu", 3, backend="adapted", flipped=True) == -3 and seen[1] is False
+        assert backends.capabilities("toy_modes", "cpu") == frozenset({"flipped"})
+        with pytest.raises(ValueError, match=r"toy_modes backend 'bad': capabilities must be among the op's modes "
+                                             r"\['flipped'\], got \['other'\]"):
+            backends.register("toy_modes", "bad", backend, devices=("cpu",), capabilities={"other"})
+    finally:
+        del backends._OPS["toy_modes"]
+
+
+def _bare(op, name):
+    """The raw callable of a registered backend (without its adapters)."""
+    return next(b.raw for b in backends.implementations(op) if b.name == name)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["l2r", "r2l"])
+def test_scan_backend_without_modes_gets_the_adapters(reverse, bare_backends, seeds):
+    """The reference registered again WITHOUT capabilities (as a GPU kernel without the modes is) gives what the C++
+    kernel (which has them all) gives, for reverse=True and a low-rank delta with strided B/C, with gradients."""
+    from dartmamba.ops._jit import cpu_kernels_unavailable
+
+    if cpu_kernels_unavailable() is not None:
+        pytest.skip("the C++ CPU kernels are not available here")
+    bare_backends("scan", "bare", _bare("scan", "reference"))
+    g = torch.Generator().manual_seed(seeds[0])
+    batch, dim, length, rank, dstate = 2, 8, 11, 3, 4
+    rows = torch.randn(batch * length, rank + 2 * dstate, generator=g, dtype=torch.float64)
+    factor = rows[:, :rank].reshape(batch, length, rank).transpose(1, 2)          # strided, as in Vim's mixer
+    B = rows[:, rank:rank + dstate].reshape(batch, length, dstate).transpose(1, 2)
+    C = rows[:, rank + dstate:].reshape(batch, length, dstate).transpose(1, 2)
+    u, z = (torch.randn(batch, dim, length, generator=g, dtype=torch.float64) for _ in range(2))
+    A = -torch.rand(dim, dstate, generator=g, dtype=torch.float64)
+    D, bias = torch.randn(dim, generator=g, dtype=torch.float64), torch.randn(dim, generator=g, dtype=torch.float64)
+    proj = 0.3 * torch.randn(dim, rank, generator=g, dtype=torch.float64)
+    results = {}
+    for name in ("cpp", "bare"):
+        leaves = [t.detach().clone().requires_grad_() for t in (u, factor, proj)]
+        with torch.no_grad():
+            no_grad = selective_scan(leaves[0], leaves[1], A, B, C, D, z, bias, True, backend=name, reverse=reverse,
+                                     delta_proj=leaves[2])
+        out, last = selective_scan(leaves[0], leaves[1], A, B, C, D, z, bias, True, True, backend=name,
+                                   reverse=reverse, delta_proj=leaves[2])
+        (out.square().sum() + last.sum()).backward()
+        results[name] = (no_grad, out.detach(), last.detach(), *(t.grad for t in leaves))
+    for what, a, b in zip(("no-grad out", "out", "last", "du", "dfactor", "ddelta_proj"), results["cpp"],
+                          results["bare"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["l2r", "r2l"])
+def test_conv1d_backend_without_modes_gets_the_adapters(reverse, bare_backends, seeds):
+    """The reference conv registered again without capabilities runs right to left by the flip adapter, and a
+    strided (channel-adjacent) input by the unit-stride adapter, as the C++ kernel does natively."""
+    seen = []
+
+    def bare(x, weight, bias=None, activation="silu"):
+        seen.append(x.stride(-1))
+        return _bare("conv1d", "reference")(x, weight, bias, activation)
+
+    bare_backends("conv1d", "bare", bare)
+    g = torch.Generator().manual_seed(seeds[0])
+    x = torch.randn(2, 9, 12, generator=g, dtype=torch.float64).transpose(1, 2)     # (B, C, L), stride(-1) = C
+    w, b = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    expected = causal_conv1d(x.flip(-1), w, b, backend="torch").flip(-1) if reverse else \
+        causal_conv1d(x, w, b, backend="torch")
+    torch.testing.assert_close(causal_conv1d(x, w, b, backend="bare", reverse=reverse), expected)
+    assert seen == [1]

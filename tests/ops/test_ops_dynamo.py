@@ -70,3 +70,20 @@ def test_backend_choice_for_cuda_traces_without_breaks(monkeypatch):
     with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
         explanation = torch._dynamo.explain(pick)(torch.ones(3))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_vim_block_compiles_in_one_graph_with_the_layout_modes(grad):
+    """A Vim block (RMSNorm, conv and scan right to left, the low-rank delta) compiles with fullgraph=True: under
+    no_grad (the C++ RMSNorm, the scan forming delta in the kernel) and with autograd; compiled == eager."""
+    from dartmamba.modules.bimamba import BiMambaMixer, VimBlock
+
+    torch.manual_seed(0)
+    block = VimBlock(16, BiMambaMixer(16, d_state=4, bimamba_impl="two_pass"))
+    hidden = torch.randn(2, 7, 16)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.set_grad_enabled(grad):
+        want = block(hidden)
+        got = compiled(hidden)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

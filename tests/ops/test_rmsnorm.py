@@ -6,8 +6,10 @@ import torch
 
 from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import RMSNorm, rms_norm, rms_norm_cpp, rms_norm_reference
-from dartmamba.ops import rmsnorm as rn
+from dartmamba.ops import RMSNorm, rms_norm, rms_norm_cpp, rms_norm_reference, rms_norm_triton
+from dartmamba.compat import mamba_ssm as compat_mamba
+from dartmamba.ops._jit import cpu_kernels_unavailable
+from dartmamba.ops.rmsnorm import triton as rn_triton
 
 
 def leaves(*tensors):
@@ -46,7 +48,7 @@ def test_torch_backend_matches_reference(dtype, with_residual, with_bias, prenor
 
 
 def cpp_or_skip():
-    reason = rn._cpp_unavailable()
+    reason = cpu_kernels_unavailable()
     if reason is not None:
         pytest.skip(f"the C++ CPU kernels are not available here: {reason}")
 
@@ -195,8 +197,9 @@ def fake_layer_norm_bwd(dy, x, weight, bias, eps, mean, rstd, dresidual=None, dy
 
 @pytest.fixture
 def fake_triton(monkeypatch):
-    monkeypatch.setattr(rn, "_triton_kernels", lambda: (fake_layer_norm_fwd, fake_layer_norm_bwd))
-    monkeypatch.setattr(rn, "_triton_unavailable", lambda: None)
+    compat_mamba.check_layer_norm(fake_layer_norm_fwd, fake_layer_norm_bwd)     # the stand-ins fit the shim
+    monkeypatch.setitem(compat_mamba._LOADED, "layer_norm", (fake_layer_norm_fwd, fake_layer_norm_bwd))
+    monkeypatch.setattr(rn_triton, "triton_unavailable", lambda: None)
 
 
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "noresidual"])
@@ -210,7 +213,7 @@ def test_triton_wrapper_plumbing(with_residual, prenorm, residual_in_fp32, seeds
     r = torch.randn(2, 5, 16, generator=g) if with_residual else None
     args_t, args_r = leaves(x, w, b, r), leaves(x, w, b, r)
     kw = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32)
-    out_t = rn.rms_norm_triton(*args_t, **kw)
+    out_t = rms_norm_triton(*args_t, **kw)
     out_r = rms_norm_reference(*args_r, **kw)
     out_t, out_r = (out_t if prenorm else (out_t,)), (out_r if prenorm else (out_r,))
     grads = [torch.randn(o.shape, generator=g) for o in out_r]
@@ -230,7 +233,7 @@ def test_triton_ops_trace_under_compile(fake_triton):
     x, w, r = leaves(torch.randn(2, 5, 16), torch.rand(16) + 0.5, torch.randn(2, 5, 16))
 
     def loss(x, w, r):
-        out, res = rn.rms_norm_triton(x, w, None, r, prenorm=True, residual_in_fp32=True)
+        out, res = rms_norm_triton(x, w, None, r, prenorm=True, residual_in_fp32=True)
         return out.square().sum() + res.sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
@@ -241,7 +244,7 @@ def test_triton_ops_trace_under_compile(fake_triton):
 
 
 def _triton_ready():
-    return torch.cuda.is_available() and rn._triton_unavailable() is None
+    return torch.cuda.is_available() and rn_triton.triton_unavailable() is None
 
 
 @pytest.mark.gpu

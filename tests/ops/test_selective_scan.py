@@ -1,4 +1,4 @@
-"""Selective scan: the fast scans (the chunked torch scan "cpu" and the C++ kernel "cpp") against the sequential
+"""Selective scan: the fast scans (the chunked torch scan "torch" and the C++ kernel "cpp") against the sequential
 reference (forward, every input gradient, grouped B/C, the last state), numerical stability, argument checks, the
 kernel's build fallback, and the mamba-ssm wrapper's plumbing against a stand-in extension."""
 import types
@@ -12,14 +12,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
-from dartmamba.ops import selective_scan, selective_scan_cpp, selective_scan_cpu, selective_scan_reference
+from dartmamba.compat import mamba_ssm as compat_mamba
+from dartmamba.ops import selective_scan, selective_scan_cpp, selective_scan_reference, selective_scan_torch
 from dartmamba.ops import scan as ss
+from dartmamba.ops._jit import cpu_kernels, cpu_kernels_unavailable
+from dartmamba.ops.scan import cpp as scan_cpp, cuda as scan_cuda, torch as scan_torch
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def cpp_or_skip():
-    reason = ss._cpp_unavailable()
+    reason = cpu_kernels_unavailable()
     if reason is not None:
         pytest.skip(f"the C++ scan kernel is not available here: {reason}")
 
@@ -29,10 +32,10 @@ def fast_scan(name):
     if name == "cpp":
         cpp_or_skip()
         return selective_scan_cpp
-    return selective_scan_cpu
+    return selective_scan_torch
 
 
-FAST = ("cpu", "cpp")
+FAST = ("torch", "cpp")
 
 
 def make_inputs(batch, dim, length, dstate, dtype, seed, *, D=True, z=True, delta_bias=True, softplus=True,
@@ -144,7 +147,7 @@ def test_grouped_reference_is_the_scan_of_each_group(seeds):
     inputs = make_inputs(2, 6, 9, 3, torch.float64, seeds[0], groups=3)
     out, last = selective_scan_reference(*inputs, delta_softplus=True, return_last_state=True)
     for g in range(3):
-        part, part_last = selective_scan_reference(*ss._group_args(g, 2, *inputs), delta_softplus=True,
+        part, part_last = selective_scan_reference(*scan_torch._group_args(g, 2, *inputs), delta_softplus=True,
                                                    return_last_state=True)
         torch.testing.assert_close(out[:, 2 * g:2 * g + 2], part, rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(last[:, 2 * g:2 * g + 2], part_last, rtol=1e-13, atol=1e-15)
@@ -158,10 +161,10 @@ def test_grouped_reference_is_the_scan_of_each_group(seeds):
 @pytest.mark.parametrize("chunk", [1, 3, 8])
 def test_chunk_boundaries(chunk, seeds, monkeypatch):
     """Small chunks: the carried state and adjoint cross many chunk boundaries, incl. a ragged last chunk."""
-    monkeypatch.setattr(ss, "_chunk_len", lambda *args: chunk)
+    monkeypatch.setattr(scan_torch, "_chunk_len", lambda *args: chunk)
     for seed in seeds:
         inputs = make_inputs(2, 3, 23, 4, torch.float64, seed)
-        compare_to_reference(selective_scan_cpu, inputs, True, 1e-11, f"chunk {chunk}, seed {seed}",
+        compare_to_reference(selective_scan_torch, inputs, True, 1e-11, f"chunk {chunk}, seed {seed}",
                              last_state=True)
 
 
@@ -296,7 +299,7 @@ def low_rank_inputs(dtype, seed, groups=None, options=OPTION_SETS[0], rank=5):
     return inputs, factor, delta_proj
 
 
-LOW_RANK_SCANS = {"cpu": selective_scan_cpu, "cpp": selective_scan_cpp, "reference": selective_scan_reference,
+LOW_RANK_SCANS = {"torch": selective_scan_torch, "cpp": selective_scan_cpp, "reference": selective_scan_reference,
                   "dispatch": selective_scan}
 
 
@@ -348,8 +351,8 @@ def test_cpp_low_rank_delta_needs_no_full_delta_without_autograd(seeds, monkeypa
     cpp_or_skip()
     inputs, factor, delta_proj = low_rank_inputs(torch.float32, seeds[0])
     built = []
-    real = ss._full_delta
-    monkeypatch.setattr(ss, "_full_delta", lambda *a: built.append(1) or real(*a))
+    real = scan_cpp.full_from_low_rank
+    monkeypatch.setattr(scan_cpp, "full_from_low_rank", lambda *a: built.append(1) or real(*a))
     args = (inputs[0], factor, *inputs[2:], True)
     with torch.inference_mode():
         inference = selective_scan(*args, delta_proj=delta_proj)
@@ -371,8 +374,8 @@ def test_dispatch_runs_each_backend(seeds, restore_backends, monkeypatch):
     ran = []
     for impl in backends.implementations("scan"):
         monkeypatch.setattr(impl, "fn", lambda *a, _fn=impl.fn, _name=impl.name, **k: ran.append(_name) or _fn(*a, **k))
-    auto = "cpp" if ss._cpp_unavailable() is None else "cpu"
-    cases = [(None, auto), ("auto", auto), ("cpu", "cpu"), ("reference", "reference")]
+    auto = "cpp" if cpu_kernels_unavailable() is None else "torch"
+    cases = [(None, auto), ("auto", auto), ("torch", "torch"), ("reference", "reference")]
     if auto == "cpp":
         cases.append(("cpp", "cpp"))
     for name, runs in cases:
@@ -406,7 +409,7 @@ def test_failed_kernel_build_falls_back_to_the_torch_scan_with_one_warning(seeds
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            assert backends.resolve("scan", "cpu", *inputs).name == "cpu"
+            assert backends.resolve("scan", "cpu", *inputs).name == "torch"
             assert backends.resolve("conv1d", "cpu", inputs[0], torch.zeros(3, 4), None, "silu").name == "torch"
     runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 2 and all("could not be built" in m and "command not found" in m for m in runtime), runtime
@@ -480,23 +483,30 @@ def test_bad_arguments_are_named(bad, message):
     args = dict(u=torch.zeros(2, 3, 5), delta=torch.zeros(2, 3, 5), A=torch.zeros(3, 2), B=torch.zeros(2, 2, 5),
                 C=torch.zeros(2, 2, 5), D=torch.zeros(3), z=torch.zeros(2, 3, 5), delta_bias=torch.zeros(3))
     args.update(bad)
-    for fn in (selective_scan, selective_scan_cpu, selective_scan_cpp, selective_scan_reference):
+    for fn in (selective_scan, selective_scan_torch, selective_scan_cpp, selective_scan_reference):
         with pytest.raises(ValueError, match=message):
             fn(**args)
 
 
-def test_custom_ops_pass_opcheck(seeds):
+def test_ops_pass_opcheck(seeds):
+    """The torch scan's custom op and the C++-registered op (its fake, autograd and schema registered from Python
+    once the library loads) pass torch's op checks, grouped, reversed, low-rank and with absent inputs."""
     u, delta, A, B, C, D, z, bias = make_inputs(2, 3, 10, 2, torch.float64, seeds[0])
     leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpu_fwd.default, (*leaves, True, 4))
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpu_fwd.default, (u, delta, A, B, C, None, None, None,
-                                                                               False, 8))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_torch_fwd.default, (*leaves, True, 4))
+    torch.library.opcheck(torch.ops.dartmamba.selective_scan_torch_fwd.default, (u, delta, A, B, C, None, None,
+                                                                                 None, False, 8))
     cpp_or_skip()
-    grouped = [t.requires_grad_() for t in make_inputs(2, 4, 10, 2, torch.float32, seeds[1], groups=2)]
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*leaves, True, False))
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (*grouped, True, True))   # reverse
-    torch.library.opcheck(torch.ops.dartmamba.selective_scan_cpp_fwd.default, (u, delta, A, B, C, None, None, None,
-                                                                               False, False))
+    op = cpu_kernels().scan_fwd.default
+    none = torch.empty(0, dtype=torch.float64)
+    grouped = [t.float().requires_grad_() for t in make_inputs(2, 4, 10, 2, torch.float32, seeds[1], groups=2)]
+    torch.library.opcheck(op, (*leaves[:3], B[:, None], C[:, None], *leaves[5:], True, False, none))
+    torch.library.opcheck(op, (*grouped, True, True, torch.empty(0)))                                  # reverse
+    torch.library.opcheck(op, (u, delta, A, B[:, None], C[:, None], none, none, none, False, False, none))
+    factor, proj = torch.randn(2, 2, 10, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with torch.no_grad():                                                            # the low-rank mode: no grad
+        torch.library.opcheck(op, (u, factor, A, B[:, None], C[:, None], D, z, bias, True, False, proj),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):
@@ -522,49 +532,34 @@ def test_cpp_kernel_results_do_not_depend_on_the_thread_count(seeds):
 
 @pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "G2"])
 @pytest.mark.parametrize("options", OPTION_SETS[:2], ids=["vim", "bare"])
-def test_cpp_eager_calls_skip_the_custom_ops_with_the_same_bits(groups, options, seeds, monkeypatch):
-    """Plain eager calls run the kernels through a direct autograd.Function (no custom-op dispatch); the custom ops
-    (what torch.compile, fake tensors and the FLOP counter see) give the same output, last state and gradients bit
-    for bit, with and without a gradient on the last state."""
+def test_cpp_one_path_eager_compiled_and_inference_agree(groups, options, seeds):
+    """Every call runs the one C++-registered op: eager with autograd, compiled (fullgraph, no graph break) and
+    inference give the same output, last state and gradients (the reference agrees to rounding)."""
     cpp_or_skip()
     inputs = make_inputs(2, 36, 23, 8, torch.float32, seeds[0], groups=groups, **options)
     grad_out = torch.randn(2, 36, 23, generator=torch.Generator().manual_seed(seeds[1]))
     grad_last = torch.randn(2, 36, 8, dtype=torch.float64)
-    custom_op_calls = []
-    real_op = ss._scan_cpp_fwd_op
-    monkeypatch.setattr(ss, "_scan_cpp_fwd_op", lambda *a: custom_op_calls.append(1) or real_op(*a))
+
+    def scan(*args, **kwargs):
+        return selective_scan(*args, **kwargs, backend="cpp")
+
+    compiled = torch.compile(scan, fullgraph=True, backend="aot_eager")
     for last in (None, grad_last):
-        eager = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
-        assert custom_op_calls == [], "a plain eager call went through the custom op"
-        with monkeypatch.context() as m:
-            m.setattr(ss, "plain_eager", lambda *tensors: False)
-            traced = run(selective_scan_cpp, inputs, options["softplus"], grad_out, last)
-        assert len(custom_op_calls) == 1
-        custom_op_calls.clear()
+        eager = run(scan, inputs, options["softplus"], grad_out, last)
+        traced = run(compiled, inputs, options["softplus"], grad_out, last)
+        reference = run(selective_scan_reference, inputs, options["softplus"], grad_out, last)
         assert torch.equal(eager[0], traced[0])
+        assert_rel_close(eager[0], reference[0], TOLERANCE[torch.float32], "out")
         if last is not None:
             assert torch.equal(eager[3], traced[3])
-        for name, a, b in zip(NAMES, eager[1], traced[1]):
+        for name, a, b, r in zip(NAMES, eager[1], traced[1], reference[1]):
             assert (a is None and b is None) or torch.equal(a, b), name
-    # a call that needs no gradient (inference) calls the kernel directly: the same bits, no autograd node
-    eager_apply = []
-    real_apply = ss._ScanCppEager.apply
-    monkeypatch.setattr(ss._ScanCppEager, "apply", lambda *a: eager_apply.append(1) or real_apply(*a))
+            if r is not None:
+                assert_rel_close(a, r, TOLERANCE[torch.float32], f"d{name}")
     with torch.inference_mode():
-        out, last_state = selective_scan(*inputs[:6], z=inputs[6], delta_bias=inputs[7],
-                                         delta_softplus=options["softplus"], return_last_state=True)
-    with torch.no_grad():
-        out2 = selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
-    assert eager_apply == [] and custom_op_calls == [] and out.grad_fn is None
-    assert torch.equal(out, eager[0]) and torch.equal(out2, eager[0]) and torch.equal(last_state, eager[3])
-    # parameters are plain too (a model passes e.g. dt_proj.bias.float(), which is the parameter itself)
-    params = [torch.nn.Parameter(t) if t is not None else None for t in inputs]
-    selective_scan_cpp(*params[:6], z=params[6], delta_bias=params[7], delta_softplus=options["softplus"])
-    assert custom_op_calls == [] and eager_apply == [1], "a call with parameters went through the custom op"
-    # modes and transforms take the custom ops: the FLOP counter (a dispatch mode) counts them
-    with FlopCounterMode(display=False) as counter:
-        selective_scan_cpp(*inputs, delta_softplus=options["softplus"])
-    assert custom_op_calls == [1] and counter.get_total_flops() > 0
+        out, last_state = scan(*inputs[:6], z=inputs[6], delta_bias=inputs[7], delta_softplus=options["softplus"],
+                               return_last_state=True)
+    assert out.grad_fn is None and torch.equal(out, eager[0]) and torch.equal(last_state, eager[3])
 
 
 def test_cpp_kernel_flops_are_its_registered_formula(seeds):
@@ -617,10 +612,10 @@ def fake_mamba_extension(calls):
         per_group = u.shape[1] // B.shape[1]
         parts = []
         for g in range(B.shape[1]):
-            args = ss._group_args(g, per_group, u, delta, A, B, C, D_, z_, bias_)
-            _, states, _ = ss._scan_cpu_forward(*args, delta_softplus, 4096)
+            args = scan_torch._group_args(g, per_group, u, delta, A, B, C, D_, z_, bias_)
+            _, states, _ = scan_torch._scan_torch_forward(*args, delta_softplus, 4096)
             sl = slice(g * per_group, (g + 1) * per_group)
-            parts.append(ss._scan_cpu_backward(dout[:, sl], *args, states, None, delta_softplus, 4096))
+            parts.append(scan_torch._scan_torch_backward(dout[:, sl], *args, states, None, delta_softplus, 4096))
         du, ddelta, dA, dB, dC, dD, dz_, dbias = (torch.cat([p[i] for p in parts], dim=0 if i in (2, 5, 7) else 1)
                                                   if i not in (3, 4) else torch.stack([p[i] for p in parts], 1)
                                                   for i in range(8))
@@ -633,8 +628,9 @@ def fake_mamba_extension(calls):
 @pytest.fixture
 def fake_mamba(monkeypatch):
     calls = []
-    monkeypatch.setattr(ss, "_mamba_extension", lambda: fake_mamba_extension(calls))
-    monkeypatch.setattr(ss, "_mamba_unavailable", lambda: None)
+    monkeypatch.setitem(compat_mamba._LOADED, "ext", fake_mamba_extension(calls))
+    monkeypatch.setitem(compat_mamba._LOADED, "extra", {"fwd": 0, "bwd": 0})   # the arity of mamba-ssm 2.3
+    monkeypatch.setattr(scan_cuda, "mamba_unavailable", lambda: None)
     return calls
 
 
@@ -669,7 +665,7 @@ def test_mamba_wrapper_casts_for_the_kernel(seeds, fake_mamba):
 
 
 def test_mamba_missing_raises_when_called_directly():
-    if ss._mamba_unavailable() is None:
+    if scan_cuda.mamba_unavailable() is None:
         pytest.skip("mamba-ssm is installed here")
     inputs = make_inputs(1, 2, 3, 2, torch.float32, 0)
     with pytest.raises(BackendUnavailableError, match="scan backend 'cuda' is not available"):
@@ -680,7 +676,7 @@ def test_mamba_missing_raises_when_called_directly():
 # On a GPU with mamba-ssm
 # ----------------------------------------------------------------------------------------------------------------
 def _mamba_ready():
-    return torch.cuda.is_available() and ss._mamba_unavailable() is None
+    return torch.cuda.is_available() and scan_cuda.mamba_unavailable() is None
 
 
 @pytest.mark.gpu
@@ -696,7 +692,7 @@ def test_cuda_kernel_matches_cpu_scan(dtype, length, groups, seeds):
     cuda_inputs = [t.cuda() for t in inputs]
     out_c, grads_c, grad_out, _ = run(lambda *a, **k: selective_scan(*a, **k, backend="cuda"), cuda_inputs,
                                       True)
-    out_f, grads_f, _, _ = run(selective_scan_cpu, cuda_inputs, True, grad_out)
+    out_f, grads_f, _, _ = run(selective_scan_torch, cuda_inputs, True, grad_out)
     rtol_out, rtol_grad = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 3e-2)
     assert out_c.dtype == dtype
     assert_rel_close(out_c.float(), out_f.float(), rtol_out, "out")
@@ -704,7 +700,7 @@ def test_cuda_kernel_matches_cpu_scan(dtype, length, groups, seeds):
         assert gc.dtype == gf.dtype
         assert_rel_close(gc.float(), gf.float(), rtol_grad, f"d{name}")
     _, last_c = selective_scan(*cuda_inputs, delta_softplus=True, return_last_state=True, backend="cuda")
-    _, last_f = selective_scan_cpu(*cuda_inputs, delta_softplus=True, return_last_state=True)
+    _, last_f = selective_scan_torch(*cuda_inputs, delta_softplus=True, return_last_state=True)
     assert_rel_close(last_c.float(), last_f.float(), rtol_out, "last state")
 
 

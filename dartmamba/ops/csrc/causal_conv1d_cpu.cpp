@@ -1,5 +1,5 @@
 // Depthwise causal conv1d (+ optional SiLU) for CPU tensors, forward and backward: the "cpp" backend of the op
-// "conv1d" (dartmamba/ops/conv1d.py), built into the same library as the selective scan.
+// "conv1d" (dartmamba/ops/conv1d/cpp.py), built into the same library as the selective scan.
 //
 //   out[b, d, t] = act(bias[d] + sum_k w[d, k] x[b, d, t - (K - 1) + k]),   zeros before t = 0
 //
@@ -224,7 +224,7 @@ void check_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 }
 
 // The output layout: channel-last when x's channels are adjacent (e.g. a (B, L, 2D) projection's slice), so that a
-// GEMM over channels reads it without a copy; else as x (dense) or contiguous. dartmamba/ops/conv1d.py's fake
+// GEMM over channels reads it without a copy; else as x (dense) or contiguous. dartmamba/ops/conv1d/cpp.py's fake
 // applies the same rule.
 at::Tensor like_input(const at::Tensor& x) {
   if (x.size(1) > 1 && x.stride(1) == 1) return at::empty({x.size(0), x.size(2), x.size(1)}, x.options()).transpose(1, 2);
@@ -277,8 +277,11 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
-  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor",
-        &causal_conv1d_fwd);
-  m.def("causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor[]",
-        &causal_conv1d_bwd);
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor");
+  m.def("causal_conv1d_bwd(Tensor dout, Tensor x, Tensor weight, Tensor bias, bool silu, bool reverse) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
+  m.impl("causal_conv1d_bwd", &causal_conv1d_bwd);
 }

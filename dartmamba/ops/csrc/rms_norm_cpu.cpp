@@ -1,5 +1,5 @@
 // RMSNorm with a fused residual add for CPU tensors, forward only: the "cpp" backend of the op "rmsnorm"
-// (dartmamba/ops/rmsnorm.py) for calls that need no gradient, built into the same library as the selective scan.
+// (dartmamba/ops/rmsnorm/cpp.py) for calls that need no gradient, built into the same library as the selective scan.
 //
 //   s = x + residual (or x),   out = s / sqrt(mean(s^2) + eps) * weight (+ bias),   residual_out = s
 //
@@ -96,5 +96,9 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weig
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor bias, Tensor residual, float eps, bool store_residual) -> "
-        "Tensor[]", &rms_norm_fwd);
+        "Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
 }

@@ -1,7 +1,7 @@
 // Exact selective scan (Mamba-1 recurrence) for CPU tensors, forward and backward.
 //
 // Built at first use by dartmamba/ops/_jit.py (torch.utils.cpp_extension.load, with the vector ISA torch itself
-// dispatches to on this CPU) and registered as the "cpp" backend of the op "scan" (dartmamba/ops/scan.py). For
+// dispatches to on this CPU) and registered as the "cpp" backend of the op "scan" (dartmamba/ops/scan/cpp.py). For
 // every batch b, channel d and state index n:
 //
 //   dt_t = softplus(delta_t + delta_bias)              (bias and softplus optional)
@@ -644,10 +644,16 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
-// Registered as torch.ops.<extension name>.scan_fwd / scan_bwd (dartmamba/ops/scan.py wraps them in its custom ops).
+// The schemas, and the CPU kernels under the CPU dispatch key (not catch-all: dartmamba/ops/_jit.py registers their
+// fake implementations, autograd and FLOP formulas from Python once the library loads).
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor delta_bias, "
-        "bool softplus, bool reverse, Tensor delta_proj) -> Tensor[]", &scan_fwd);
+        "bool softplus, bool reverse, Tensor delta_proj) -> Tensor[]");
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
-        "Tensor delta_bias, Tensor dlast, bool softplus, bool reverse) -> Tensor[]", &scan_bwd);
+        "Tensor delta_bias, Tensor dlast, bool softplus, bool reverse) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd);
+  m.impl("scan_bwd", &scan_bwd);
 }
