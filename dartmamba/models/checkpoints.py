@@ -1,25 +1,26 @@
 """Checkpoint maps, in one place: official checkpoints, fixed-grid -> DART weight transfer, our own files.
 
-Our files carry a digest of every tensor (:mod:`dartmamba.files`); they are verified wherever one is read:
-:func:`load_model`, and timm's own loaders when they load a local file into one of our models
-(``timm.create_model(..., checkpoint_path=...)``, ``pretrained_cfg_overlay=dict(file=...)``, and
-``timm.models.load_checkpoint``). timm hands the file's path only to those loaders, so the model's
-``pretrained_filter_fn`` and a ``load_state_dict`` pre-hook (installed by :func:`record_config`) read it from the
-loader's frame on the call stack; nothing of timm is replaced.
+Our files carry a digest of every tensor (:mod:`dartmamba.files`). :func:`load_model` and our readers verify them
+from the file. Files of our models also hold the digest table as one extra tensor, ``__dartmamba_digests__``, which
+every loader hands to the model with the weights: timm's ``load_checkpoint`` (behind ``timm.create_model(...,
+checkpoint_path=...)``), ``load_pretrained`` with ``pretrained_cfg_overlay=dict(file=...)``, and
+``safetensors.torch.load_file`` + ``load_state_dict``. The model's ``pretrained_filter_fn``
+(:func:`checkpoint_filter_fn`) or, for loaders without one, its ``load_state_dict`` pre-hook (registered by
+:func:`record_config`) verifies the tensors against it and removes it, so a load is verified once and strict loading
+sees no extra key. Files that hold their digests only in the header metadata (written before the digest tensor) are
+verified by :func:`load_model` and our readers, not by timm's loaders. Nothing of timm is replaced or inspected.
 """
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from ..files import (CONFIG_KEY, read_safetensors_header, read_state_dict, unwrap_state_dict, verify_digests,
-                     write_safetensors)
+from ..files import (CONFIG_KEY, read_safetensors_header, read_state_dict, unwrap_state_dict,
+                     verify_and_strip_digests, write_safetensors)
 
 
 class TransferReport(NamedTuple):
@@ -39,14 +40,12 @@ class TransferReport(NamedTuple):
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     """timm ``pretrained_filter_fn`` for our models (``pretrained=True``, ``pretrained_cfg_overlay=dict(file=...)``):
-    unwrap the file's state dict (hustvl/Vim and DART files keep it under ``"model"``); when timm read it from a local
-    file of ours, verify its digests before anything is adapted; let the tokenizer rename an official checkpoint's
-    tensors and adopt the settings it was trained with; resize ``pos_embed`` to the model's grid. Our own files pass
-    through unchanged."""
-    state = unwrap_state_dict(state_dict)
-    path = _file_timm_is_loading("load_pretrained")
-    if path is not None:
-        _verify_loaded(state, path)
+    unwrap the file's state dict (hustvl/Vim and DART files keep it under ``"model"``); when it carries our digest
+    tensor, verify the tensors against it and drop it, before anything is adapted; let the tokenizer rename an
+    official checkpoint's tensors and adopt the settings it was trained with; resize ``pos_embed`` to the model's
+    grid. Our own files pass through otherwise unchanged. The caller's dict is not modified."""
+    state = dict(unwrap_state_dict(state_dict))
+    verify_and_strip_digests(state, f"the state dict loaded into {type(model).__name__}")
     tokenizer = _tokenizer(model)
     if tokenizer is not None:
         converted = tokenizer.convert_official_state_dict(state, "patch_embed.", "pretrained weights")
@@ -61,71 +60,13 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return state
 
 
-def _file_timm_is_loading(loader: str) -> str | None:
-    """The local file timm's ``loader`` (on the call stack) is reading, or None.
-
-    ``load_pretrained``: its ``pretrained_loc`` when it loads from a file; ``load_checkpoint``: its
-    ``checkpoint_path`` unless it remaps or filters the tensors (they would not match the file's digests).
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == loader and frame.f_globals.get("__name__", "").startswith("timm."):
-            names = frame.f_locals
-            if loader == "load_pretrained":
-                return names.get("pretrained_loc") if names.get("load_from") == "file" else None
-            if names.get("remap") or names.get("filter_fn") is not None:
-                return None
-            return names.get("checkpoint_path")
-        frame = frame.f_back
-    return None
-
-
-def _verify_loaded(state_dict: dict, path) -> None:
-    """Verify tensors timm read from ``path`` against the file's digests (files of other tools have none)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        metadata, _ = read_safetensors_header(path)
-        verify_digests(state_dict, metadata, path)
-
-
-def _verify_timm_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                            error_msgs) -> None:
-    """``load_state_dict`` pre-hook of our models: verify what ``timm.models.load_checkpoint`` (behind
-    ``timm.create_model(..., checkpoint_path=...)``) read, before it is copied into the model."""
-    if prefix:
-        return
-    path = _file_timm_is_loading("load_checkpoint")
-    if path is not None:
-        _verify_loaded(state_dict, path)
-
-
-def _name_the_file(read):
-    """Wrap timm's file reader so that a failure to read a checkpoint names the file (a note on the exception; its
-    type and message are timm's / safetensors')."""
-    @functools.wraps(read)
-    def reader(checkpoint_path, *args, **kwargs):
-        try:
-            return read(checkpoint_path, *args, **kwargs)
-        except Exception as exc:
-            if not any(str(checkpoint_path) in note for note in getattr(exc, "__notes__", ())):
-                exc.add_note(f"cannot read checkpoint file {checkpoint_path}: it is missing, truncated, corrupt or "
-                             f"not a checkpoint")
-            raise
-
-    reader.names_the_file = True
-    return reader
-
-
-def _install_file_names() -> None:
-    """timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``) reads files through
-    ``timm.models._helpers.load_state_dict``, whose errors (safetensors') do not say which file failed."""
-    from timm.models import _helpers
-
-    if not getattr(_helpers.load_state_dict, "names_the_file", False):
-        _helpers.load_state_dict = _name_the_file(_helpers.load_state_dict)
-
-
-_install_file_names()
+def _verify_loaded_digests(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs) -> None:
+    """``load_state_dict`` pre-hook of our models: when the state dict carries our digest tensor (timm's
+    ``load_checkpoint``, ``load_file`` + ``load_state_dict``), verify the tensors against it and remove it before
+    torch copies them and looks for unexpected keys. Runs for any ``strict``; under a prefix too (the model inside
+    another one)."""
+    verify_and_strip_digests(state_dict, f"the state dict loaded into {type(module).__name__}", prefix)
 
 
 def _cls_pos_index(model: nn.Module) -> int:
@@ -141,7 +82,8 @@ def transfer_fixed_grid_weights(model: nn.Module, state_dict: dict, source_cls_p
     ``pos_embed`` is resampled (timm's bicubic ``resample_abs_pos_embed``) when the grids differ. The DART scorer is
     reported as missing. ``source_cls_pos_index`` defaults to the target's convention (0 for DeiT, middle for Vim).
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = dict(unwrap_state_dict(state_dict))
+    verify_and_strip_digests(state_dict, "the state dict to transfer")
     own = model.state_dict()
     loaded, unexpected, resized, to_load = [], [], [], {}
     for key, value in state_dict.items():
@@ -274,6 +216,7 @@ def inflate_image_checkpoint(model: nn.Module, state_dict: dict, source_cls_pos_
     :class:`TransferReport`; the image head is in ``skipped``.
     """
     state = dict(unwrap_state_dict(state_dict))
+    verify_and_strip_digests(state, "the image checkpoint to inflate")
     own = model.state_dict()
     skipped = [k for k in list(state) if k.startswith("head.") and not (keep_head and k in own
                                                                         and state[k].shape == own[k].shape)]
@@ -307,10 +250,10 @@ _NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "features_only"
 
 def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
     """Remember how a model was created (timm name + architecture kwargs) so :func:`save_model` can store it, and
-    verify the digests of files timm's loaders read into it."""
+    register the ``load_state_dict`` pre-hook that verifies and removes the digest tensor of our files."""
     config = {"model": name, "kwargs": {k: v for k, v in kwargs.items() if k not in _NOT_ARCHITECTURE}}
     setattr(model, CONFIG_KEY, config)
-    model.register_load_state_dict_pre_hook(_verify_timm_checkpoint)
+    model.register_load_state_dict_pre_hook(_verify_loaded_digests)
     return model
 
 

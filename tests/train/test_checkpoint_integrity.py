@@ -3,7 +3,9 @@ of the checkpoint's model.safetensors (true bit for bit for every ZeRO stage and
 file or EMA file is an error naming it, before training continues."""
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import pytest
 import torch
@@ -71,7 +73,9 @@ def test_a_damaged_ema_file_is_refused_at_resume(tmp_path, dist_group, batch):
                     keep_last=2)
     path = out / "checkpoints" / "epoch0001" / "model_ema.safetensors"
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40                                          # inside the last tensor's payload
+    (length,) = struct.unpack("<Q", data[:8])                 # safetensors: header length, JSON header, payloads
+    begin, _ = json.loads(data[8:8 + length])["head.weight"]["data_offsets"]
+    data[8 + length + begin + 3] ^= 0x40                      # inside a weight's payload (not the digest tensor)
     os.remove(path)                                           # a hard link to last_ema.safetensors: write a new file
     path.write_bytes(bytes(data))
     _, fresh = make_engine(tmp_path, ["deepspeed.stage=0", "train.precision=fp32"], seed=1)
