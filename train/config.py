@@ -1,30 +1,41 @@
-"""Run configuration: a typed schema, YAML files with ``_base_`` inheritance, and ``key=value`` overrides.
+"""Run configuration: typed sections (pydantic models), YAML recipes with ``_base_`` inheritance, ``key=value``
+overrides, and recipes found by name.
 
-Every key a recipe may set is a field below; anything else (a typo, a key at the wrong level) is an error that
-names the key, where it came from and the closest valid spelling, before any work starts. Values are checked
-against the field's type (``train.epochs=ten`` is refused) and then against the rules in :func:`validate`.
+Every key a recipe may set is a field below with its rule beside it (``Field(ge=1)``, a ``Literal``, a validator for
+rules across fields); any other key is an error. Types are strict as before: ``train.epochs=ten`` or ``true`` is
+refused; a number takes an int or a numeric string (PyYAML reads ``1e-3`` as a string). An error is one line: the
+source (YAML file or override) that set the value, the key, the expected form, the closest spelling of an unknown
+key. ``model.kwargs`` (checked by the timm model) and ``deepspeed.overrides`` (by DeepSpeed) are free-form.
 
-Two fields are free-form on purpose: ``model.kwargs`` (passed to ``timm.create_model``, which reports bad model
-arguments itself) and ``deepspeed.overrides`` (merged into the DeepSpeed JSON, which DeepSpeed validates).
+``load_config`` takes a YAML path or a recipe name (``"vim_small_dart"``, ``"demo/vim_dart"``: ``<name>.yaml`` in the
+installed package ``dartmamba_configs``, this checkout's ``configs/``). The input paths of :data:`PATH_KEYS` are
+relative to the YAML file that sets them (``_base_`` files included), or to the working directory when set by an
+override or :func:`config_from_dict`; a loaded config holds them absolute, so a saved config loads back the same
+from anywhere. ``output.dir`` is an output and stays relative to the working directory.
 
-    cfg = load_config("configs/vim_tiny_dart.yaml", ["train.epochs=10", "model.kwargs.num_tokens=144"])
+    cfg = load_config("vim_tiny_dart", ["train.epochs=10", "data.root=/data/imagenet"])
     save_config(cfg, "outputs/run/config.yaml")
-"""
-from __future__ import annotations
 
+Sections support attribute access and assignment (not re-validated), ``==`` and ``copy.deepcopy``, as the
+dataclasses they replace did; :func:`config_to_dict` gives the plain dict.
+"""
 import copy
-import dataclasses
 import difflib
+import importlib.resources
 import os
 import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "config_to_dict", "save_config",
-           "parse_override"]
+           "parse_override", "deep_merge", "recipe_names", "RECIPES_PACKAGE", "PATH_KEYS"]
+
+RECIPES_PACKAGE = "dartmamba_configs"
 
 
 class ConfigError(ValueError):
@@ -32,267 +43,382 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Value types: strict, with the checks that travel with them
+# ---------------------------------------------------------------------------------------------------------------
+def _rule(message: str, key: str = "", *related: str) -> PydanticCustomError:
+    """A broken rule: ``message`` about ``key`` (dotted, relative to the model raising it; "" for the field being
+    validated); ``related`` keys are the others the rule reads (the error names whichever of them was set)."""
+    return PydanticCustomError("config", "{message}", {"message": message, "key": key, "related": related})
+
+
+class _Hint(str):
+    """Annotation metadata: a few words appended to the expected form in range errors."""
+
+
+def _number(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):               # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _one_of(*values):
+    """``Literal[values]`` refusing equal values of another type (``True`` for 1, ``1.0`` for 1)."""
+    kinds = {type(v) for v in values}
+
+    def exact_type(value):
+        if type(value) not in kinds:
+            raise PydanticCustomError("literal_error", "wrong type")
+        return value
+    return Annotated[Literal[values], BeforeValidator(exact_type)]
+
+
+def _pair(low=None, high=None):
+    """A ``[low, high]`` list with ``low <= high`` inside ``[low, high]`` bounds."""
+    def check(values):
+        if values is None:
+            return values
+        if len(values) != 2:
+            raise _rule(f"expected a [low, high] pair, got {values!r}")
+        if values[0] > values[1]:
+            raise _rule(f"expected low <= high, got {values!r}")
+        if low is not None and values[0] < low:
+            raise _rule(f"values must be >= {low}, got {values!r}")
+        if high is not None and values[1] > high:
+            raise _rule(f"values must be <= {high}, got {values!r}")
+        return values
+    return AfterValidator(check)
+
+
+def _sized(*lengths: int, what: str):
+    def check(values):
+        if values is not None and len(values) not in lengths:
+            raise _rule(f"expected null or {what}, got {values!r}")
+        return values
+    return AfterValidator(check)
+
+
+_listify = BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v)
+Num = Annotated[float, BeforeValidator(_number)]
+Nums = Annotated[list[Num], _listify]
+Ints = Annotated[list[int], _listify]
+Count = Annotated[int, Field(ge=1)]                 # an int >= 1
+Unit = Annotated[Num, Field(ge=0, le=1)]           # a probability / fraction in [0, 1]
+Positive = Annotated[Num, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """What to train. ``name`` is any timm model name (dartmamba's are registered on import)."""
 
     name: str = "vim_tiny_dart"
-    kwargs: dict = field(default_factory=dict)      # extra timm.create_model arguments (img_size, num_tokens, ...)
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    kwargs: dict = Field(default_factory=dict)      # extra timm.create_model arguments (img_size, num_tokens, ...)
+    drop_rate: Unit = 0.0
+    drop_path_rate: Unit = 0.0
     init_checkpoint: Optional[str] = None           # weights to start from (.safetensors or torch file)
     grad_checkpointing: bool = False
 
+    @field_validator("kwargs")
+    @classmethod
+    def _not_set_elsewhere(cls, kwargs: dict) -> dict:
+        reserved = {"num_classes", "drop_rate", "drop_path_rate", "pretrained"} & set(kwargs)
+        if reserved:
+            raise _rule(f"{sorted(reserved)} are set elsewhere (data.num_classes, model.drop_rate, "
+                        f"model.drop_path_rate); remove them from model.kwargs")
+        return kwargs
 
-@dataclass
-class CanvasConfig:
+
+class CanvasConfig(_Section):
     """The cluttered-canvas data set (:class:`dartmamba.data.ClutteredCanvas`) over scikit-learn's digits."""
 
-    canvas_size: int = 64
-    output_size: Optional[int] = None               # deliver at this side (a fixed grid's lower resolution)
-    object_size: list[int] = field(default_factory=lambda: [8, 12])
-    num_distractors: list[int] = field(default_factory=lambda: [4, 8])
-    fragment_fraction: list[float] = field(default_factory=lambda: [0.3, 0.6])
-    distractor_contrast: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    noise_std: float = 0.05
-    background: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    canvas_size: Annotated[int, Field(ge=4)] = 64
+    output_size: Optional[Count] = None             # deliver at this side (a fixed grid's lower resolution)
+    object_size: Annotated[Ints, _pair(low=1)] = [8, 12]               # high <= canvas_size (below)
+    num_distractors: Annotated[Ints, _pair(low=0)] = [4, 8]
+    fragment_fraction: Annotated[Nums, _pair(low=1e-9, high=1.0)] = [0.3, 0.6]
+    distractor_contrast: Annotated[Nums, _pair(low=0.0)] = [0.5, 1.0]
+    noise_std: Annotated[Num, Field(ge=0)] = 0.05
+    background: Annotated[Nums, _pair(low=0.0, high=1.0)] = [0.0, 0.2]
     tint: bool = False
-    train_length: Optional[int] = None              # canvases per training epoch (default: one per train digit)
-    val_length: Optional[int] = None                # validation canvases (default: one per val digit)
-    val_fraction: float = 0.2
+    train_length: Optional[Count] = None            # canvases per training epoch (default: one per train digit)
+    val_length: Optional[Count] = None              # validation canvases (default: one per val digit)
+    val_fraction: Annotated[Num, Field(gt=0, lt=1)] = 0.2
     split_seed: int = 0
     seed: int = 0                                   # base seed of the canvases (train: seed, val: seed + 1)
 
+    @model_validator(mode="after")
+    def _fits_the_canvas(self):
+        if self.output_size is not None and self.output_size > self.canvas_size:
+            raise _rule(f"expected null or an int in [1, canvas_size={self.canvas_size}], got {self.output_size!r}",
+                        "output_size", "canvas_size")
+        if self.object_size[1] > self.canvas_size:
+            raise _rule(f"values must be <= {self.canvas_size}, got {self.object_size!r}", "object_size",
+                        "canvas_size")
+        return self
 
-@dataclass
-class VideoCanvasConfig:
+
+class VideoCanvasConfig(_Section):
     """Clips for ``data.kind: video_canvas`` (:class:`dartmamba.data.MovingDigitClips`): a digit moving over a
     static scene drawn with the ``data.canvas`` settings (clutter and a static decoy digit); label: the moving one."""
 
-    num_frames: int = 8                             # must equal the model's num_frames
-    speed: list[float] = field(default_factory=lambda: [2.0, 4.0])     # canvas pixels per frame
-    frame_noise_std: float = 0.03                   # fresh noise per frame
-    num_decoys: int = 0                             # whole digits that stand still (a frame alone is ambiguous)
+    num_frames: Count = 8                           # must equal the model's num_frames
+    speed: Annotated[Nums, _pair(low=0.0)] = [2.0, 4.0]                # canvas pixels per frame
+    frame_noise_std: Annotated[Num, Field(ge=0)] = 0.03                 # fresh noise per frame
+    num_decoys: Annotated[int, Field(ge=0)] = 0     # whole digits that stand still (a frame alone is ambiguous)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where images come from and how they are transformed (timm's ``create_dataset`` / ``create_transform``)."""
 
-    kind: Literal["imagefolder", "canvas", "video_canvas"] = "imagefolder"
-    root: Optional[str] = None                      # ImageFolder root with one folder per split
+    kind: _one_of("imagefolder", "canvas", "video_canvas") = "imagefolder"
+    root: Optional[str] = None                      # ImageFolder root with one folder per split (required for it)
     train_split: str = "train"
     val_split: str = "val"
-    num_classes: Optional[int] = None               # default: from the data set
-    img_size: Optional[int] = None                  # default: the model's pretrained-cfg input size
-    crop_pct: Optional[float] = None
+    num_classes: Optional[Count] = None             # default: from the data set (required for video_canvas)
+    img_size: Optional[Count] = None                # default: the model's pretrained-cfg input size
+    crop_pct: Optional[Num] = Field(None, gt=0, le=1)
     interpolation: str = "bicubic"
-    mean: Optional[list[float]] = None              # default: the model's (ImageNet) mean / std
-    std: Optional[list[float]] = None
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
-    hflip: float = 0.5
-    color_jitter: Optional[float] = 0.3
+    mean: Annotated[Optional[Nums], _sized(1, 3, what="1 or 3 numbers")] = None   # default: the model's mean / std
+    std: Annotated[Optional[Nums], _sized(1, 3, what="1 or 3 numbers")] = None
+    scale: Annotated[Nums, _pair(low=0.0, high=1.0)] = [0.08, 1.0]
+    ratio: Annotated[Nums, _pair(low=0.0)] = [0.75, 4.0 / 3.0]
+    hflip: Unit = 0.5
+    color_jitter: Optional[Num] = 0.3
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
+    reprob: Unit = 0.25
     remode: str = "pixel"
-    recount: int = 1
-    num_workers: int = 8
+    recount: Count = 1
+    num_workers: Annotated[int, Field(ge=0)] = 8
     pin_memory: bool = True
-    canvas: CanvasConfig = field(default_factory=CanvasConfig)
-    video: VideoCanvasConfig = field(default_factory=VideoCanvasConfig)
+    canvas: CanvasConfig = Field(default_factory=CanvasConfig)
+    video: VideoCanvasConfig = Field(default_factory=VideoCanvasConfig)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std):
+        if std is not None and not all(v > 0 for v in std):
+            raise _rule(f"expected positive numbers, got {std!r}")
+        return std
 
 
-@dataclass
-class AugConfig:
+class AugConfig(_Section):
     """Batch-level regularisation: timm Mixup / CutMix with soft targets, label smoothing."""
 
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: Optional[list[float]] = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
-    smoothing: float = 0.1
+    mixup: Annotated[Num, Field(ge=0), _Hint("0 disables it")] = 0.8
+    cutmix: Annotated[Num, Field(ge=0), _Hint("0 disables it")] = 1.0
+    cutmix_minmax: Annotated[Optional[Nums], _pair(low=0.0, high=1.0)] = None
+    mixup_prob: Unit = 1.0
+    mixup_switch_prob: Unit = 0.5
+    mixup_mode: _one_of("batch", "pair", "elem") = "batch"
+    smoothing: Unit = 0.1
+
+    @property
+    def mixing(self) -> bool:
+        """Whether Mixup / CutMix run (they pair images, so the batch must be even)."""
+        return (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None) and self.mixup_prob > 0
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """timm ``create_optimizer_v2``; no weight decay on norms, biases, positional embeddings and class tokens.
 
     ``lr`` is absolute; when it is null, ``lr = lr_base * global_batch / lr_base_size`` (DeiT's linear rule).
     """
 
     opt: str = "adamw"
-    lr: Optional[float] = None
-    lr_base: float = 5e-4
-    lr_base_size: int = 512
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    eps: Optional[float] = None
-    betas: Optional[list[float]] = None
-    layer_decay: Optional[float] = None
+    lr: Optional[Positive] = None
+    lr_base: Positive = 5e-4
+    lr_base_size: Count = 512
+    weight_decay: Annotated[Num, Field(ge=0)] = 0.05
+    momentum: Num = 0.9
+    eps: Optional[Num] = None
+    betas: Annotated[Optional[Nums], _sized(2, what="two numbers")] = None
+    layer_decay: Optional[Num] = Field(None, gt=0, le=1)
 
 
-@dataclass
-class SchedConfig:
+class SchedConfig(_Section):
     """timm scheduler, stepped every optimizer update (``step_on_epochs=False``)."""
 
     sched: str = "cosine"
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: float = 0.0
-    decay_rate: float = 0.1
-    decay_epochs: float = 90.0
+    warmup_epochs: Annotated[Num, Field(ge=0)] = 5.0                    # below train.epochs (or 0)
+    warmup_lr: Num = 1e-6
+    min_lr: Num = 1e-5
+    cooldown_epochs: Num = 0.0
+    decay_rate: Num = 0.1
+    decay_epochs: Num = 90.0
 
 
-@dataclass
-class EmaConfig:
+class EmaConfig(_Section):
     """timm ``ModelEmaV3`` of the weights (evaluated and saved beside the model)."""
 
     enabled: bool = False
-    decay: float = 0.99996
+    decay: Annotated[Num, Field(gt=0, lt=1)] = 0.99996
     warmup: bool = False
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The loop. ``batch_size`` is per process (DeepSpeed's micro batch); the global batch is
     ``batch_size * grad_accum * world_size``."""
 
-    epochs: int = 300
-    batch_size: int = 128
-    eval_batch_size: Optional[int] = None
-    grad_accum: int = 1
-    clip_grad: Optional[float] = 5.0
-    precision: Literal["fp32", "bf16", "amp_bf16"] = "amp_bf16"
+    epochs: Count = 300
+    batch_size: Count = 128                         # even when aug mixes images
+    eval_batch_size: Optional[Count] = None
+    grad_accum: Count = 1
+    clip_grad: Optional[Positive] = 5.0
+    precision: _one_of("fp32", "bf16", "amp_bf16") = "amp_bf16"
     compile: bool = True
-    compile_scope: Literal["auto", "model", "blocks"] = "auto"  # auto: model for ZeRO 0-2, blocks for ZeRO-3
+    compile_scope: _one_of("auto", "model", "blocks") = "auto"   # auto: model for ZeRO 0-2, blocks for ZeRO-3
     compile_backend: str = "inductor"
     compile_mode: Optional[str] = None
     seed: int = 0
-    steps_per_epoch: Optional[int] = None           # cap the updates per epoch (smoke runs); null: the whole set
-    log_interval: int = 50
-    eval_interval: int = 1                          # epochs
-    save_interval: int = 1                          # epochs
-    keep_last: int = 2                              # DeepSpeed checkpoints kept besides the best
-    ema: EmaConfig = field(default_factory=EmaConfig)
+    steps_per_epoch: Optional[Count] = None         # cap the updates per epoch (smoke runs); null: the whole set
+    log_interval: Count = 50
+    eval_interval: Count = 1                        # epochs
+    save_interval: Count = 1                        # epochs
+    keep_last: Count = 2                            # DeepSpeed checkpoints kept besides the best
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
 
-@dataclass
-class DeepSpeedConfig:
-    """``config``: a JSON file (absolute, relative to the working directory, or to the repository's configs/).
-    ``stage``: override its ZeRO stage. ``overrides``: merged into the JSON last."""
-
-    config: str = "deepspeed/zero1.json"
-    stage: Optional[int] = None
-    overrides: dict = field(default_factory=dict)
+def _packaged(relative: str) -> str:
+    """The absolute path of a file of the installed recipes."""
+    return os.path.join(_recipe_root(), relative)
 
 
-@dataclass
-class OutputConfig:
-    dir: str = "outputs/run"
+class DeepSpeedConfig(_Section):
+    """``config``: a DeepSpeed JSON file (default: the recipes' ZeRO-1 one). ``stage``: override its ZeRO stage.
+    ``overrides``: merged into the JSON last."""
+
+    config: str = Field(default_factory=lambda: _packaged(os.path.join("deepspeed", "zero1.json")))
+    stage: Optional[_one_of(0, 1, 2, 3)] = None
+    overrides: dict = Field(default_factory=dict)
+
+
+class OutputConfig(_Section):
+    dir: str = "outputs/run"                        # relative to the working directory (an output, not an input)
     tensorboard: bool = False
     progress_bar: bool = True
     rank_log: bool = False                          # every rank writes ranks/rank<r>.csv (multi-process checks)
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     """A whole training run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    aug: AugConfig = Field(default_factory=AugConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sched: SchedConfig = Field(default_factory=SchedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     resume: Optional[str] = None                    # null, "auto" (the last checkpoint in output.dir) or a path
 
-
-_FREE_FORM = ("model.kwargs", "deepspeed.overrides")
+    @model_validator(mode="after")
+    def _sections_agree(self):
+        d, a, t = self.data, self.aug, self.train
+        if d.kind == "imagefolder" and d.root is None:
+            raise _rule("required when data.kind is 'imagefolder' (a folder with one sub-folder per split, e.g. "
+                        "data.root=/data/imagenet)", "data.root", "data.kind")
+        if d.kind == "video_canvas":
+            if d.num_classes is None:
+                raise _rule("required when data.kind is 'video_canvas' (10 for the digits)", "data.num_classes",
+                            "data.kind")
+            if a.cutmix != 0 or a.cutmix_minmax is not None:
+                raise _rule("must be 0 for video clips (timm's CutMix cuts 2-D images); mixup works", "aug.cutmix",
+                            "aug.cutmix_minmax", "data.kind")
+        if a.mixing and t.batch_size % 2:
+            raise _rule(f"mixup/cutmix need an even batch, got {t.batch_size}", "train.batch_size", "aug.mixup",
+                        "aug.cutmix", "aug.cutmix_minmax", "aug.mixup_prob")
+        warmup = self.sched.warmup_epochs
+        if warmup != 0 and warmup >= t.epochs:
+            raise _rule(f"must be below train.epochs={t.epochs}, got {warmup!r}", "sched.warmup_epochs",
+                        "train.epochs")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Type checking
+# Errors: one line from pydantic's first error, described from the field's own declaration
 # ---------------------------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+_TYPE_NAMES = {int: "an int", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+
+
+def _section(tp) -> Optional[type]:
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp, meta: list) -> Any:
+    """``tp`` without ``Annotated`` layers; their metadata (constraints, hints) appended to ``meta``."""
+    while get_origin(tp) is Annotated:
+        tp, *extra = get_args(tp)
+        for item in extra:
+            meta.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    return tp
+
+
+def _bounds(meta: list) -> str:
+    b = {k: getattr(m, k) for m in meta for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
+    low = ("(", b["gt"]) if "gt" in b else ("[", b["ge"]) if "ge" in b else None
+    high = (")", b["lt"]) if "lt" in b else ("]", b["le"]) if "le" in b else None
+    if low and high:
+        return f" in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f" {'>' if low[0] == '(' else '>='} {low[1]}"
+    return f" {'<' if high[0] == ')' else '<='} {high[1]}" if high else ""
+
+
+def _describe(tp, meta=(), *, bounds: bool = False) -> str:
+    """The expected form of a field: ``"null or an int >= 1"``, ``"one of 'fp32', 'bf16'"``..."""
+    meta = list(meta)
+    tp = _unwrap(tp, meta)
+    origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(names) + " or null"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an int", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints (and strings such as ``"1e-3"``, which PyYAML does not
-    read as numbers) are accepted for floats. Raises ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                pass
-        raise _type_error(value, tp, path)
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        text = " or ".join(_describe(a, meta, bounds=bounds) for a in inner)
+        return f"null or {text}" if type(None) in get_args(tp) else text
     if origin is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(v) for v in typing.get_args(tp)}:
-            return value
-        raise _type_error(value, tp, path)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(value, tp, path)
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(value, tp, path)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(value, tp, path)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):       # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(value, tp, path)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(value, tp, path)
-    if tp is dict:
-        if isinstance(value, dict):
-            return copy.deepcopy(value)
-        raise _type_error(value, tp, path)
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a schema bug, not a user error
+        text = "one of " + ", ".join(repr(v) for v in get_args(tp))
+    elif origin is list:
+        text = f"a list of {_describe(get_args(tp)[0]).split(' ', 1)[1]}s"
+    else:
+        text = "a mapping" if _section(tp) else _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+    if bounds:
+        hint = next((m for m in meta if isinstance(m, _Hint)), None)
+        text += _bounds(meta) + (f" ({hint})" if hint else "")
+    return text
 
 
-def _type_error(value, tp, path: str) -> ConfigError:
-    return ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+def _bare(tp) -> Any:
+    """``tp`` without ``Annotated`` layers and ``Optional``."""
+    tp = _unwrap(tp, [])
+    if get_origin(tp) in (Union, types.UnionType):
+        tp = _unwrap(next(a for a in get_args(tp) if a is not type(None)), [])
+    return tp
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+def _field_at(loc: tuple) -> tuple[Any, list]:
+    """(annotation, metadata) of the value at ``loc`` (field names, list indices) in RunConfig."""
+    tp, meta = RunConfig, []
+    for part in loc:
+        if isinstance(part, int):
+            tp, meta = get_args(_bare(tp))[0], []
+        else:
+            field = _bare(tp).model_fields[part]
+            tp, meta = field.annotation, list(field.metadata)
+    return tp, meta
+
+
+def _dotted(loc) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(loc))
 
 
 def _suggest(key: str, options, prefix: str = "") -> str:
@@ -301,133 +427,116 @@ def _suggest(key: str, options, prefix: str = "") -> str:
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
-def _check_keys(data: dict, cls, prefix: str, origin: str) -> None:
-    """Every key of ``data`` must be a field of ``cls`` (recursively); free-form fields are not descended."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'the top level'} must be a mapping, "
-                          f"got {data!r} ({type(data).__name__})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            valid = ", ".join(sorted(names))
-            raise ConfigError(f"{origin}: unknown key {path!r}{_suggest(str(key), names, prefix)}; "
-                              f"valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {valid}")
-        if dataclasses.is_dataclass(hints[key]) and path not in _FREE_FORM:
-            _check_keys(value, hints[key], path + ".", origin)
+def _unknown_key(loc: tuple) -> str:
+    parent = _dotted(loc[:-1])
+    names = _bare(_field_at(loc[:-1])[0]).model_fields
+    return (f"unknown key {_dotted(loc)!r}{_suggest(str(loc[-1]), names, parent + '.' if parent else '')}; valid keys"
+            f"{' under ' + parent if parent else ''}: {', '.join(sorted(names))}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    """Dataclass instance from a (key-checked) dict, type-checking every value."""
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, value, path = hints[f.name], data[f.name], f"{prefix}{f.name}"
-        kwargs[f.name] = _build(tp, value, path + ".") if dataclasses.is_dataclass(tp) else _coerce(value, tp, path)
-    return cls(**kwargs)
+def _explain(err: dict) -> tuple[str, list[tuple]]:
+    """(one-line message, the keys it is about: the first is the one it names) of one pydantic error."""
+    loc, kind, value = tuple(err["loc"]), err["type"], err["input"]
+    where = _dotted(loc) or "the top level"
+    if kind == "config":
+        ctx = err["ctx"]
+        full = loc + tuple(ctx["key"].split(".")) if ctx["key"] else loc
+        return f"{_dotted(full)}: {ctx['message']}", [full] + [loc + tuple(r.split(".")) for r in ctx["related"]]
+    if kind == "extra_forbidden":
+        return _unknown_key(loc), [loc]
+    tp, meta = _field_at(loc)
+    if kind in _RANGE_ERRORS:
+        shown = _number(value) if _bare(tp) is float else value
+        return f"{where}: expected {_describe(tp, meta, bounds=True)}, got {shown!r}", [loc]
+    return f"{where}: expected {_describe(tp, meta)}, got {value!r} ({type(value).__name__})", [loc]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Semantic checks
-# ---------------------------------------------------------------------------------------------------------------
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def _origin_of(keys: list[tuple], origins: dict) -> Optional[str]:
+    """Which source set these keys (``origins`` is in the order the keys were set): the last to set the first key or
+    one inside it, else the last to set a related key, else the last to set a section holding the first key."""
+    def last(match) -> Optional[str]:
+        hits = [key for key in origins if match(key)]
+        return origins[hits[-1]] if hits else None
+
+    first = keys[0]
+    return (last(lambda k: k[:len(first)] == first) or last(lambda k: any(k[:len(r)] == r for r in keys[1:]))
+            or last(lambda k: first[:len(k)] == k))
 
 
-def _pair(values, path: str, *, integer: bool = False, low=None, high=None) -> None:
-    _require(len(values) == 2, f"{path}: expected a [low, high] pair, got {values!r}")
-    _require(values[0] <= values[1], f"{path}: expected low <= high, got {values!r}")
-    if low is not None:
-        _require(values[0] >= low, f"{path}: values must be >= {low}, got {values!r}")
-    if high is not None:
-        _require(values[1] <= high, f"{path}: values must be <= {high}, got {values!r}")
+def _record(origins: dict, new: dict) -> dict:
+    """``origins`` updated by ``new``, the keys of ``new`` moved last (they were set last)."""
+    out = {k: v for k, v in origins.items() if k not in new}
+    out.update(new)
+    return out
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Rules that types alone cannot express. Raises ConfigError naming the key and the expected form."""
-    t, d, a, o, s = cfg.train, cfg.data, cfg.aug, cfg.optim, cfg.sched
-    for path, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
-                        ("train.grad_accum", t.grad_accum), ("train.log_interval", t.log_interval),
-                        ("train.eval_interval", t.eval_interval), ("train.save_interval", t.save_interval),
-                        ("optim.lr_base_size", o.lr_base_size), ("data.recount", d.recount)):
-        _require(value >= 1, f"{path}: expected an int >= 1, got {value!r}")
-    _require(t.keep_last >= 1, f"train.keep_last: expected an int >= 1, got {t.keep_last!r}")
-    for path, value in (("train.eval_batch_size", t.eval_batch_size), ("train.steps_per_epoch", t.steps_per_epoch),
-                        ("data.num_classes", d.num_classes), ("data.img_size", d.img_size)):
-        _require(value is None or value >= 1, f"{path}: expected null or an int >= 1, got {value!r}")
-    _require(t.clip_grad is None or t.clip_grad > 0, f"train.clip_grad: expected null or a number > 0, "
-                                                     f"got {t.clip_grad!r}")
-    _require(0 < t.ema.decay < 1, f"train.ema.decay: expected a number in (0, 1), got {t.ema.decay!r}")
-    _require(d.num_workers >= 0, f"data.num_workers: expected an int >= 0, got {d.num_workers!r}")
-    if d.kind == "imagefolder":
-        _require(d.root is not None, "data.root: required when data.kind is 'imagefolder' (a folder with one "
-                                     "sub-folder per split, e.g. data.root=/data/imagenet)")
-    for path, values in (("data.mean", d.mean), ("data.std", d.std)):
-        _require(values is None or len(values) in (1, 3), f"{path}: expected null or 1 or 3 numbers, got {values!r}")
-    _require(d.std is None or all(v > 0 for v in d.std), f"data.std: expected positive numbers, got {d.std!r}")
-    _pair(d.scale, "data.scale", low=0.0, high=1.0)
-    _pair(d.ratio, "data.ratio", low=0.0)
-    _require(d.crop_pct is None or 0 < d.crop_pct <= 1, f"data.crop_pct: expected null or a number in (0, 1], "
-                                                        f"got {d.crop_pct!r}")
-    c = d.canvas
-    _require(c.canvas_size >= 4, f"data.canvas.canvas_size: expected an int >= 4, got {c.canvas_size!r}")
-    _require(c.output_size is None or 1 <= c.output_size <= c.canvas_size,
-             f"data.canvas.output_size: expected null or an int in [1, canvas_size={c.canvas_size}], "
-             f"got {c.output_size!r}")
-    _pair(c.object_size, "data.canvas.object_size", low=1, high=c.canvas_size)
-    _pair(c.num_distractors, "data.canvas.num_distractors", low=0)
-    _pair(c.fragment_fraction, "data.canvas.fragment_fraction", low=1e-9, high=1.0)
-    _pair(c.distractor_contrast, "data.canvas.distractor_contrast", low=0.0)
-    _pair(c.background, "data.canvas.background", low=0.0, high=1.0)
-    _require(c.noise_std >= 0, f"data.canvas.noise_std: expected a number >= 0, got {c.noise_std!r}")
-    _require(0 < c.val_fraction < 1, f"data.canvas.val_fraction: expected a number in (0, 1), got {c.val_fraction!r}")
-    for path, value in (("data.canvas.train_length", c.train_length), ("data.canvas.val_length", c.val_length)):
-        _require(value is None or value >= 1, f"{path}: expected null or an int >= 1, got {value!r}")
-    if d.kind == "video_canvas":
-        v = d.video
-        _require(v.num_frames >= 1, f"data.video.num_frames: expected an int >= 1, got {v.num_frames!r}")
-        _pair(v.speed, "data.video.speed", low=0.0)
-        _require(v.frame_noise_std >= 0, f"data.video.frame_noise_std: expected a number >= 0, "
-                                         f"got {v.frame_noise_std!r}")
-        _require(v.num_decoys >= 0, f"data.video.num_decoys: expected an int >= 0, got {v.num_decoys!r}")
-        _require(d.num_classes is not None, "data.num_classes: required when data.kind is 'video_canvas' (10 for "
-                                            "the digits)")
-        _require(a.cutmix == 0 and a.cutmix_minmax is None, "aug.cutmix: must be 0 for video clips (timm's CutMix "
-                                                             "cuts 2-D images); mixup works")
-    for path, value in (("aug.mixup", a.mixup), ("aug.cutmix", a.cutmix)):
-        _require(value >= 0, f"{path}: expected a number >= 0 (0 disables it), got {value!r}")
-    for path, value in (("aug.mixup_prob", a.mixup_prob), ("aug.mixup_switch_prob", a.mixup_switch_prob),
-                        ("aug.smoothing", a.smoothing), ("data.reprob", d.reprob), ("data.hflip", d.hflip)):
-        _require(0 <= value <= 1, f"{path}: expected a number in [0, 1], got {value!r}")
-    if a.cutmix_minmax is not None:
-        _pair(a.cutmix_minmax, "aug.cutmix_minmax", low=0.0, high=1.0)
-    if (a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None) and a.mixup_prob > 0:
-        _require(t.batch_size % 2 == 0, f"train.batch_size: mixup/cutmix need an even batch, got {t.batch_size}")
-    _require(o.lr is None or o.lr > 0, f"optim.lr: expected null or a number > 0, got {o.lr!r}")
-    _require(o.lr_base > 0, f"optim.lr_base: expected a number > 0, got {o.lr_base!r}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay: expected a number >= 0, got {o.weight_decay!r}")
-    _require(o.betas is None or len(o.betas) == 2, f"optim.betas: expected null or two numbers, got {o.betas!r}")
-    _require(o.layer_decay is None or 0 < o.layer_decay <= 1,
-             f"optim.layer_decay: expected null or a number in (0, 1], got {o.layer_decay!r}")
-    _require(s.warmup_epochs >= 0, f"sched.warmup_epochs: expected a number >= 0, got {s.warmup_epochs!r}")
-    _require(s.warmup_epochs < t.epochs or s.warmup_epochs == 0,
-             f"sched.warmup_epochs: must be below train.epochs={t.epochs}, got {s.warmup_epochs!r}")
-    _require(cfg.deepspeed.stage is None or cfg.deepspeed.stage in (0, 1, 2, 3),
-             f"deepspeed.stage: expected null or one of 0, 1, 2, 3, got {cfg.deepspeed.stage!r}")
-    for key in ("model.kwargs",):
-        reserved = {"num_classes", "drop_rate", "drop_path_rate", "pretrained"} & set(cfg.model.kwargs)
-        _require(not reserved, f"{key}: {sorted(reserved)} are set elsewhere (data.num_classes, model.drop_rate, "
-                               f"model.drop_path_rate); remove them from {key}")
-    return cfg
+def _validated(data: dict, origins: dict, fallback: Optional[str]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        text, keys = _explain(first)
+        origin = _origin_of(keys, origins) or fallback
+        raise ConfigError(f"{origin}: {text}" if origin else text) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading, overrides, saving
+# Input paths
 # ---------------------------------------------------------------------------------------------------------------
+# (key path, values that are keywords rather than paths); model.kwargs: timm's checkpoint_path, the DART scorer's trunk
+PATH_KEYS = ((("deepspeed", "config"), ()), (("model", "init_checkpoint"), ()), (("data", "root"), ()),
+             (("resume",), ("auto",)), (("model", "kwargs", "checkpoint_path"), ()),
+             (("model", "kwargs", "dart_cfg", "trunk_weights"), ("pretrained", "random")),
+             (("model", "kwargs", "tokenizer_cfg", "trunk_weights"), ("pretrained", "random")))
+
+
+def _resolve_paths(data: dict, base: str) -> None:
+    """Make the input paths set in ``data`` absolute, relative ones taken relative to ``base`` (in place)."""
+    for key, keywords in PATH_KEYS:
+        node = data
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and value not in keywords:
+            node[key[-1]] = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes by name, files, overrides, saving
+# ---------------------------------------------------------------------------------------------------------------
+def _recipe_root() -> str:
+    try:
+        root = importlib.resources.files(RECIPES_PACKAGE)
+    except ModuleNotFoundError:
+        raise ConfigError(f"the recipes package {RECIPES_PACKAGE} is not installed (reinstall dartmamba)") from None
+    return os.fspath(root)
+
+
+def recipe_names() -> list[str]:
+    """The recipes ``load_config`` finds by name (``"vim_tiny_dart"``, ``"demo/vim_dart"``...); the shared parts
+    under ``base/`` are left out."""
+    root, names = _recipe_root(), []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d != "base" and not d.startswith(("_", ".")))
+        names += [os.path.relpath(os.path.join(folder, f), root)[:-5] for f in files if f.endswith(".yaml")]
+    return sorted(n.replace(os.sep, "/") for n in names)
+
+
+def _find_config(config: str) -> str:
+    """A YAML file's absolute path: ``config`` itself when it is a file, else the recipe of that name."""
+    if os.path.isfile(config):
+        return os.path.abspath(config)
+    name = config[:-5] if config.endswith(".yaml") else config
+    if not os.path.isabs(name) and not os.path.normpath(name).startswith(".."):
+        candidate = os.path.join(_recipe_root(), name + ".yaml")
+        if os.path.isfile(candidate):
+            return candidate
+    names = recipe_names()
+    raise ConfigError(f"config file not found: {os.path.abspath(config)}, nor a recipe named {name!r}"
+                      f"{_suggest(name, names)}; recipes: {', '.join(names)}")
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """``base`` updated by ``update``, recursively for nested mappings (neither argument is changed)."""
     out = copy.deepcopy(base)
@@ -439,30 +548,43 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
-    """A YAML file with its ``_base_`` files (paths relative to it) merged underneath, key-checked per file."""
+def _origins(data: dict, origin: str, prefix: tuple = ()) -> dict:
+    """{key path: origin} of every key in ``data``, nested ones included."""
+    out = {}
+    for key, value in data.items():
+        out[prefix + (key,)] = origin
+        if isinstance(value, dict):
+            out.update(_origins(value, origin, prefix + (key,)))
+    return out
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(data, origins) of a YAML file with its ``_base_`` files (paths relative to it) merged underneath; its
+    input paths made absolute relative to it."""
     path = os.path.abspath(path)
     if path in chain:
         raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(chain + (path,))}")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (f" (a _base_ of {chain[-1]})" if chain else ""))
     with open(path) as handle:
         try:
             data = yaml.safe_load(handle)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    data = {} if data is None else data
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (expected a mapping of sections, e.g. train: {{epochs: 10}})")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
-    _check_keys(data, RunConfig, "", path)
-    merged: dict = {}
+    _resolve_paths(data, os.path.dirname(path))
+    merged, origins = {}, {}
     for base in bases:
-        merged = deep_merge(merged, _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,)))
-    return deep_merge(merged, data)
+        base_data, base_origins = _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,))
+        merged, origins = deep_merge(merged, base_data), _record(origins, base_origins)
+    return deep_merge(merged, data), _record(origins, _origins(data, path))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -481,57 +603,58 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _set_path(data: dict, parts: list[str], value: Any, text: str) -> None:
-    """Set ``data[p0][p1]...`` checking each part against the schema (free-form mappings accept any key)."""
-    cls, node, prefix = RunConfig, data, ""
+def _set_path(data: dict, parts: list[str], value: Any, origin: str) -> None:
+    """``data[p0][p1]... = value``, each part checked against the schema down to a free-form mapping."""
+    section, node = RunConfig, data
     for depth, part in enumerate(parts):
-        path = prefix + part
-        last = depth == len(parts) - 1
-        if cls is not None:
-            names = {f.name for f in dataclasses.fields(cls)}
-            if part not in names:
-                raise ConfigError(f"override {text!r}: unknown key {path!r}{_suggest(part, names, prefix)}; valid keys"
-                                  f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}")
-            tp = _hints(cls)[part]
-            nested = dataclasses.is_dataclass(tp) and path not in _FREE_FORM
-            if last:
-                if nested and not isinstance(value, dict):
-                    raise ConfigError(f"override {text!r}: {path!r} is a section; set one of its keys, e.g. "
-                                      f"{path}.{dataclasses.fields(tp)[0].name}=...")
-                if nested:
-                    _check_keys(value, tp, path + ".", f"override {text!r}")
-                node[part] = value
-                return
-            cls = tp if nested else None
-            if not nested and tp is not dict:
-                raise ConfigError(f"override {text!r}: {path!r} is a value, not a section")
-        elif last:
-            node[part] = value
+        path, last = ".".join(parts[:depth + 1]), depth == len(parts) - 1
+        if section is not None:
+            if part not in section.model_fields:
+                raise ConfigError(f"{origin}: {_unknown_key(tuple(parts[:depth + 1]))}")
+            tp = section.model_fields[part].annotation
+            section = _section(tp)
+            if last and section is not None and not isinstance(value, dict):
+                first = next(iter(section.model_fields))
+                raise ConfigError(f"{origin}: {path!r} is a section; set one of its keys, e.g. {path}.{first}=...")
+            if not last and section is None and tp is not dict:
+                raise ConfigError(f"{origin}: {path!r} is a value, not a section")
+        if last:
+            node[part] = copy.deepcopy(value)
             return
-        child = node.get(part)
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            child = node[part] = {} if child is None else child
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {path!r} holds {child!r}, not a mapping")
-        node, prefix = child, path + "."
+            raise ConfigError(f"{origin}: {path!r} holds {child!r}, not a mapping")
+        node = child
 
 
 def config_from_dict(data: dict, origin: str = "config") -> RunConfig:
-    _check_keys(data, RunConfig, "", origin)
-    return validate(_build(RunConfig, data))
+    """The checked RunConfig of a (possibly partial) dict; relative input paths are taken relative to the working
+    directory."""
+    data = copy.deepcopy(data)
+    if isinstance(data, dict):
+        _resolve_paths(data, os.getcwd())
+    return _validated(data, _origins(data, origin) if isinstance(data, dict) else {}, origin)
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a recipe (or the defaults when ``path`` is None), apply ``key=value`` overrides, check everything."""
-    data = _read_yaml(path) if path is not None else {}
+def load_config(config: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a recipe (a YAML path or a recipe name; the defaults when ``config`` is None), apply ``key=value``
+    overrides (input paths relative to the working directory), check everything."""
+    path = _find_config(os.fspath(config)) if config is not None else None
+    data, origins = _read_yaml(path) if path is not None else ({}, {})
     for text in overrides:
         parts, value = parse_override(text)
-        _set_path(data, parts, value, text)
-    return config_from_dict(data, path or "config")
+        origin = f"override {text!r}"
+        _set_path(data, parts, value, origin)
+        nested = _origins(value, origin, tuple(parts)) if isinstance(value, dict) else {}
+        origins = _record(origins, {tuple(parts): origin, **nested})
+    _resolve_paths(data, os.getcwd())
+    return _validated(data, origins, path)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
