@@ -1,8 +1,9 @@
 """Tokens vs accuracy on the cluttered canvas: Vim-DART against the fixed-grid Vim, several seeds.
 
-Every run is the demo recipe (configs/demo/) through the real entry point (``train/train.py``), with the token count
-and seed overridden; runs go ``--jobs`` at a time, each with ``cores / jobs`` threads. Finished runs (a complete
-summary.csv) are reused, so the sweep can be interrupted and restarted.
+Every run is an installed demo recipe (``demo/vim_dart``, ``demo/vim_fixed``) through the real entry point
+(``python -m dartmamba_train.train``), with the token count and seed overridden; runs go ``--jobs`` at a time, each
+with ``cores / jobs`` threads. Finished runs (a complete summary.csv) are reused, so the sweep can be interrupted and
+restarted.
 
     python benchmarks/canvas_token_sweep.py --seeds 0 1 2 --jobs 2 --out benchmarks/results/canvas_token_sweep
 
@@ -19,8 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (recipe, tokens, overrides). Fixed grids keep 8x8-pixel tokens, so more tokens = a finer view of the canvas.
 VARIANTS = {
@@ -53,19 +52,19 @@ def final_row(out_dir: str, epochs: int) -> dict | None:
 
 def train_once(config: str, overrides: list[str], out_dir: str, threads: int, epochs: int) -> tuple[dict, float | None,
                                                                                                   float]:
-    """One run of ``train/train.py --config <config> <overrides>`` into ``out_dir`` with ``threads`` threads, unless
-    a finished one (``epochs`` epochs in its summary.csv) is there. Returns (its last summary row, the seconds this
-    call trained or None when reused, the summed epoch times)."""
+    """One run of ``python -m dartmamba_train.train --config <config> <overrides>`` into ``out_dir`` with ``threads``
+    threads, unless a finished one (``epochs`` epochs in its summary.csv) is there. Returns (its last summary row, the
+    seconds this call trained or None when reused, the summed epoch times)."""
     row = final_row(out_dir, epochs)
     seconds = None
     if row is None:
-        cmd = [sys.executable, os.path.join(REPO, "train", "train.py"), "--config", config, f"output.dir={out_dir}",
+        cmd = [sys.executable, "-m", "dartmamba_train.train", "--config", config, f"output.dir={out_dir}",
                "output.progress_bar=false", "resume=auto", *overrides]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         os.makedirs(out_dir, exist_ok=True)
         start = time.perf_counter()
         with open(os.path.join(out_dir, "stdout.log"), "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
         seconds = time.perf_counter() - start
         row = final_row(out_dir, epochs)
     with open(os.path.join(out_dir, "summary.csv"), newline="") as handle:
@@ -76,7 +75,7 @@ def train_once(config: str, overrides: list[str], out_dir: str, threads: int, ep
 def run_one(name: str, seed: int, out: str, threads: int, epochs: int, extra: list[str]) -> dict:
     recipe, tokens, overrides = VARIANTS[name]
     row, seconds, train_seconds = train_once(
-        os.path.join(REPO, "configs", "demo", f"{recipe}.yaml"),
+        f"demo/{recipe}",
         [*overrides, f"train.seed={seed}", f"train.epochs={epochs}", *extra],
         os.path.join(out, f"{name}_s{seed}"), threads, epochs)
     return {"name": name, "seed": seed, "tokens": tokens, "top1": float(row["top1"]), "seconds": seconds,
@@ -114,7 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "canvas_token_sweep"))
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "canvas_token_sweep"),
+                        help="results folder (default relative to the working directory)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)

@@ -41,6 +41,7 @@ import csv
 import importlib
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -50,10 +51,9 @@ from pathlib import Path
 from typing import Callable
 
 if __package__ in (None, ""):
-    import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (FAMILIES, REPO, SCALING_TOKENS, SIZE_ALIASES, TOKENIZERS,  # noqa: E402
+from benchmarks.common import (FAMILIES, SCALING_TOKENS, SIZE_ALIASES, TOKENIZERS,  # noqa: E402
                                atomic_write_text, cell_model, csv_text, markdown_table)
 
 METRICS = ("flops", "infer", "train", "accuracy")
@@ -177,12 +177,13 @@ def measure_speed(cell: Cell, mode: str, opts: dict) -> dict:
 
 
 def train_fn_from_path(spec: str) -> Callable[[dict], dict]:
-    """'package.module:function' -> the function (the module may live in the repository root, e.g. train/)."""
+    """'package.module:function' -> the function (an installed module, e.g. ``dartmamba_train.scaling``, or one in
+    the working directory)."""
     if ":" not in spec:
         raise SystemExit(f"--train-fn must look like package.module:function, got {spec!r}")
     module_name, func_name = spec.split(":", 1)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module = importlib.import_module(module_name)
     return getattr(module, func_name)
 
@@ -198,7 +199,7 @@ def train_fn_from_command(template: str) -> Callable[[dict], dict]:
         command = template
         for placeholder, value in fields.items():     # plain replacement: other braces in the command stay
             command = command.replace(placeholder, value)
-        subprocess.run(command, shell=True, check=True, cwd=REPO)
+        subprocess.run(command, shell=True, check=True)
         metrics = json.loads((workdir / "metrics.json").read_text())
         accuracy = metrics.get("accuracy", metrics.get("top1"))
         if accuracy is None:
@@ -539,8 +540,9 @@ def write_outputs(out_dir: Path, log=print) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scaling"),
-                        help="study directory (scaling.csv, plots, summary.md); reuse it to resume")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "scaling"),
+                        help="study directory (scaling.csv, plots, summary.md; default relative to the working "
+                             "directory); reuse it to resume")
     parser.add_argument("--metrics", nargs="+", default=["flops", "infer"], choices=METRICS)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--sizes", nargs="+", default=["ti", "s", "b"], help="ti s b (run order)")

@@ -1,8 +1,8 @@
 """Video DART against VideoMamba's fixed spatiotemporal grid on the moving-digit clips, several seeds, one study.
 
-Every run is a recipe of configs/video/ through the real entry point (``train/train.py``), with the seed (and, for the
-bigger grids, the frame size) overridden; runs go ``--jobs`` at a time, each with ``cores / jobs`` threads, longest
-first. Finished runs (a complete summary.csv) are reused, so the study can be interrupted and restarted. Then it
+Every run is an installed recipe ``video/<name>`` through the real entry point (``python -m dartmamba_train.train``),
+with the seed (and, for the bigger grids, the frame size) overridden; runs go ``--jobs`` at a time, each with
+``cores / jobs`` threads, longest first. Finished runs (a complete summary.csv) are reused, so the study can be interrupted and restarted. Then it
 counts every variant's FLOPs per clip (tokenizer included), measures where the DART models put their samples, and
 draws the tokens the seed-0 DART model places across the frames.
 
@@ -22,13 +22,12 @@ import shutil
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __package__ in (None, ""):       # run as a script from a checkout: benchmarks/ is a folder beside it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.canvas_token_sweep import seed_cells, train_once  # noqa: E402
 
-# name -> (recipe in configs/video/, tokens per frame, overrides, relative cost for scheduling)
+# name -> (installed recipe video/<name>, tokens per frame, overrides, relative cost for scheduling)
 VARIANTS = {
     "dart16": ("videomamba_dart", 16, [], 1.3),
     "grid16": ("videomamba_grid", 16, [], 1.0),
@@ -42,7 +41,7 @@ VIEWS = {"dart16": "adaptive, resampled from 64x64", "grid16": "32x32 (area-aver
 
 
 def recipe(name: str) -> str:
-    return os.path.join(REPO, "configs", "video", f"{VARIANTS[name][0]}.yaml")
+    return f"video/{VARIANTS[name][0]}"
 
 
 def run_one(name: str, seed: int, runs: str, threads: int, extra: list[str]) -> dict:
@@ -51,7 +50,7 @@ def run_one(name: str, seed: int, runs: str, threads: int, extra: list[str]) -> 
     row, seconds, train_seconds = train_once(recipe(name), [*overrides, f"train.seed={seed}", *extra], out_dir,
                                              threads, _epochs(name, extra))
     return {"name": name, "seed": seed, "tokens_per_frame": per_frame, "top1": float(row["top1"]),
-            "seconds": seconds, "train_seconds": train_seconds, "out_dir": os.path.relpath(out_dir, REPO)}
+            "seconds": seconds, "train_seconds": train_seconds, "out_dir": os.path.relpath(out_dir)}
 
 
 def _config(name: str, extra: list[str]):
@@ -106,7 +105,7 @@ def dart_statistics(out_dir: str, count: int | None = None) -> dict:
     from dartmamba_train.data import build_data, model_data_config
     from dartmamba_train.demo import _load_model
 
-    cfg, model = _load_model(os.path.join(REPO, out_dir))
+    cfg, model = _load_model(out_dir)
     val = build_data(cfg, model_data_config(model)).val_set
     samples = [val.render(i) for i in range(count or len(val))]
     mean, std = val.mean, val.std
@@ -135,8 +134,8 @@ def draw_figure(dart_dir: str, grid_dir: str, path: str, count: int = 4) -> None
     from dartmamba_train.data import build_data, model_data_config
     from dartmamba_train.demo import _load_model
 
-    dart_cfg, dart = _load_model(os.path.join(REPO, dart_dir))
-    grid_cfg, grid = _load_model(os.path.join(REPO, grid_dir))
+    dart_cfg, dart = _load_model(dart_dir)
+    grid_cfg, grid = _load_model(grid_dir)
     dart_val = build_data(dart_cfg, model_data_config(dart)).val_set
     grid_val = build_data(grid_cfg, model_data_config(grid)).val_set
     index = list(range(count))
@@ -202,9 +201,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "video_canvas"))
-    parser.add_argument("--runs", default=os.path.join(REPO, "outputs", "video_canvas"),
-                        help="where the training runs write (checkpoints, logs)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "video_canvas"),
+                        help="results folder (default relative to the working directory)")
+    parser.add_argument("--runs", default=os.path.join("outputs", "video_canvas"),
+                        help="where the training runs write (checkpoints, logs; relative to the working directory)")
     parser.add_argument("--figure", default=None, help="also draw the seed-0 DART tokens to this PNG")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
@@ -224,13 +224,13 @@ def main(argv=None) -> None:
     stats = {}
     if "dart16" in args.variants:
         for seed in args.seeds:
-            stats[seed] = dart_statistics(os.path.join(os.path.relpath(runs, REPO), f"dart16_s{seed}"))
+            stats[seed] = dart_statistics(os.path.join(os.path.relpath(runs), f"dart16_s{seed}"))
     os.makedirs(args.out, exist_ok=True)
     for result in results:
         kept = os.path.join(args.out, os.path.basename(result["out_dir"]))
         os.makedirs(kept, exist_ok=True)
         for name in ("config.yaml", "summary.csv"):
-            shutil.copyfile(os.path.join(REPO, result["out_dir"], name), os.path.join(kept, name))
+            shutil.copyfile(os.path.join(result["out_dir"], name), os.path.join(kept, name))
     summary = {"results": sorted(results, key=lambda r: (r["name"], r["seed"])), "flops": flops,
                "dart_statistics": stats, "wall_seconds": wall, "jobs": args.jobs, "threads_per_job": threads,
                "overrides": args.overrides}
@@ -243,8 +243,8 @@ def main(argv=None) -> None:
     print(json.dumps(stats, indent=1))
     if args.figure and "dart16" in args.variants and "grid16" in args.variants:
         seed = args.seeds[0]
-        draw_figure(os.path.join(os.path.relpath(runs, REPO), f"dart16_s{seed}"),
-                    os.path.join(os.path.relpath(runs, REPO), f"grid16_s{seed}"), args.figure)
+        draw_figure(os.path.join(os.path.relpath(runs), f"dart16_s{seed}"),
+                    os.path.join(os.path.relpath(runs), f"grid16_s{seed}"), args.figure)
         print(f"figure: {args.figure}")
 
 

@@ -3,10 +3,9 @@
 torch's CPU tensors come from ``malloc``. glibc returns the top of its heap to the system whenever more than
 ``M_TRIM_THRESHOLD`` of it is free (by default twice the largest block it has handed out by ``mmap`` so far), and it
 serves blocks above ``M_MMAP_THRESHOLD`` by ``mmap`` each time; either way the next tensor of that size is new memory
-that the kernel zero-fills page by page on first touch. A Vim layer frees about 20 MB of 2-5 MB temporaries at a time,
-so in eager CPU inference the heap is trimmed and refaulted every layer: on the project's 2-core AMD EPYC machine
-Vim-Ti at batch 8 took 80-94 thousand minor page faults per forward and 417-527 ms, against 0-37 faults and
-286-337 ms with the thresholds raised (DeiT-Ti: 174-216 ms against 159-169 ms; docs/benchmarks.md). PyTorch's CPU
+that the kernel zero-fills page by page on first touch. A Vim layer frees many megabytes of temporaries at a time,
+so in eager CPU inference the heap is trimmed and refaulted every layer: tens of thousands of minor page faults per
+forward, against almost none with the thresholds raised (measured in docs/benchmarks.md). PyTorch's CPU
 tuning guide gets the same effect by preloading jemalloc or tcmalloc; :func:`tune_cpu_allocator` does it with glibc's
 own ``mallopt``, process-wide, so the process keeps freed memory (up to the trim threshold) for its next tensors
 instead of returning it: its resident size stays at its high-water mark.

@@ -14,7 +14,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.dartmamba-installed"
-if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
   "$py" -m pip install -q --upgrade pip >&2
   # torch 2.14.1 + torchvision 0.29.1 is a pair that imports together (timm needs torchvision); on the project's
   # CPU machines both lie on local disk. DeepSpeed's ops are JIT-built when used, so nothing is compiled here.

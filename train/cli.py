@@ -1,8 +1,12 @@
-"""Command line: ``dartmamba-train`` / ``python train/train.py`` / ``deepspeed train/train.py``.
+"""Command line: ``dartmamba-train`` / ``python -m dartmamba_train.train`` / ``deepspeed train/train.py``.
 
-    deepspeed train/train.py --config configs/vim_tiny_dart.yaml data.root=/data/imagenet train.epochs=300
-    python train/train.py --config configs/demo/vim_dart.yaml output.dir=outputs/demo/vim_dart
-    dartmamba-train --config configs/demo/vim_dart.yaml --print-config
+    dartmamba-train --config vim_tiny_dart data.root=/data/imagenet train.epochs=300
+    dartmamba-train --config demo/vim_dart output.dir=outputs/demo/vim_dart
+    dartmamba-train --config myconfigs/my_recipe.yaml --print-config
+    deepspeed train/train.py --config vim_tiny_dart data.root=/data/imagenet     # several processes
+
+``--config`` takes a recipe name (``vim_tiny_dart``, ``demo/vim_dart``: a recipe shipped in the package
+``dartmamba_configs``, the checkout's ``configs/``) or a path to a YAML file; paths inside a YAML are relative to it.
 
 Overrides are ``dotted.key=value`` (values read as YAML). The config is checked completely (unknown keys, types,
 ranges, data paths, the model's name and arguments, the DeepSpeed JSON and its keys, the checkpoints to start or
@@ -20,7 +24,8 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dartmamba-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (see configs/); omitted: the built-in defaults")
+    parser.add_argument("--config", help="a recipe name (e.g. demo/vim_dart) or a YAML file; omitted: the built-in "
+                                         "defaults")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; leave it out otherwise")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -29,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import record_default_threads
+
+    record_default_threads()        # before anything could call torch.set_num_threads (see .distributed)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError, config_to_dict, load_config
 

@@ -2,67 +2,21 @@
 
 DeepSpeed ignores top-level keys it does not read (``bogus_key: 1`` passes silently) and reports unknown keys of
 its pydantic sections (``zero_optimization.stagee``) as a multi-line ``ValidationError``. :func:`check_deepspeed_keys`
-runs the installed DeepSpeed's ``DeepSpeedConfig`` on the run's config (no process group needed) with mappings
-that record every key DeepSpeed looks up: a top-level key it never looked up is unknown; a pydantic error becomes
-one line naming the key, the closest valid spelling (from the pydantic model's fields) and the valid keys. Both
-come from the installed DeepSpeed, so they stay true across its versions. Keys inside non-pydantic sections
-(``activation_checkpointing``, ``flops_profiler``, ...) are not checked: DeepSpeed reads some of them only when
-others are set.
+runs the installed DeepSpeed's ``DeepSpeedConfig`` on the run's config (no process group needed) and gets the keys
+it looked up (:func:`dartmamba.compat.deepspeed.recorded_config_keys`): a top-level key it never looked up is
+unknown; a pydantic error becomes one line naming the key, the closest valid spelling (from the pydantic model's
+fields) and the valid keys. Both come from the installed DeepSpeed, so they stay true across its versions. Keys
+inside non-pydantic sections (``activation_checkpointing``, ``flops_profiler``, ...) are not checked: DeepSpeed
+reads some of them only when others are set.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import typing
-from collections.abc import KeysView
+
 from .config import ConfigError
 
 __all__ = ["check_deepspeed_keys"]
-
-# top-level keys read by deepspeed.initialize itself rather than by DeepSpeedConfig (DeepSpeed 0.16 - 0.19)
-_READ_BY_INITIALIZE = ("sequence_parallel_size", "data_parallel_size")
-
-
-class _Recorder(dict):
-    """A dict that remembers the keys looked up in it (``[]``, ``get``, ``in``, ``pop``, ``setdefault``, ``in
-    keys()``); iterating it does not count. Survives ``copy.copy`` (the set is shared)."""
-
-    def __init__(self, data: dict, seen: set | None = None):
-        super().__init__(data)
-        self.seen = set() if seen is None else seen
-
-    def _saw(self, key):
-        self.seen.add(key)
-        return key
-
-    def __getitem__(self, key):
-        return super().__getitem__(self._saw(key))
-
-    def __contains__(self, key):
-        return super().__contains__(self._saw(key))
-
-    def get(self, key, default=None):
-        return super().get(self._saw(key), default)
-
-    def pop(self, key, *default):
-        return super().pop(self._saw(key), *default)
-
-    def setdefault(self, key, default=None):
-        return super().setdefault(self._saw(key), default)
-
-    def keys(self):
-        return _RecordedKeys(self)
-
-    def __copy__(self):
-        return _Recorder(self, self.seen)
-
-
-class _RecordedKeys(KeysView):
-    def __contains__(self, key):
-        return key in self._mapping
-
-    def __iter__(self):
-        return dict.__iter__(self._mapping)
 
 
 def _one_line(text) -> str:
@@ -80,17 +34,6 @@ def _holds(mapping, path: tuple) -> bool:
             return False
         mapping = mapping[part]
     return True
-
-
-def _pydantic_models():
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    todo, seen = [DeepSpeedConfigModel], []
-    while todo:
-        cls = todo.pop()
-        seen.append(cls)
-        todo.extend(cls.__subclasses__())
-    return seen
 
 
 def _sub_model(annotation):
@@ -123,8 +66,10 @@ def _pydantic_error(err, ds: dict, origin_of) -> str:
     path = ".".join((section, *loc) if section else loc)
     origin = origin_of(path)
     if first["type"] == "extra_forbidden" and loc:
+        from dartmamba.compat.deepspeed import config_models
+
         fields = set()
-        for model in _pydantic_models():
+        for model in config_models():
             if model.__name__ == err.title:
                 fields |= _field_names(model, loc[:-1])
         parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
@@ -145,19 +90,20 @@ def check_deepspeed_keys(ds: dict, overrides: dict, source: str) -> None:
         return "deepspeed.overrides" if _holds(overrides, tuple(key.split("."))) else f"deepspeed.config {source}"
 
     try:
+        import deepspeed  # noqa: F401
         import pydantic
-        from deepspeed.runtime.config import DeepSpeedConfig
     except ImportError:
         return
-    probe = _Recorder(copy.deepcopy(ds))
-    probe.pop("train_batch_size", None)    # DeepSpeed derives it for the world it sees (1 before the group exists)
+    from dartmamba.compat.deepspeed import recorded_config_keys
+
+    # train_batch_size: DeepSpeed derives it for the world it sees (1 before the group exists)
+    probe = {key: value for key, value in ds.items() if key != "train_batch_size"}
     try:
-        DeepSpeedConfig(probe)
+        known = recorded_config_keys(probe) | {"train_batch_size"}
     except pydantic.ValidationError as err:
         raise ConfigError(_pydantic_error(err, ds, origin_of)) from None
     except (AssertionError, ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"{origin_of('')}: DeepSpeed rejects the config: {_one_line(err)}") from None
-    known = probe.seen | set(_READ_BY_INITIALIZE)
     for key in ds:
         if key not in known:
             raise ConfigError(f"{origin_of(key)}: unknown DeepSpeed key {key!r}{_suggest(key, known, '')} "

@@ -1,13 +1,15 @@
 """The embedded demo: Vim-DART against the same Vim with a fixed grid, 16 tokens each, on cluttered canvases.
 
-Both runs are the real entry point (``train/train.py`` with ``configs/demo/vim_dart.yaml`` and
-``configs/demo/vim_fixed.yaml``), started side by side (one thread each on a 2-core machine), each evaluated and
-checkpointed. Then the demo draws the learned DART tokens over validation canvases and prints a summary.
+Both runs are the real entry point (``python -m dartmamba_train.train`` with the installed recipes ``demo/vim_dart``
+and ``demo/vim_fixed``), started side by side (one thread each on a 2-core machine), each evaluated and
+checkpointed. Then the demo draws the learned DART tokens over validation canvases and prints a summary. It runs
+from any installation (a wheel too) and any working directory.
 
     python -m dartmamba_train.demo --out outputs/demo            # or: bash scripts/demo.sh
 
-Outputs: ``<out>/vim_dart/`` and ``<out>/vim_fixed/`` (config.yaml, steps.csv, summary.csv, checkpoints/,
-last.safetensors, best.safetensors), ``<out>/dart_tokens.png``, ``<out>/summary.json``.
+Outputs (``--out`` is relative to the working directory): ``<out>/vim_dart/`` and ``<out>/vim_fixed/`` (config.yaml,
+steps.csv, summary.csv, checkpoints/, last.safetensors, best.safetensors), ``<out>/dart_tokens.png``,
+``<out>/summary.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"dart": ("vim_dart", "Vim-DART"), "fixed": ("vim_fixed", "Vim, fixed grid")}
 # The DART run (scorer, partition and resampling on top of the same Vim) takes longer and decides when the demo ends;
 # the fixed-grid run and its loader run at a lower scheduling priority, so that on a machine with fewer free cores
@@ -43,9 +44,13 @@ class DemoRun:
 
 
 def _recipe_path(name: str) -> str:
-    path = os.path.join(REPO, "configs", "demo", f"{name}.yaml")
+    """The installed demo recipe ``demo/<name>.yaml`` (package ``dartmamba_configs``) as a file path."""
+    from importlib.resources import files
+
+    path = os.fspath(files("dartmamba_configs") / "demo" / f"{name}.yaml")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"demo recipe not found: {path} (run the demo from a checkout of the repository)")
+        raise FileNotFoundError(f"demo recipe not found: {path} (the installed dartmamba_configs lacks it: "
+                                f"reinstall dartmamba)")
     return path
 
 
@@ -56,14 +61,14 @@ def _stream(prefix: str, pipe, sink: list) -> None:
 
 
 def _launch(run: DemoRun, overrides: list[str], threads: int) -> tuple[subprocess.Popen, threading.Thread, list]:
-    cmd = [sys.executable, os.path.join(REPO, "train", "train.py"), "--config", run.recipe,
-           f"output.dir={run.out_dir}", "output.progress_bar=false", *overrides]
+    cmd = [sys.executable, "-m", "dartmamba_train.train", "--config", run.recipe, f"output.dir={run.out_dir}",
+           "output.progress_bar=false", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     niceness = NICENESS.get(run.key, 0)
     lower_priority = (lambda: os.nice(niceness)) if niceness and hasattr(os, "nice") else None
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lower_priority)
     lines: list = []
     reader = threading.Thread(target=_stream, args=(f"{run.key:5s}", proc.stdout, lines), daemon=True)
@@ -136,7 +141,7 @@ def object_sample_fraction(tokenizer, images, boxes):
 
 
 def _import_analysis_modules() -> None:
-    """The analysis's imports (matplotlib, timm and the models: ~5 s of the ~8 s the figure took at the end), run
+    """The analysis's imports (matplotlib, timm and the models: most of the figure's time when run at the end), run
     in a thread while the two runs train, so that they are off the demo's critical path. An import that fails here
     fails again, with its traceback, where the analysis needs it."""
     try:

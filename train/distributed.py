@@ -4,15 +4,22 @@ The DeepSpeed launcher (and torchrun) export RANK, WORLD_SIZE, LOCAL_RANK, MASTE
 ``--local_rank=N``. A plain ``python train/train.py`` gets single-process defaults (rank 0 of 1 on 127.0.0.1 and a
 free port), so DeepSpeed never falls back to MPI discovery.
 
-On CPU the process group is gloo, and DeepSpeed's shared-memory all-reduce op (a ~100 s JIT build on first use)
-is switched off before the engine is created; everything else is DeepSpeed's own code path.
+On CPU the process group is gloo, and DeepSpeed's shared-memory all-reduce op (a JIT build of minutes on first
+use) is switched off before the process group starts (:func:`dartmamba.compat.deepspeed.disable_cpu_shm_comm`);
+everything else is DeepSpeed's own code path.
 
 Threads. Each process runs torch's intra-op work on the node's threads (torch's default count: its physical cores,
 at most the CPUs this process may use) divided by the processes of its node (``LOCAL_WORLD_SIZE`` from torchrun,
 ``LOCAL_SIZE`` from the deepspeed launcher, else ``WORLD_SIZE``), as torchrun does with OMP_NUM_THREADS: with 2
-threads each, two processes on 2 cores ran 20-25x slower than with 1 each. A choice
-the user made is kept: OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (also what launchers set), or
-``torch.set_num_threads`` called before the run started. The choice and its reason go into the run's log.
+threads each, two processes on 2 cores ran many times slower than with 1 each. A choice the user made is kept:
+OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (also what launchers set), or ``torch.set_num_threads``
+called before the run started. The choice and its reason go into the run's log.
+
+To tell the user's ``torch.set_num_threads`` from torch's default, the command line (:mod:`.cli`) calls
+:func:`record_default_threads` first of all, before any of its own code could change the count; nothing is read
+at import. A caller that runs training in its own process (``loop.run``) and wants its own count set with
+``torch.set_num_threads`` calls :func:`record_default_threads` before that; without a recorded count, the count in
+force when the run starts counts as torch's default.
 """
 from __future__ import annotations
 
@@ -22,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "configure_threads",
-           "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "record_default_threads",
+           "configure_threads", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
 
-# torch's own intra-op thread count, read when this module is first imported (before a run can change it): a
-# different count at the start of a run means torch.set_num_threads was called by the user
-_STARTUP_THREADS = torch.get_num_threads()
+# {"threads": torch's intra-op count before the user's code could change it}, once recorded
+_DEFAULT: dict = {}
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,12 @@ def local_processes() -> int:
     return 1
 
 
+def record_default_threads() -> int:
+    """Record torch's intra-op thread count as its default (the first call wins; later calls return it). Call it
+    before anything may call ``torch.set_num_threads``: the command line does, first of all."""
+    return _DEFAULT.setdefault("threads", torch.get_num_threads())
+
+
 def configure_threads() -> ThreadChoice:
     """Set torch's intra-op threads to the node's threads // local processes unless the user chose (see the module
     docstring); returns the count in force and why."""
@@ -122,23 +134,15 @@ def configure_threads() -> ThreadChoice:
         if os.environ.get(name):
             return ThreadChoice(torch.get_num_threads(), f"{name}={os.environ[name]} set by the user or launcher")
     current = torch.get_num_threads()
-    if current != _STARTUP_THREADS:
+    default = record_default_threads()
+    if current != default:
         return ThreadChoice(current, "set with torch.set_num_threads before the run")
-    cores, procs = min(available_cores(), _STARTUP_THREADS), local_processes()
+    cores, procs = min(available_cores(), default), local_processes()
     threads = max(1, cores // procs)
     if threads != current:
         torch.set_num_threads(threads)
     return ThreadChoice(threads, f"{cores} core{'s' if cores != 1 else ''} / {procs} local "
                                  f"process{'es' if procs != 1 else ''}")
-
-
-def _disable_cpu_shm_comm() -> None:
-    """Keep DeepSpeed from JIT-building its shared-memory comm op on CPU (~100 s on 2 cores); gloo is used."""
-    import deepspeed.ops
-
-    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if isinstance(compatible, dict):
-        compatible["deepspeed_shm_comm"] = False
 
 
 def init_distributed(local_rank: int | None = None) -> DistInfo:
@@ -148,9 +152,11 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from dartmamba.compat.deepspeed import disable_cpu_shm_comm
+
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
-        _disable_cpu_shm_comm()
+        disable_cpu_shm_comm()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                    verbose=False)

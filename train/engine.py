@@ -32,17 +32,19 @@ __all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model
            "create_losses", "initialize_engine", "train_micro_step", "consolidated_state_dict", "gathered_params",
            "resolve_deepspeed_json", "FrozenSnapshot"]
 
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def resolve_deepspeed_json(path: str) -> str:
-    """An absolute path, a path relative to the working directory, or one relative to the repository's configs/."""
-    candidates = [path] if os.path.isabs(path) else [os.path.abspath(path), os.path.join(_REPO_CONFIGS, path)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    raise ConfigError(f"deepspeed.config: file not found: {path} (looked in: {', '.join(candidates)})")
+    """``deepspeed.config`` as an absolute file path. The config loader makes it absolute (relative to the YAML that
+    set it, or to the working directory for a command-line override); a relative path (a config built in code with
+    ``config_from_dict``) is relative to the working directory."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        where = ("a path in a YAML is relative to that YAML, one on the command line to the working directory"
+                 if os.path.isabs(path) else f"looked in: {full}, relative to the working directory")
+        raise ConfigError(f"deepspeed.config: file not found: {path} ({where})")
+    return full
 
 
 def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
@@ -187,8 +189,8 @@ def resolved_lr(cfg: RunConfig, world_size: int) -> float:
     return o.lr if o.lr is not None else o.lr_base * global_batch_size(cfg, world_size) / o.lr_base_size
 
 
-# torch's fused CPU kernels: one C++ call per step instead of a Python loop over the parameter tensors (the demo's
-# Vim-DART, 88 tensors: 0.9 ms against 3.4 ms per step, 1 thread, AMD EPYC)
+# torch's fused CPU kernels: one C++ call per step instead of a Python loop over the parameter tensors
+# (docs/benchmarks.md)
 _FUSED_ON_CPU = ("adam", "adamw")
 
 
@@ -374,10 +376,12 @@ def consolidated_state_dict(parts: EngineParts) -> dict:
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from dartmamba.compat.deepspeed import unfused_master_copies
+
     engine = parts.engine
     module = engine.module
     state = {}
-    masters = _unfused_master_copies(engine.optimizer)
+    masters = unfused_master_copies(engine.optimizer)
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     for name, param in trainable:
         full = safe_get_full_fp32_param(param)        # ZeRO 1-3 and BF16_Optimizer (a collective under ZeRO-3)
@@ -392,23 +396,6 @@ def consolidated_state_dict(parts: EngineParts) -> dict:
             state[name] = _unchanged_or_live(parts.frozen.tensors.get(name), buf.detach())
     reference = module.state_dict().keys()
     return {name: state[name] for name in reference if name in state}
-
-
-def _unfused_master_copies(optimizer) -> dict:
-    """id(low-precision parameter) -> its fp32 master, for DeepSpeed's unfused fp16/bf16 optimizer (ZeRO-0 with bf16
-    weights), which keeps the masters in ``fp32_groups`` beside ``fp16_groups``; empty for other optimizers."""
-    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
-    if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high)):
-        return {}
-    pairs = {}
-    for low_group, high_group in zip(low, high):
-        if not (isinstance(low_group, list) and isinstance(high_group, list) and len(low_group) == len(high_group)):
-            return {}
-        for lp, hp in zip(low_group, high_group):
-            if not (torch.is_tensor(lp) and torch.is_tensor(hp) and lp.shape == hp.shape):
-                return {}
-            pairs[id(lp)] = hp
-    return pairs
 
 
 def _unchanged_or_live(original: torch.Tensor | None, live: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``benchmarks/scaling.py --metrics accuracy --train-fn dartmamba_train.scaling:canvas_cell`` calls
 :func:`canvas_cell` once per cell. The cell's own model (its registered name and ``model_kwargs``, exactly as the
-study's FLOP and throughput columns measured it) is trained with the demo's canvas recipe
-(``configs/base/demo_canvas.yaml``) through the real entry point (``train/train.py``, one process, in a subprocess
+study's FLOP and throughput columns measured it) is trained with the demo's canvas recipe (the installed recipe
+``base/demo_canvas``) through the real entry point (``python -m dartmamba_train.train``, one process, in a subprocess
 so every run starts clean). A fixed-grid cell sees the canvas area-averaged to its ``img_size``; a DART cell
 resamples its tokens from the full canvas, so its ``img_size`` must be the canvas size. Give the study canvas-scale
 models through its kwargs, e.g. the demo's::
@@ -24,8 +24,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RECIPE = os.path.join(REPO, "configs", "base", "demo_canvas.yaml")
+DEFAULT_RECIPE = "base/demo_canvas"     # a recipe name: base/demo_canvas.yaml in the installed dartmamba_configs
 
 __all__ = ["canvas_cell", "canvas_overrides"]
 
@@ -35,6 +34,19 @@ def _json_flow(value) -> str:
     import json
 
     return json.dumps(value, sort_keys=True)
+
+
+def _recipe_file(recipe: str) -> str:
+    """A YAML path (relative to the working directory) or an installed recipe's name, as an absolute file path."""
+    if os.path.isfile(recipe):
+        return os.path.abspath(recipe)
+    from importlib.resources import files
+
+    name = recipe[:-5] if recipe.endswith(".yaml") else recipe
+    path = os.fspath(files("dartmamba_configs").joinpath(*name.split("/"))) + ".yaml"
+    if not os.path.isfile(path):
+        raise ValueError(f"train kwargs 'recipe': {recipe!r} is neither a YAML file nor an installed recipe ({path})")
+    return path
 
 
 def canvas_overrides(cell: dict, canvas_size: int) -> list[str]:
@@ -77,7 +89,7 @@ def canvas_cell(cell: dict) -> dict:
     """Train ``cell`` (a scaling-study cell dict) on the cluttered canvas; return ``{"accuracy": top-1 %, ...}``."""
     from dartmamba_train.config import load_config
 
-    recipe = os.path.abspath(cell.get("recipe") or DEFAULT_RECIPE)
+    recipe = _recipe_file(cell.get("recipe") or DEFAULT_RECIPE)
     workdir = cell["workdir"]
     run_dir = os.path.join(workdir, "run")
     canvas_size = load_config(recipe).data.canvas.canvas_size
@@ -104,8 +116,8 @@ def canvas_cell(cell: dict) -> dict:
         start = time.perf_counter()
         log_path = os.path.join(workdir, "train.log")
         with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, os.path.join(REPO, "train", "train.py"), "--config", recipe,
-                                   *overrides], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run([sys.executable, "-m", "dartmamba_train.train", "--config", recipe, *overrides],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             with open(log_path) as log:

@@ -1,5 +1,6 @@
-"""Entry point: ``deepspeed train/train.py --config configs/<recipe>.yaml [key=value ...]``, or the same with plain
-``python`` for one process (see :mod:`dartmamba_train.cli`)."""
+"""Entry point: ``deepspeed train/train.py --config <recipe name or YAML> [key=value ...]``, the same with plain
+``python`` for one process, or ``python -m dartmamba_train.train`` from any installation (see
+:mod:`dartmamba_train.cli`)."""
 from __future__ import annotations
 
 import os
@@ -7,26 +8,16 @@ import sys
 
 
 def _bootstrap() -> None:
-    """Run as a script, this folder is ``sys.path[0]``: take it off (its module names must not shadow others) and
-    make ``dartmamba_train`` importable even without an install of the repository."""
+    """Run as a script, this folder is ``sys.path[0]``: take it off (its module names must not shadow others). The
+    code runs from the installed ``dartmamba_train`` package (an editable install of a checkout included)."""
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == here:
         sys.path.pop(0)
     try:
         import dartmamba_train  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-
-    repo = os.path.dirname(here)
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    spec = importlib.util.spec_from_file_location("dartmamba_train", os.path.join(here, "__init__.py"),
-                                                  submodule_search_locations=[here])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dartmamba_train"] = module
-    spec.loader.exec_module(module)
+    except ImportError as err:
+        sys.exit(f"train.py: dartmamba is not installed ({err}); install it with 'pip install -e .[train]' in the "
+                 f"checkout, or a wheel")
 
 
 if __name__ == "__main__":

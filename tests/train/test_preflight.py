@@ -4,6 +4,7 @@ from, the batch against the data set)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -12,6 +13,8 @@ from dartmamba_train import loop
 from dartmamba_train.cli import main
 from dartmamba_train.config import ConfigError, load_config
 from dartmamba_train.engine import build_deepspeed_config
+
+from tests.train.train_helpers import ds_json
 
 pytest.importorskip("deepspeed")
 
@@ -51,7 +54,8 @@ def test_cli_checks_before_any_process_group(tmp_path, tiny_recipe, capsys, no_p
         "deit_heads": ("model.kwargs.embed_dim=33", "embed_dim must be divisible by num_heads, got embed_dim=33 and "
                        "num_heads=2"),
         "ds_json": ("deepspeed.config=deepspeed/zero7.json", "config error: deepspeed.config: file not found: "
-                    "deepspeed/zero7.json"),
+                    f"{os.path.join(os.getcwd(), 'deepspeed', 'zero7.json')} (a path in a YAML is relative to that "
+                    f"YAML, one on the command line to the working directory)"),
         "init_missing": (f"model.init_checkpoint={tmp_path}/nope.safetensors",
                          f"model.init_checkpoint: file not found: {tmp_path}/nope.safetensors"),
         "init_shapes": (f"model.init_checkpoint={wrong}",
@@ -90,8 +94,7 @@ def test_the_deepspeed_key_check_names_the_json_file(tmp_path, tiny_recipe):
 
 @pytest.mark.parametrize("overrides", [
     [],
-    ["deepspeed.config=deepspeed/zero1.json"], ["deepspeed.config=deepspeed/zero2.json"],
-    ["deepspeed.config=deepspeed/zero3.json"],
+    [f"deepspeed.config={ds_json(1)}"], [f"deepspeed.config={ds_json(2)}"], [f"deepspeed.config={ds_json(3)}"],
     ["deepspeed.overrides={flops_profiler: {enabled: false}, activation_checkpointing: {}, tensorboard: "
      "{enabled: false}, comms_logger: {enabled: false}, communication_data_type: fp32, prescale_gradients: false, "
      "zero_force_ds_cpu_optimizer: false, dump_state: false, memory_breakdown: false}"],
@@ -100,3 +103,17 @@ def test_the_deepspeed_key_check_names_the_json_file(tmp_path, tiny_recipe):
 def test_valid_deepspeed_configs_pass_the_key_check(tiny_recipe, overrides):
     ds = build_deepspeed_config(load_config(tiny_recipe, overrides), 4)
     assert ds["train_batch_size"] == 4 * ds["train_micro_batch_size_per_gpu"]
+
+
+def test_a_relative_deepspeed_json_is_relative_to_the_working_directory_only(tmp_path, monkeypatch):
+    """No fallback to a checkout's configs/: a relative path (a config built in code) means the working directory."""
+    from dartmamba_train.engine import resolve_deepspeed_json
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_deepspeed_json("deepspeed/zero0.json")
+    assert str(err.value) == (f"deepspeed.config: file not found: deepspeed/zero0.json (looked in: "
+                              f"{tmp_path / 'deepspeed' / 'zero0.json'}, relative to the working directory)")
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "zero0.json").write_text("{}")
+    assert resolve_deepspeed_json("deepspeed/zero0.json") == str(tmp_path / "deepspeed" / "zero0.json")

@@ -20,7 +20,7 @@ def threads_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     torch.set_num_threads(6)
-    monkeypatch.setattr(distributed, "_STARTUP_THREADS", 6)
+    monkeypatch.setitem(distributed._DEFAULT, "threads", 6)
     yield monkeypatch
     torch.set_num_threads(saved)
 
@@ -45,7 +45,7 @@ def test_the_users_choice_is_kept(threads_env):
     threads_env.setenv("LOCAL_SIZE", "2")
     threads_env.setenv("OMP_NUM_THREADS", "3")
     torch.set_num_threads(3)                          # what torch makes of OMP_NUM_THREADS at start-up
-    threads_env.setattr(distributed, "_STARTUP_THREADS", 3)
+    threads_env.setitem(distributed._DEFAULT, "threads", 3)
     choice = distributed.configure_threads()
     assert (choice.threads, torch.get_num_threads()) == (3, 3)
     assert choice.reason == "OMP_NUM_THREADS=3 set by the user or launcher"
@@ -64,9 +64,39 @@ def test_a_bad_process_count_is_named(threads_env):
 
 def test_fewer_threads_than_cpus_when_torch_uses_fewer(threads_env):
     """torch's default (physical cores) caps the count: SMT siblings are not added."""
-    threads_env.setattr(distributed, "_STARTUP_THREADS", 2)
+    threads_env.setitem(distributed._DEFAULT, "threads", 2)
     torch.set_num_threads(2)
     assert distributed.configure_threads().threads == 2
+
+
+def test_without_a_recorded_default_the_current_count_is_the_default(threads_env):
+    """A caller that never recorded torch's default (training in its own process): the count in force when the run
+    starts is recorded as the default, so it is split over the local processes, not kept as a choice."""
+    threads_env.delitem(distributed._DEFAULT, "threads")
+    threads_env.setenv("LOCAL_SIZE", "2")
+    choice = distributed.configure_threads()
+    assert (choice.threads, choice.reason) == (2, "4 cores / 2 local processes")
+    assert distributed._DEFAULT == {"threads": 6}
+    assert distributed.record_default_threads() == 6          # the first record wins
+
+
+def test_importing_reads_no_thread_count():
+    """Nothing is recorded at import: the entry point records torch's default, first of all."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); from dartmamba_train import distributed, cli, loop; "
+            "assert distributed._DEFAULT == {}, distributed._DEFAULT; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_the_command_line_records_torchs_default_first(threads_env, tiny_recipe, capsys):
+    from dartmamba_train import cli
+
+    threads_env.delitem(distributed._DEFAULT, "threads")
+    assert cli.main(["--config", tiny_recipe, "--print-config"]) == 0
+    assert distributed._DEFAULT == {"threads": 6}
 
 
 def test_a_run_logs_its_thread_choice(tiny_recipe, tmp_path):

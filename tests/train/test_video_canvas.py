@@ -16,7 +16,7 @@ from dartmamba.data import MovingDigitClips, digits_source
 from dartmamba.data.video_canvas import bounce
 from dartmamba_train.config import ConfigError, load_config
 
-from tests.train.train_helpers import REPO, TRAIN_SCRIPT, train_env, write_recipe
+from tests.train.train_helpers import REPO, TRAIN_SCRIPT, ds_json, train_env, write_recipe
 
 VIDEO_RECIPE = os.path.join(REPO, "configs", "video", "videomamba_dart.yaml")
 GRID_RECIPE = os.path.join(REPO, "configs", "video", "videomamba_grid.yaml")
@@ -34,7 +34,7 @@ TINY_VIDEO = {
     "sched": {"warmup_epochs": 0},
     "train": {"epochs": 1, "batch_size": 16, "compile": False, "precision": "fp32", "log_interval": 1,
               "keep_last": 1},
-    "deepspeed": {"config": "deepspeed/zero0.json"},
+    "deepspeed": {"config": ds_json(0)},
     "output": {"progress_bar": False},
 }
 

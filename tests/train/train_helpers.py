@@ -11,6 +11,15 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_SCRIPT = os.path.join(REPO, "train", "train.py")
 
+
+def ds_json(stage: int) -> str:
+    """The installed recipes' DeepSpeed JSON of ZeRO ``stage`` (an absolute path: recipes written to a temporary
+    folder cannot name it relative to themselves)."""
+    from importlib.resources import files
+
+    return str(files("dartmamba_configs") / "deepspeed" / f"zero{stage}.json")
+
+
 TINY_DART = {
     "model": {"name": "deit_tiny_dart",
               "kwargs": {"img_size": 32, "patch_size": 8, "grid_size": 4, "num_tokens": 16, "embed_dim": 32,
@@ -23,7 +32,7 @@ TINY_DART = {
     "sched": {"warmup_epochs": 0},
     "train": {"epochs": 3, "batch_size": 32, "compile": False, "precision": "fp32", "log_interval": 1,
               "keep_last": 1},
-    "deepspeed": {"config": "deepspeed/zero0.json"},
+    "deepspeed": {"config": ds_json(0)},
     "output": {"progress_bar": False},
 }
 
