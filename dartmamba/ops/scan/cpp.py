@@ -108,11 +108,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     grad_out, grad_last = grads
-    u = ctx.saved_tensors[0]
+    saved = ctx.saved_tensors            # read once: under checkpointing each read unpacks (recomputes) again
+    u = saved[0]
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     grad_last = u.new_empty(0) if grad_last is None else grad_last.contiguous()
-    dgrads = cpu_kernels().scan_bwd(grad_out, *ctx.saved_tensors, grad_last, *ctx.flags)
+    dgrads = cpu_kernels().scan_bwd(grad_out, *saved, grad_last, *ctx.flags)
     return (*dgrads, None, None, None)
 
 
