@@ -230,7 +230,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
     Raises:
         MissingFlopFormulaError: a custom op ran that has no FLOP formula.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from .compat.torch_internals import fake_tensor_mode
 
     input_size = tuple(input_size) if input_size is not None else model_input_size(model)
     root = type(model).__name__
@@ -248,7 +248,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with FakeTensorMode(allow_non_fake_inputs=True):
+            with fake_tensor_mode(allow_non_fake_inputs=True):
                 images = torch.empty(batch_size, *input_size, device=device)
                 # grad mode stays on: under no_grad, the module tracker trips on views of parameters (fake tensors
                 # that require grad but have no grad_fn); the forward is counted either way

@@ -6,8 +6,10 @@
 - :class:`RecordingFlopCounterMode`: ``FlopCounterMode`` with its private per-op hook ``_count_flops`` overridden,
   to record custom ops that have no FLOP formula (a silent 0 otherwise) and to pick up formulas registered after
   the count began (an op whose module is imported lazily, during the count). torch has no public hook for either.
+- :func:`is_fake` and :func:`fake_tensor_mode`: ``torch._subclasses.fake_tensor`` (tensors without values: the
+  tokenizer's input checks skip value checks on them; the FLOP counter runs models on them).
 
-tests/compat/test_torch_internals.py checks both against the installed torch.
+tests/compat/test_torch_internals.py checks each against the installed torch.
 """
 from __future__ import annotations
 
@@ -28,6 +30,20 @@ def extension_build_directory(name: str) -> str:
         raise TorchInternalsShimError("dartmamba.compat.torch_internals: torch.utils.cpp_extension."
                                       "_get_build_directory is gone; update the shim") from exc
     return _get_build_directory(name, verbose=False)
+
+
+def is_fake(tensor) -> bool:
+    """Whether ``tensor`` is a fake tensor (shapes and dtypes, no values)."""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(tensor)
+
+
+def fake_tensor_mode(**kwargs):
+    """A ``FakeTensorMode(**kwargs)`` context: tensors made inside it are fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(**kwargs)
 
 
 class RecordingFlopCounterMode(FlopCounterMode):

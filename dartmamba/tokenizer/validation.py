@@ -18,7 +18,7 @@ def autocast_enabled(device_type: str) -> bool:
 
 def _values_unreadable(t: Tensor) -> bool:
     """While compiling or capturing, and for tensors without values (fake, meta: FLOP counting, shape checks)."""
-    from torch._subclasses.fake_tensor import is_fake
+    from ..compat.torch_internals import is_fake
 
     return _tracing() or t.device.type == "meta" or is_fake(t)
 

@@ -50,3 +50,14 @@ def test_recording_counter_records_missing_formulas_and_takes_late_ones():
     assert not counter.missing and counter.get_total_flops() == 7 * 12, \
         f"{SHIM}.RecordingFlopCounterMode did not pick up a formula registered during the count"
     assert counter.formula(torch.ops.dartmamba_compat_test.doubled) is not None
+
+
+def test_fake_tensor_shims_make_and_recognise_fake_tensors():
+    """Tensors made under fake_tensor_mode are fake (shapes, dtype, no values); real ones are not."""
+    real = torch.randn(2, 3)
+    with shim.fake_tensor_mode(allow_non_fake_inputs=True):
+        fake = torch.empty(4, 5, dtype=torch.float64) + 1
+        mixed = fake.sum() + real.sum()
+    assert shim.is_fake(fake) and shim.is_fake(mixed), f"{SHIM}.fake_tensor_mode: tensors made in it are not fake"
+    assert fake.shape == (4, 5) and fake.dtype == torch.float64
+    assert not shim.is_fake(real), f"{SHIM}.is_fake: a real tensor is reported fake"
