@@ -1,6 +1,8 @@
 """Host-side pieces both kernel files share: where the kernels may run, the launch device, autograd's clamp
 conventions (the backward kernels mirror them) and FLOP-formula registration. Imports torch only."""
+import concurrent.futures
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -25,9 +27,20 @@ def check_device(t: Tensor, what: str, module: str, interpreted: bool) -> None:
                            f"{module} is imported); got a {t.device.type} tensor")
 
 
+@functools.cache
 def clamp_passes(value: float, lo: float, hi: float | None = None) -> bool:
     """Whether autograd of ``x.clamp(lo, hi)`` (``x.clamp_min(lo)`` when ``hi`` is None) passes the gradient at
-    ``x == value``: the convention changed between torch releases, and the kernels follow the installed torch."""
+    ``x == value``: the convention changed between torch releases, and the kernels follow the installed torch.
+
+    Asked at first use (a kernel launch or a backward), never at import, and cached. The probe runs in a thread of
+    its own: grad mode, inference mode and dispatch modes (a fake-tensor trace of the backward under
+    ``torch.compile``) are thread-local, so the caller's state cannot change the answer or break the probe.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_clamp_probe, value, lo, hi).result()
+
+
+def _clamp_probe(value: float, lo: float, hi: float | None) -> bool:
     x = torch.tensor(value, dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = x.clamp_min(lo) if hi is None else x.clamp(lo, hi)

@@ -153,6 +153,26 @@ def _partition_fwd_kernel(scores_ptr, bb_ptr, te_ptr, bb64_ptr, flow_ptr, cdf_pt
 # Device code: positional embeddings (inference)
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _cells_touched(lo, hi, n, mask):
+    """The unit cells [k, k + 1) of a line of ``n`` that each interval [lo, hi) touches: first, end (clamped to the
+    line, at least one cell), and the most cells any unmasked interval touches (the loop count)."""
+    first = tl.minimum(tl.maximum(tl.floor(lo), 0.0), n - 1.0).to(tl.int32)
+    end = tl.minimum(tl.maximum(tl.ceil(hi), 1.0), n * 1.0).to(tl.int32)
+    end = tl.maximum(end, first + 1)
+    return first, end, tl.max(tl.where(mask, end - first, 0), axis=0)
+
+
+@triton.jit
+def _cell_overlap(k, end, lo, hi, mask):
+    """Cell k of each interval [lo, hi) (``end`` from :func:`_cells_touched`): k, whether the interval touches it,
+    and the length of [lo, hi) & [k, k + 1) (0 where it does not), in the intervals' dtype."""
+    live = mask & (k < end)
+    kf = k.to(lo.dtype)
+    overlap = tl.maximum(tl.minimum(hi, kf + 1.0) - tl.maximum(lo, kf), 0.0)
+    return k, live, tl.where(live, overlap, 0.0)
+
+
+@triton.jit
 def _pos_embed_fwd_kernel(pe_ptr, bb_ptr, te_ptr, out_ptr, N, D, pe_batch_stride,
                           GH: tl.constexpr, GW: tl.constexpr, R: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WORK_F64: tl.constexpr):
@@ -174,36 +194,22 @@ def _pos_embed_fwd_kernel(pe_ptr, bb_ptr, te_ptr, out_ptr, N, D, pe_batch_stride
     e1 = tl.load(te + ot + 1, mask=tmask, other=1.0).to(wdt)
     width = e1 - e0
     # raster cells [t, t + 1) with t from floor(e0) to ceil(e1) - 1 (clamped to the strip)
-    t_first = tl.minimum(tl.maximum(tl.floor(e0), 0.0), L - 1.0).to(tl.int32)
-    t_end = tl.minimum(tl.maximum(tl.ceil(e1), 1.0), L * 1.0).to(tl.int32)
-    t_end = tl.maximum(t_end, t_first + 1)
-    span = tl.max(tl.where(tmask, t_end - t_first, 0), axis=0)
+    t_first, t_end, span = _cells_touched(e0, e1, L, tmask)
     pe_b = pe_ptr + pid_b * pe_batch_stride
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=wdt)
     dt = span * 0
     while dt < span:
-        t = t_first + dt
-        live = tmask & (t < t_end)
-        tf = t.to(wdt)
-        cell = tl.maximum(tl.minimum(e1, tf + 1.0) - tl.maximum(e0, tf), 0.0)
-        cell = tl.where(live, cell, 0.0)
+        t, live, cell = _cell_overlap(t_first + dt, t_end, e0, e1, tmask)
         band = t // GW
         col = t - band * GW
         y0 = tl.load(bb + band, mask=live, other=0.0).to(wdt)
         y1 = tl.load(bb + band + 1, mask=live, other=1.0).to(wdt)
         height = y1 - y0
-        i_first = tl.minimum(tl.maximum(tl.floor(y0), 0.0), GH - 1.0).to(tl.int32)
-        i_end = tl.minimum(tl.maximum(tl.ceil(y1), 1.0), GH * 1.0).to(tl.int32)
-        i_end = tl.maximum(i_end, i_first + 1)
-        rspan = tl.max(tl.where(live, i_end - i_first, 0), axis=0)
+        i_first, i_end, rspan = _cells_touched(y0, y1, GH, live)
         band_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=wdt)
         di = rspan * 0
         while di < rspan:
-            i = i_first + di
-            rlive = live & (i < i_end)
-            fi = i.to(wdt)
-            w = tl.maximum(tl.minimum(y1, fi + 1.0) - tl.maximum(y0, fi), 0.0)
-            w = tl.where(rlive, w, 0.0)
+            i, rlive, w = _cell_overlap(i_first + di, i_end, y0, y1, live)
             v = tl.load(pe_b + (i * GW + col)[:, None] * D + od[None, :],
                         mask=rlive[:, None] & dmask[None, :], other=0.0).to(wdt)
             band_acc += w[:, None] * v
@@ -274,11 +280,8 @@ def _partition_forward(scores: Tensor, num_tokens: int, num_rows: int):
 
 
 # --- clamp_min convention of the installed torch (it changed between releases); the backward mirrors it ----------
-_CLAMP_MIN_INCL = clamp_passes(1.0, 1.0, None)
-
-
 def _pass_above(x: Tensor, lo: float) -> Tensor:
-    return (x >= lo if _CLAMP_MIN_INCL else x > lo).to(x.dtype)
+    return (x >= lo if clamp_passes(1.0, 1.0, None) else x > lo).to(x.dtype)
 
 
 def _quantile_backward(grad: Tensor, masses: Tensor, bins: Tensor, num_parts: int) -> Tensor:

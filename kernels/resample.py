@@ -34,10 +34,10 @@ Not fused, on purpose: the patch-embedding GEMM (K = C p^2 = 768, D = 192..768) 
  * Training: the GEMM's weight gradient needs the patches (grad W = grad_tokens^T @ patches), so they are written
    either way (or recomputed, i.e. a second gather pass in the backward): fusion saves nothing there.
  * Inference: fusion saves at most the patches' round trip, one write + one read of B N C p^2 values. At the paper
-   shape (B 256, N 196, bf16) that is 2 x 77 MB = 154 MB, ~36 us at the 4.3 TB/s an H200 copies at (N 392: ~72
-   us; fp32 twice that): 0.27% of the 13.1 ms DeiT-S step, 3% of the ~1.1 ms the whole tokenizer may take for
-   DeiT-S-DART >= 2x DeiT-B. Reaching even that bound needs a gather-fed ``tl.dot`` as fast as cuBLAS's
-   TMA/wgmma GEMM (~30 GFLOP here), with the 590 KB bf16 weight streamed from L2 per token block.
+   shape (B 256, N 196, bf16) that is 2 x 77 MB = 154 MB (N 392: twice that; fp32 twice again), a small fraction
+   of a DeiT-S step and of the tokenizer's budget (docs/benchmarks.md has the measured times). Reaching even that
+   bound needs a gather-fed ``tl.dot`` as fast as cuBLAS's TMA/wgmma GEMM (~30 GFLOP here), with the 590 KB bf16
+   weight streamed from L2 per token block.
 ``benchmarks/bench_resample.py`` measures the bound on the device (resample time, GEMM time, and a copy of the
 patches tensor) and prints it with the kernel table: the decision is revisited if it shows more than a few percent
 of a backbone step.
@@ -342,8 +342,9 @@ def interpreted() -> bool:
     return is_interpreted(_resample_fwd_kernel)
 
 
-# autograd's convention for ``x.clamp(lo, hi)`` at ``x == lo``: the kernel follows the torch path's
-_CLAMP_LO_INCL = clamp_passes(0.0, 0.0, 1.0)
+def _clamp_lo_incl() -> bool:
+    """autograd's convention for ``x.clamp(lo, hi)`` at ``x == lo`` (the kernel follows the torch path's)."""
+    return clamp_passes(0.0, 0.0, 1.0)
 
 
 def _blocks(num_tokens: int, patch_size: int, backward: bool = False) -> tuple[int, int, int]:
@@ -375,7 +376,7 @@ def _forward_into(out: Tensor, images: Tensor, bounds: Tensor, edges: Tensor, pa
             images, bounds, edges, target, num_tokens, height, width, num_rows,
             C=chans, P=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, PAPER=paper,
             GEOM_F64=bounds.dtype == torch.float64, WORK_F64=images.dtype == torch.float64,
-            CLAMP_LO_INCL=_CLAMP_LO_INCL, num_warps=warps, **_launch_opts())
+            CLAMP_LO_INCL=_clamp_lo_incl(), num_warps=warps, **_launch_opts())
     if target is not out:
         out.copy_(target)
     return out
@@ -421,7 +422,7 @@ def _backward(grad: Tensor, images: Tensor, bounds: Tensor, edges: Tensor, patch
             grad, images, bounds, edges, gimg, gbb, glo, ghi, scales, num_tokens, height, width, num_rows,
             C=chans, P=patch_size, BLOCK_T=block_t, BLOCK_P=block_p, PAPER=paper,
             GEOM_F64=bounds.dtype == torch.float64, WORK_F64=work == torch.float64,
-            CLAMP_LO_INCL=_CLAMP_LO_INCL, NEED_IMG=need_image, NEED_GEOM=need_geometry, FIXED=deterministic,
+            CLAMP_LO_INCL=_clamp_lo_incl(), NEED_IMG=need_image, NEED_GEOM=need_geometry, FIXED=deterministic,
             num_warps=warps, **_launch_opts())
     if need_image:
         if deterministic:

@@ -2,13 +2,14 @@
 packaging (timm conventions)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from ..tokenizer import Tokenizer, create_tokenizer
+from ..tokenizer import Tokenizer, create_tokenizer, tokenizer_class
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,7 @@ def fetch_pretrained(variant: str, pretrained: bool, kwargs: dict) -> dict:
     ``state_dict`` in ``pretrained_cfg_overlay``) is left to timm."""
     if not pretrained:
         return kwargs
-    from timm.models._builder import resolve_pretrained_cfg
-
+    from ..compat.timm import resolve_pretrained_cfg
     from ..files import read_state_dict
     from ..hub import hub_file
 
@@ -136,12 +136,52 @@ def tokenizer_options(tokenizer_cfg: dict | None, dart_cfg: dict | None) -> dict
     return dict(tokenizer_cfg or dart_cfg or {})
 
 
+def registered_tokenizer_cfg(tokenizer, defaults: dict, options: dict, img_size, pretrained: bool) -> dict:
+    """The tokenizer options of a registered DART model (``vim_*_dart``, ``deit_*_dart``).
+
+    With the DART tokenizer (or a subclass): the size's scorer ``defaults`` (trunk, head) under the user's
+    ``options`` (:func:`dart_scorer_cfg`), and a random trunk init when ``pretrained`` (the checkpoint holds it).
+    With any other tokenizer (``tokenizer="grid"``, a user's own) those defaults are DART's, not its: the user's
+    ``options`` pass as they are.
+    """
+    from ..tokenizer import DartTokenizer
+
+    factory = tokenizer_class(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    if not (isinstance(factory, type) and issubclass(factory, DartTokenizer)):
+        return dict(options)
+    options = dict(options)
+    if pretrained:
+        options.setdefault("trunk_weights", "random")      # the checkpoint holds the scorer trunk
+    return dart_scorer_cfg(defaults, options, img_size)
+
+
+def _unexpected_keywords(factory, names) -> list[str]:
+    """The ``names`` that ``factory`` does not take (none when it takes ``**kwargs`` or has no signature)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(name for name in names if name not in params)
+
+
 def build_tokenizer(tokenizer, options: dict, **kwargs) -> Tokenizer:
     """The backbone's tokenizer: a registered name (``"grid"``, ``"dart"``, ...) or a Tokenizer class, built with
-    the backbone's keywords (``kwargs``) and its own ``options``."""
+    the backbone's keywords (``kwargs``) and its own ``options``. A keyword the tokenizer does not take is a
+    one-line TypeError naming it (not an error from deep inside its constructor)."""
     clash = sorted(set(options) & set(kwargs))
     if clash:
         raise ValueError(f"tokenizer_cfg: {clash} are model arguments; set them on the model, not in tokenizer_cfg")
+    factory = tokenizer_class(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    label = f"tokenizer {tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, '__name__', tokenizer)!r}"
+    unexpected = _unexpected_keywords(factory, options)
+    if unexpected:
+        raise TypeError(f"tokenizer_cfg: {label} does not take {unexpected} (options of another tokenizer?)")
+    unexpected = _unexpected_keywords(factory, kwargs)
+    if unexpected:
+        hint = " (video backbones pass it: they need a video tokenizer)" if "num_frames" in unexpected else ""
+        raise TypeError(f"{label} does not take {unexpected}, which the backbone passes{hint}")
     return create_tokenizer(tokenizer, **kwargs, **options)
 
 

@@ -13,15 +13,16 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..compat.timm import feature_take_indices
 from ..tokenizer import Tokens
 from ._checks import check_backbone_args
-from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
-                      model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, fetch_pretrained, model_cfg,
+                      package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
+                      tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
 __all__ = ["DartVisionTransformer"]
@@ -182,9 +183,9 @@ def _create(size: str, pretrained: bool, kwargs: dict, name: str | None = None) 
     user_kwargs = dict(kwargs)
     kwargs = fetch_pretrained(name, pretrained, kwargs)
     options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
-    if pretrained:
-        options.setdefault("trunk_weights", "random")      # the checkpoint holds the scorer trunk
-    tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v1"}, options, kwargs.get("img_size", 448))
+    tokenizer_cfg = registered_tokenizer_cfg(kwargs.get("tokenizer", "dart"),
+                                             {"trunk": _DART_TRUNK[size], "head": "v1"}, options,
+                                             kwargs.get("img_size", 448), pretrained)
     args = dict(img_size=448, patch_size=16, **_SIZES[size])
     out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(DartVisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

@@ -13,8 +13,8 @@ checkpoints (and hustvl/Vim's) inflate into the video model
 (:func:`dartmamba.models.checkpoints.inflate_image_checkpoint`). Video DART keeps the authors' layout under
 ``patch_embed.`` apart from the scorer, which its tokenizer renames.
 
-The layer loop, final norm, pooling, heads and timm interface are Vim's (:class:`~dartmamba.models.vim.VisionMamba`,
-which this class extends); only the embedding differs.
+The layer loop, final norm, pooling, heads and timm interface are Vim's (:class:`~dartmamba.models.vim.MambaBackbone`,
+the base of both); only the embedding differs.
 """
 from __future__ import annotations
 
@@ -22,17 +22,16 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL
 from ..tokenizer import Tokens
 from ..tokenizer.video import spatiotemporal_pos_embed
-from ._common import ModelFamily, build_tokenizer, fetch_pretrained, model_cfg, register_family, tokenizer_options
+from ._common import ModelFamily, fetch_pretrained, model_cfg, register_family
 from .checkpoints import checkpoint_filter_fn, record_config
-from .vim import VisionMamba
+from .vim import MambaBackbone
 
 __all__ = ["VideoMamba"]
 
 
-class VideoMamba(VisionMamba):
+class VideoMamba(MambaBackbone):
     """VideoMamba backbone + classifier.
 
     Args:
@@ -50,40 +49,28 @@ class VideoMamba(VisionMamba):
         global_pool: ``"token"`` (the class token, VideoMamba's) or ``"avg"`` (mean of the other tokens).
         bimamba_impl: how each mixer runs its two scan directions (as :class:`~dartmamba.models.vim.VisionMamba`).
         device, dtype: where and in which dtype the parameters are created (``device="meta"`` allocates nothing).
+        The other arguments (``drop_rate``, ``drop_path_rate``, ``norm_eps``, ``residual_in_fp32``) are
+        :class:`~dartmamba.models.vim.VisionMamba`'s; every default but ``tokenizer`` is Vim-Tiny's.
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2,
-                 d_conv: int = 4, drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
-                 residual_in_fp32: bool = True, tokenizer="video_grid", num_tokens: int | None = None,
-                 grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None):
-        # Vim's forward, heads and timm interface are inherited; its constructor is not (the embeddings differ)
-        nn.Module.__init__(self)
-        factory = {"device": device, "dtype": dtype}
-        self._set_attributes(num_classes, global_pool, in_chans, embed_dim, depth, residual_in_fp32)
-
-        self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
-                                           patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                           num_tokens=num_tokens, grid_size=grid_size, num_frames=num_frames,
-                                           **factory)
-        self.feature_grid = tuple(self.patch_embed.feature_grid)
-        if len(self.feature_grid) != 3:
-            raise ValueError(f"tokenizer {tokenizer!r} is not a video tokenizer: its feature_grid "
-                             f"{self.feature_grid} is not (T, h, w)")
+                 num_classes: int = 1000, tokenizer="video_grid", **kwargs):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                         tokenizer=tokenizer, tokenizer_extra={"num_frames": num_frames}, **kwargs)
         self.num_frames = num_frames
-        self.num_tokens = self.patch_embed.num_tokens
+
+    def _build_embeddings(self, embed_dim: int, dd: dict) -> None:
+        """The class token leads the sequence with ``pos_embed[:, 0]``; every (frame, cell) position's embedding is
+        ``pos_embed[:, 1 + cell] + temporal_pos_embedding[:, frame]``."""
+        if len(self.feature_grid) != 3:
+            raise ValueError(f"tokenizer: {type(self.patch_embed).__name__} is not a video tokenizer: its "
+                             f"feature_grid {self.feature_grid} is not (T, h, w)")
         temporal, spatial = self.feature_grid[0], self.patch_embed.num_patches // self.feature_grid[0]
         self.cls_pos_index = 0                        # the class token's embedding is pos_embed[:, 0]
         self.cls_index = 0                            # and the class token leads the sequence
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory))
-        self.pos_embed = nn.Parameter(torch.zeros(1, spatial + 1, embed_dim, **factory))
-        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, temporal, embed_dim, **factory))
-        self.pos_drop = nn.Dropout(drop_rate)
-
-        self._build_blocks_and_head(embed_dim, depth, d_state, d_conv, expand, drop_rate, drop_path_rate, norm_eps,
-                                    residual_in_fp32, num_classes, bimamba_impl, factory)
-        self.init_weights()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, spatial + 1, embed_dim, **dd))
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, temporal, embed_dim, **dd))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -120,7 +107,7 @@ class VideoMamba(VisionMamba):
     def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False, output_dict: bool = False):
-        """timm's ``forward_intermediates`` (see :meth:`VisionMamba.forward_intermediates`). The maps are
+        """timm's ``forward_intermediates`` (see :meth:`MambaBackbone.forward_intermediates`). The maps are
         (B, D, T', h, w): ``output_fmt`` ``"NCTHW"`` (or timm's channel-first name ``"NCHW"``) scatters the
         tokens onto every frame's grid (the tokenizer's ``to_feature_map``); ``"NLC"`` returns the tokens."""
         if output_fmt == "NCTHW":
@@ -130,13 +117,9 @@ class VideoMamba(VisionMamba):
         return super().forward_intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
                                              intermediates_only, output_dict)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, 1 + N, D), class token first."""
-        return self.forward_tokens(x)[0]
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The class token (``"token"``) or the mean of the N clip tokens (``"avg"``). (B, 1 + N, D) -> (B, D)."""
-        return x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        raise NotImplementedError("VideoMamba.set_input_size: a new clip resolution is not supported; build the model "
+                                  "with the new img_size instead")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,19 +17,20 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..compat.timm import feature_take_indices
 from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL, BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
 from ._checks import check_backbone_args
-from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, dart_scorer_cfg, fetch_pretrained,
-                      model_cfg, package_intermediates, register_family, release_kwargs, tokenizer_options)
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, fetch_pretrained, model_cfg,
+                      package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
+                      tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
-__all__ = ["VisionMamba"]
+__all__ = ["MambaBackbone", "VisionMamba"]
 
 
 def insert_middle(tokens: Tensor, token: Tensor, middle: int) -> Tensor:
@@ -37,26 +38,14 @@ def insert_middle(tokens: Tensor, token: Tensor, middle: int) -> Tensor:
     return torch.cat([tokens[:, :middle], token, tokens[:, middle:]], dim=1)
 
 
-class VisionMamba(nn.Module):
-    """Vim backbone + classifier.
+class MambaBackbone(nn.Module):
+    """What Vim and VideoMamba share: a tokenizer, a class token, bidirectional-Mamba blocks (pre-norm, fp32
+    residual stream), the final RMSNorm, pooling, the head and timm's model interface.
 
-    Args:
-        img_size, patch_size, in_chans: input and patch geometry.
-        num_classes: head outputs (0: no head, ``forward`` returns pooled features).
-        embed_dim, depth, d_state, expand, d_conv: Mamba sizes (Tiny 192, Small 384, Base 768; depth 24).
-        tokenizer: a registered tokenizer name (``"grid"``: timm's PatchEmbed, (img/p)^2 tokens; ``"dart"``; see
-            :func:`dartmamba.tokenizer.register_tokenizer`) or a :class:`~dartmamba.tokenizer.Tokenizer` class.
-        num_tokens: tokens of an adaptive tokenizer (DART: default Gh * Gw).
-        grid_size: the tokenizer's grid (DART: the score grid, default ``img_size / (2 * patch_size)``, 14 for
-            448 / 16, the paper's half-resolution geometry); the positional embedding has one entry per grid cell +
-            1 for every token count.
-        tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
-            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
-            its older name.
-        global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
-        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both), ``"two_pass"``
-            (one after the other) or ``"auto"`` (the default: fused on CUDA, two-pass on CPU, where it measured
-            faster); same parameters, same result (see :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
+    A family builds its own positional embeddings and places its class token (:meth:`_build_embeddings`,
+    :meth:`embed`); everything else is here, and every family's constructor is this one (arguments: see
+    :class:`VisionMamba`). ``tokenizer_extra``: keywords a family adds for its tokenizer (VideoMamba's
+    ``num_frames``).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -64,33 +53,13 @@ class VisionMamba(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-5,
                  residual_in_fp32: bool = True, tokenizer="grid", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None,
-                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None):
+                 global_pool: str = "token", bimamba_impl: str = DEFAULT_BIMAMBA_IMPL, device=None, dtype=None, *,
+                 tokenizer_extra: dict | None = None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         check_backbone_args(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depth=depth, d_state=d_state, expand=expand, d_conv=d_conv,
                             drop_rate=drop_rate, drop_path_rate=drop_path_rate, num_tokens=num_tokens)
-        self._set_attributes(num_classes, global_pool, in_chans, embed_dim, depth, residual_in_fp32)
-
-        self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
-                                           patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                                           num_tokens=num_tokens, grid_size=grid_size, **dd)
-        num_grid = self.patch_embed.num_patches
-        self.num_tokens = self.patch_embed.num_tokens
-        self.feature_grid = self.patch_embed.feature_grid
-        self.cls_pos_index = num_grid // 2            # where the class token's embedding sits in pos_embed
-        self.cls_index = self.num_tokens // 2         # where the class token sits in the sequence
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_grid + 1, embed_dim, **dd))
-        self.pos_drop = nn.Dropout(drop_rate)
-
-        self._build_blocks_and_head(embed_dim, depth, d_state, d_conv, expand, drop_rate, drop_path_rate, norm_eps,
-                                    residual_in_fp32, num_classes, bimamba_impl, dd)
-        self.init_weights()
-
-    def _set_attributes(self, num_classes: int, global_pool: str, in_chans: int, embed_dim: int, depth: int,
-                        residual_in_fp32: bool) -> None:
-        """The attributes timm and the forward read (shared with subclasses that build their own embeddings)."""
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.num_classes = num_classes
@@ -102,23 +71,37 @@ class VisionMamba(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
-    def _build_blocks_and_head(self, embed_dim: int, depth: int, d_state: int, d_conv: int, expand: int,
-                               drop_rate: float, drop_path_rate: float, norm_eps: float, residual_in_fp32: bool,
-                               num_classes: int, bimamba_impl: str, dd: dict) -> None:
-        """The Vim blocks (drop path rising linearly to ``drop_path_rate``), the final norm, the head and
-        ``feature_info`` (after ``self.patch_embed``; shared with subclasses). ``dd``: the factory kwargs."""
+        self.patch_embed = build_tokenizer(tokenizer, tokenizer_options(tokenizer_cfg, dart_cfg), img_size=img_size,
+                                           patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                           num_tokens=num_tokens, grid_size=grid_size, **(tokenizer_extra or {}),
+                                           **dd)
+        self.num_tokens = self.patch_embed.num_tokens
+        self.feature_grid = tuple(self.patch_embed.feature_grid)
+        self._build_embeddings(embed_dim, dd)
+        self.pos_drop = nn.Dropout(drop_rate)
+
         drop_path = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.layers = nn.ModuleList([
             VimBlock(embed_dim, BiMambaMixer(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i,
                                              bimamba_impl=bimamba_impl, **dd),
                      drop_path=drop_path[i], eps=norm_eps, residual_in_fp32=residual_in_fp32, **dd)
             for i in range(depth)])
-        self.final_drop_path = self.layers[-1].drop_path if depth else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.init_weights()
+
+    def _build_embeddings(self, embed_dim: int, dd: dict) -> None:
+        """Create ``cls_token``, the positional embeddings, ``cls_pos_index`` and ``cls_index`` (after
+        ``self.patch_embed``). ``dd``: the factory kwargs."""
+        raise NotImplementedError(f"{type(self).__name__} must define _build_embeddings")
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """Input -> (tokens with positions and the class token at ``cls_index`` (B, 1 + N, D), the tokenizer's
+        output)."""
+        raise NotImplementedError(f"{type(self).__name__} must define embed")
 
     # -- init ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,45 +155,7 @@ class VisionMamba(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def set_input_size(self, img_size=None, patch_size=None) -> None:
-        """A new input resolution (timm's ``set_input_size``): the tokenizer adapts (a fixed grid gets more patches,
-        DART a larger score grid) and the grid positional embeddings are resampled (bicubic, class-token embedding
-        kept at the grid's middle)."""
-        from .checkpoints import resize_grid_pos_embed
-
-        prev_grid = tuple(self.patch_embed.grid_size)
-        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
-        grid = tuple(self.patch_embed.grid_size)
-        if grid != prev_grid:
-            new_cls = (grid[0] * grid[1]) // 2
-            resized = resize_grid_pos_embed(self.pos_embed.detach(), prev_grid, self.cls_pos_index, grid, new_cls)
-            self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
-            self.cls_pos_index = new_cls
-        self.num_tokens = self.patch_embed.num_tokens
-        self.cls_index = self.num_tokens // 2
-        self.feature_grid = self.patch_embed.feature_grid
-        reduction = self.patch_embed.feat_ratio()
-        for info in self.feature_info:
-            info["reduction"] = reduction
-        if getattr(self, "pretrained_cfg", None) is not None:
-            size = self.patch_embed.img_size
-            self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.in_chans, *tuple(size))}
-
     # -- forward ------------------------------------------------------------------------------------------------
-    def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
-        """Images (B, C, H, W) -> (tokens with positions and the class token at M // 2 (B, M + 1, D), the
-        tokenizer's output).
-
-        The class token's positional embedding sits at the grid's middle index of ``pos_embed``; the tokenizer gets
-        the other (grid) embeddings and returns each token's (the grid's own for a fixed grid, re-binned for DART).
-        """
-        ci = self.cls_pos_index
-        grid_pe = torch.cat([self.pos_embed[:, :ci], self.pos_embed[:, ci + 1:]], dim=1)
-        out = self.patch_embed(x, grid_pe)
-        cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, ci:ci + 1]
-        x = insert_middle(out.tokens + out.pos_embed, cls_token, self.cls_index)
-        return self.pos_drop(x), out
-
     def run_layers(self, x: Tensor, layers=None, take_indices=(), norm: bool = False
                    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         """Embedded tokens (B, L, D) through ``layers`` (default: all) -> (hidden, residual, intermediates): the
@@ -226,6 +171,12 @@ class VisionMamba(nn.Module):
                 intermediates.append(self.norm_f(stream) if norm else stream)
         return hidden, residual, intermediates
 
+    @property
+    def final_drop_path(self) -> nn.Module:
+        """The drop path of the last residual add: the last layer's (read from ``layers`` every time, so it follows
+        ``prune_intermediate_layers``)."""
+        return self.layers[-1].drop_path if len(self.layers) else nn.Identity()
+
     def final_norm(self, hidden: Tensor, residual: Tensor | None) -> Tensor:
         """The last residual add and the final RMSNorm, fused (B, L, D); without the norm after
         ``prune_intermediate_layers(prune_norm=True)``."""
@@ -236,7 +187,7 @@ class VisionMamba(nn.Module):
                         residual_in_fp32=self.residual_in_fp32)
 
     def forward_tokens(self, x: Tensor) -> tuple[Tensor, Tokens]:
-        """(B, C, H, W) -> (normed features (B, M + 1, D), the tokenizer's output, e.g. DART's with the geometry)."""
+        """Input -> (normed features (B, 1 + N, D), the tokenizer's output, e.g. DART's with the geometry)."""
         x, out = self.embed(x)
         hidden, residual, _ = self.run_layers(x)
         return self.final_norm(hidden, residual), out
@@ -268,6 +219,7 @@ class VisionMamba(nn.Module):
         when ``prune_head`` (timm's contract); returns the kept indices."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
         if prune_norm:
             self.norm_f = nn.Identity()
         if prune_head:
@@ -275,10 +227,11 @@ class VisionMamba(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, M + 1, D), class token at index M // 2."""
+        """Input -> (B, 1 + N, D), the class token at ``cls_index``."""
         return self.forward_tokens(x)[0]
 
     def pool(self, x: Tensor) -> Tensor:
+        """The class token (``"token"``) or the mean of the other tokens (``"avg"``). (B, 1 + N, D) -> (B, D)."""
         ci = self.cls_index
         if self.global_pool == "avg":
             return torch.cat([x[:, :ci], x[:, ci + 1:]], dim=1).mean(dim=1)
@@ -290,6 +243,77 @@ class VisionMamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class VisionMamba(MambaBackbone):
+    """Vim backbone + classifier.
+
+    Args:
+        img_size, patch_size, in_chans: input and patch geometry.
+        num_classes: head outputs (0: no head, ``forward`` returns pooled features).
+        embed_dim, depth, d_state, expand, d_conv: Mamba sizes (Tiny 192, Small 384, Base 768; depth 24).
+        tokenizer: a registered tokenizer name (``"grid"``: timm's PatchEmbed, (img/p)^2 tokens; ``"dart"``; see
+            :func:`dartmamba.tokenizer.register_tokenizer`) or a :class:`~dartmamba.tokenizer.Tokenizer` class.
+        num_tokens: tokens of an adaptive tokenizer (DART: default Gh * Gw).
+        grid_size: the tokenizer's grid (DART: the score grid, default ``img_size / (2 * patch_size)``, 14 for
+            448 / 16, the paper's half-resolution geometry); the positional embedding has one entry per grid cell +
+            1 for every token count.
+        tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
+            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
+            its older name.
+        global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
+        bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both), ``"two_pass"``
+            (one after the other) or ``"auto"`` (the default: fused on CUDA, two-pass on CPU); same parameters, same
+            result (see :class:`~dartmamba.modules.bimamba.BiMambaMixer`).
+        device, dtype: where and in which dtype the parameters are created (``device="meta"`` allocates nothing).
+    """
+
+    def _build_embeddings(self, embed_dim: int, dd: dict) -> None:
+        """The class token sits in the middle of the sequence and its positional embedding at the grid's middle
+        index of ``pos_embed`` (1, grid cells + 1, D)."""
+        num_grid = self.patch_embed.num_patches
+        self.cls_pos_index = num_grid // 2            # where the class token's embedding sits in pos_embed
+        self.cls_index = self.num_tokens // 2         # where the class token sits in the sequence
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_grid + 1, embed_dim, **dd))
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """A new input resolution (timm's ``set_input_size``): the tokenizer adapts (a fixed grid gets more patches,
+        DART a larger score grid) and the grid positional embeddings are resampled (bicubic, class-token embedding
+        kept at the grid's middle)."""
+        from .checkpoints import resize_grid_pos_embed
+
+        prev_grid = tuple(self.patch_embed.grid_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        grid = tuple(self.patch_embed.grid_size)
+        if grid != prev_grid:
+            new_cls = (grid[0] * grid[1]) // 2
+            resized = resize_grid_pos_embed(self.pos_embed.detach(), prev_grid, self.cls_pos_index, grid, new_cls)
+            self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
+            self.cls_pos_index = new_cls
+        self.num_tokens = self.patch_embed.num_tokens
+        self.cls_index = self.num_tokens // 2
+        self.feature_grid = tuple(self.patch_embed.feature_grid)
+        reduction = self.patch_embed.feat_ratio()
+        for info in self.feature_info:
+            info["reduction"] = reduction
+        if getattr(self, "pretrained_cfg", None) is not None:
+            size = self.patch_embed.img_size
+            self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.in_chans, *tuple(size))}
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
+        """Images (B, C, H, W) -> (tokens with positions and the class token at M // 2 (B, M + 1, D), the
+        tokenizer's output).
+
+        The class token's positional embedding sits at the grid's middle index of ``pos_embed``; the tokenizer gets
+        the other (grid) embeddings and returns each token's (the grid's own for a fixed grid, re-binned for DART).
+        """
+        ci = self.cls_pos_index
+        grid_pe = torch.cat([self.pos_embed[:, :ci], self.pos_embed[:, ci + 1:]], dim=1)
+        out = self.patch_embed(x, grid_pe)
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, ci:ci + 1]
+        x = insert_middle(out.tokens + out.pos_embed, cls_token, self.cls_index)
+        return self.pos_drop(x), out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,9 +377,9 @@ def _dart_model(size: str, pretrained: bool, kwargs: dict, name: str | None = No
     kwargs = release_kwargs(name, pretrained, kwargs, _RELEASES)
     user_kwargs = dict(kwargs)
     options = tokenizer_options(kwargs.pop("tokenizer_cfg", None), kwargs.pop("dart_cfg", None))
-    if pretrained:
-        options.setdefault("trunk_weights", "random")      # the checkpoint holds the scorer trunk
-    tokenizer_cfg = dart_scorer_cfg({"trunk": _DART_TRUNK[size], "head": "v2"}, options, kwargs.get("img_size", 448))
+    tokenizer_cfg = registered_tokenizer_cfg(kwargs.get("tokenizer", "dart"),
+                                             {"trunk": _DART_TRUNK[size], "head": "v2"}, options,
+                                             kwargs.get("img_size", 448), pretrained)
     args = dict(img_size=448, patch_size=16, tokenizer="dart", **_SIZES[size])
     model = _create_vim(name, pretrained, tokenizer_cfg=tokenizer_cfg, **{**args, **kwargs})
     return record_config(model, name, user_kwargs)

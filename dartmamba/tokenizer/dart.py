@@ -1,15 +1,13 @@
 """The DART tokenizer module: score -> partition -> resample -> embed (+ positional embeddings)."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import Tensor
 
-from .base import Tokenizer, register_tokenizer
+from .base import Tokenizer, Tokens, register_tokenizer
 from .dense import tokens_to_map
 from .geometry import DartGeometry
 from .partition import default_num_rows, partition
@@ -24,8 +22,8 @@ _OFFICIAL_SCORER = "spn.spn.spn."
 _OFFICIAL_HEAD = {"mlp.net.0.": "fc1.", "mlp.net.2.": "fc2."}
 
 
-class DartTokens(NamedTuple):
-    """What :class:`DartTokenizer` returns.
+class DartTokens(Tokens):
+    """What :class:`DartTokenizer` returns: a :class:`~dartmamba.tokenizer.Tokens` with every field set.
 
     tokens: (B, N, D) embedded patches in raster (DART) order.
     pos_embed: (B, N, D) per-sample positional embeddings, or ``None`` when no grid embedding was given.
@@ -33,10 +31,7 @@ class DartTokens(NamedTuple):
     scores: (B, Gh, Gw) the scores the partition was cut from.
     """
 
-    tokens: Tensor
-    pos_embed: Tensor | None
-    geometry: DartGeometry
-    scores: Tensor
+    __slots__ = ()
 
 
 def embed_patches(patches: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -23,20 +23,22 @@ class GridTokenizer(PatchEmbed, Tokenizer):
     Args:
         img_size, patch_size, in_chans, embed_dim, bias, device, dtype: as timm's ``PatchEmbed``.
         num_tokens, grid_size: accepted for the interface; they must equal the patch grid's (or be None).
-        **kwargs: further ``PatchEmbed`` options (``strict_img_size``, ``dynamic_img_pad``, ...).
+        norm_layer, strict_img_size, dynamic_img_pad: ``PatchEmbed``'s options (its output stays (B, N, D)).
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 num_tokens: int | None = None, grid_size=None, bias: bool = True, device=None, dtype=None,
-                 **kwargs):
+                 num_tokens: int | None = None, grid_size=None, bias: bool = True, norm_layer=None,
+                 strict_img_size: bool = True, dynamic_img_pad: bool = False, device=None, dtype=None):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, bias=bias,
-                         device=device, dtype=dtype, **kwargs)
+                         norm_layer=norm_layer, strict_img_size=strict_img_size, dynamic_img_pad=dynamic_img_pad,
+                         device=device, dtype=dtype)
         if num_tokens is not None and num_tokens != self.num_patches:
             raise ValueError(f"num_tokens: a fixed {self.grid_size[0]}x{self.grid_size[1]} grid has "
                              f"{self.num_patches} tokens, got {num_tokens!r} (change img_size or patch_size instead)")
         if grid_size is not None and as_pair(grid_size, "grid_size") != tuple(self.grid_size):
             raise ValueError(f"grid_size: the fixed grid is {tuple(self.grid_size)} (img_size / patch_size), "
                              f"got {grid_size!r}")
+        self.in_chans = in_chans
         self.num_tokens = self.num_patches
         self.feature_grid = tuple(self.grid_size)
 

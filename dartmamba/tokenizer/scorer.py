@@ -71,9 +71,9 @@ class TinyConvTrunk(nn.Module):
     """Trainable stride-8 CNN for small images: 3 x (conv3x3 s2, GroupNorm, GELU). (B, C, H, W) -> (B, 64, H/8, W/8).
 
     On CPU the activations run channels-last (the output too; values as in NCHW to rounding): oneDNN's convolutions,
-    the backward above all, were faster that way at the demo's shape (64 x 3 x 64 x 64, 1 thread, AMD EPYC, forward +
-    backward 24.9 ms against 30.2 ms) with the weights in the same layout (channels-last input alone was slower); the
-    weights are converted per call (a few KB), so parameters and state dicts keep the default layout.
+    the backward above all, were faster that way at the demo's shape (64 x 3 x 64 x 64, 1 thread; docs/benchmarks.md)
+    with the weights in the same layout (channels-last input alone was slower); the weights are converted per call
+    (a few KB), so parameters and state dicts keep the default layout.
     """
 
     def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64), device=None, dtype=None):

@@ -29,7 +29,6 @@ standardised over the whole video (per sample), then ``sigmoid((s - 1) * 1.5)``;
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -267,8 +266,8 @@ class VideoGridTokenizer(nn.Module, Tokenizer):
                 f"tubelet_size={self.tubelet_size}, feature_grid={self.feature_grid}")
 
 
-class VideoDartTokens(NamedTuple):
-    """What :class:`VideoDartTokenizer` returns.
+class VideoDartTokens(Tokens):
+    """What :class:`VideoDartTokenizer` returns: a :class:`~dartmamba.tokenizer.Tokens` with every field set.
 
     tokens: (B, N, D) embedded patches in the raster order of the frame stack.
     pos_embed: (B, N, D) per-sample positional embeddings, or ``None`` when no grid embedding was given.
@@ -276,10 +275,7 @@ class VideoDartTokens(NamedTuple):
     scores: (B, T, Gh, Gw) the scores the partition was cut from.
     """
 
-    tokens: Tensor
-    pos_embed: Tensor | None
-    geometry: DartGeometry
-    scores: Tensor
+    __slots__ = ()
 
 
 @register_tokenizer("video_dart")

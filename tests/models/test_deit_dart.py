@@ -61,3 +61,25 @@ def test_token_counts(num_tokens):
     features, dart = model.forward_tokens(torch.randn(1, 3, 448, 448))
     assert features.shape == (1, 1 + num_tokens, 192) and dart.geometry.num_tokens == num_tokens
     assert model.pos_embed.shape == (1, 197, 192)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_dart", "vim_tiny_dart"])
+def test_registered_dart_model_with_the_grid_tokenizer_drops_the_scorer_options(name, seed):
+    """``deit_*_dart`` / ``vim_*_dart`` with ``tokenizer="grid"``: the size's scorer defaults (trunk, head, scorer
+    input size) are DART's and are not passed to the grid; the model is the fixed-grid model (DeiT: timm's own,
+    same weights, same output); options DART alone takes are a one-line error."""
+    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=5)
+    if name.startswith("deit"):
+        small["num_heads"] = 2
+    model = timm.create_model(name, tokenizer="grid", **small).eval()
+    assert type(model.patch_embed).__name__ == "GridTokenizer" and model.num_tokens == 16
+    assert not any(key.startswith("patch_embed.scorer") for key in model.state_dict())
+    if name.startswith("deit"):
+        deit = timm.create_model("deit_tiny_patch16_224", **small).eval()
+        deit.load_state_dict(model.state_dict())
+        images = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), deit(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"^tokenizer_cfg: tokenizer 'grid' does not take \['trunk'\] \(options of "
+                                        r"another tokenizer\?\)$"):
+        timm.create_model(name, tokenizer="grid", dart_cfg=dict(trunk="tiny_cnn"), **small)

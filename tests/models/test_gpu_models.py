@@ -40,14 +40,13 @@ MODELS = {"vim": ("vim_tiny_patch16_224", VIM), "vim_dart": ("vim_tiny_dart", VI
 
 
 def _portable_backends() -> dict:
-    """The CPU path: every op with several backends on its portable one (the chunked "cpu" scan, plain torch for
-    the rest); on CPU tensors these are the only ones anyway."""
+    """The CPU path: every op with several backends on its portable pure-torch one ("torch": the chunked scan,
+    plain torch for the rest); on CPU tensors these are the only ones anyway."""
     choice = {}
     for op in sorted(getattr(backends, "_OPS", {})) or ["scan", "conv1d", "rmsnorm", "resample"]:
         names = backends.backend_names(op)
-        pick = "cpu" if op == "scan" else ("torch" if "torch" in names else None)
-        if pick in names:
-            choice[op] = pick
+        if "torch" in names:
+            choice[op] = "torch"
     return choice
 
 

@@ -347,3 +347,26 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match=r"video must have shape \(B, C, T, H, W\) \(B, 3, 3, 32, 32\), got "
                                          r"\(2, 3, 32, 32\)"):
         create("videomamba_tiny")(torch.randn(2, 3, 32, 32))
+
+
+def test_videomamba_and_vim_share_one_constructor_and_nothing_image_only(monkeypatch):
+    """VideoMamba and Vim both extend MambaBackbone and run its constructor once (none is skipped); Vim's
+    image-only parts (the middle class token, set_input_size) are not VideoMamba's."""
+    from dartmamba.models.vim import MambaBackbone, VisionMamba
+
+    calls = []
+    real_init = MambaBackbone.__init__
+
+    def counting_init(self, **kwargs):
+        calls.append(type(self).__name__)
+        real_init(self, **kwargs)
+
+    monkeypatch.setattr(MambaBackbone, "__init__", counting_init)
+    model = create("videomamba_tiny")
+    timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2)
+    assert calls == ["VideoMamba", "VisionMamba"]
+    assert isinstance(model, MambaBackbone) and not isinstance(model, VisionMamba)
+    assert model.cls_index == model.cls_pos_index == 0 and model.num_frames == 3
+    with pytest.raises(NotImplementedError, match=r"^VideoMamba.set_input_size: a new clip resolution is not "
+                                                  r"supported"):
+        model.set_input_size(img_size=64)

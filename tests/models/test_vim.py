@@ -55,7 +55,7 @@ def reference_forward(model, images):
     return out[:, middle] @ model.head.weight.t() + model.head.bias
 
 
-@pytest.mark.parametrize("scan_backend", ["cpu", "reference"])
+@pytest.mark.parametrize("scan_backend", ["torch", "reference"])
 def test_small_vim_matches_independent_reference_composition(scan_backend, seed):
     model = timm.create_model("vim_tiny_patch16_224", **TINY).double().eval()
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
@@ -64,7 +64,7 @@ def test_small_vim_matches_independent_reference_composition(scan_backend, seed)
     torch.testing.assert_close(got, reference_forward(model, images), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("scan_backend", ["cpu", "reference"])
+@pytest.mark.parametrize("scan_backend", ["torch", "reference"])
 @pytest.mark.parametrize("name", ["A_b_log", "D_b", "dt_proj_b.bias", "x_proj_b.weight", "conv1d_b.weight"])
 def test_backward_branch_parameters_change_the_output(scan_backend, name, seed):
     """Both scan directions run on every backend (Vim's own slow path silently drops the backward one)."""

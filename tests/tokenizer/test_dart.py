@@ -55,22 +55,23 @@ def test_gradients_reach_every_trainable_scorer_parameter(head, seed):
     assert pos.grad.abs().sum() > 0
 
 
-def test_per_sample_tokens_ignore_the_rest_of_the_batch(seed):
-    tokenizer = small_tokenizer(num_tokens=40, score_norm="sample").eval()
+def first_image_with_another_batch(score_norm: str):
+    """(tokenizer, images, its output, its output when every image but the first is replaced)."""
+    tokenizer = small_tokenizer(num_tokens=40, score_norm=score_norm).eval()
     images = torch.randn(4, 3, 64, 64)
     other = images.clone()
     other[1:] = torch.randn(3, 3, 64, 64) * 3
-    a, b = tokenizer(images), tokenizer(other)
+    return tokenizer, images, tokenizer(images), tokenizer(other)
+
+
+def test_per_sample_tokens_ignore_the_rest_of_the_batch(seed):
+    _, _, a, b = first_image_with_another_batch("sample")
     torch.testing.assert_close(a.tokens[0], b.tokens[0], rtol=0, atol=0)
     assert torch.equal(a.geometry.token_edges[0], b.geometry.token_edges[0])
 
 
 def test_batch_global_normalisation_reproduces_the_official_batch_dependence(seed):
-    tokenizer = small_tokenizer(num_tokens=40, score_norm="batch").eval()
-    images = torch.randn(4, 3, 64, 64)
-    other = images.clone()
-    other[1:] = torch.randn(3, 3, 64, 64) * 3
-    a, b = tokenizer(images), tokenizer(other)
+    tokenizer, images, a, b = first_image_with_another_batch("batch")
     assert not torch.allclose(a.geometry.token_edges[0], b.geometry.token_edges[0])
     # The official rule: one mean/std over the whole batch of raw scores.
     raw = tokenizer.scorer.raw_scores(images)
