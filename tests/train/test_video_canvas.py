@@ -16,27 +16,20 @@ from dartmamba.data import MovingDigitClips, digits_source
 from dartmamba.data.video_canvas import bounce
 from dartmamba_train.config import ConfigError, load_config
 
-from tests.train.train_helpers import REPO, TRAIN_SCRIPT, ds_json, train_env, write_recipe
+from dartmamba_train.config import deep_merge
+from tests.train.train_helpers import REPO, TINY_DART, TRAIN_SCRIPT, ds_json, train_env, write_recipe
 
 VIDEO_RECIPE = os.path.join(REPO, "configs", "video", "videomamba_dart.yaml")
 GRID_RECIPE = os.path.join(REPO, "configs", "video", "videomamba_grid.yaml")
 
-TINY_VIDEO = {
-    "model": {"name": "videomamba_tiny_dart",
-              "kwargs": {"img_size": 32, "patch_size": 8, "num_frames": 3, "num_tokens": 24, "embed_dim": 32,
-                         "depth": 2, "d_state": 8, "expand": 1, "tokenizer_cfg": {"trunk": "tiny_cnn"}}},
-    "data": {"kind": "video_canvas", "num_classes": 10, "num_workers": 0,
-             "canvas": {"canvas_size": 32, "object_size": [12, 16], "num_distractors": [1, 2],
-                        "train_length": 64, "val_length": 24},
+# the image tests' tiny recipe on 3-frame clips, with a VideoMamba-DART instead of the DeiT-DART
+TINY_VIDEO = {**deep_merge(TINY_DART, {
+    "data": {"kind": "video_canvas", "num_classes": 10, "canvas": {"train_length": 64, "val_length": 24},
              "video": {"num_frames": 3, "speed": [1.0, 2.0]}},
-    "aug": {"mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1},
-    "optim": {"lr": 2.0e-3, "weight_decay": 0.05},
-    "sched": {"warmup_epochs": 0},
-    "train": {"epochs": 1, "batch_size": 16, "compile": False, "precision": "fp32", "log_interval": 1,
-              "keep_last": 1},
-    "deepspeed": {"config": ds_json(0)},
-    "output": {"progress_bar": False},
-}
+    "train": {"epochs": 1, "batch_size": 16},
+}), "model": {"name": "videomamba_tiny_dart",
+              "kwargs": {"img_size": 32, "patch_size": 8, "num_frames": 3, "num_tokens": 24, "embed_dim": 32,
+                         "depth": 2, "d_state": 8, "expand": 1, "tokenizer_cfg": {"trunk": "tiny_cnn"}}}}
 
 
 def clips(**overrides):
