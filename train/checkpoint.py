@@ -10,15 +10,24 @@ Layout of ``<output.dir>``::
 
 A save writes everything into ``checkpoints/.staging/<tag>/``, renames that directory to ``checkpoints/<tag>``
 (atomic), then replaces the ``last`` (and ``best``) pointer, then the top-level files, then prunes old tags. A
-kill before the pointer moves leaves the previous checkpoint in charge; leftovers (``.staging``, ``.trash-*``)
-are cleared by the next save. The output directory must be on a file system every rank sees (multi-node runs).
+kill before the pointer moves leaves the previous checkpoint in charge; a kill after it leaves top-level files that
+the resume publishes again (:func:`repair_published`, also when the run had finished); leftovers (``.staging``,
+``.trash-*``) are cleared by the next save. Weights holding NaN or inf are never saved. The output directory must be
+on a file system every rank sees (multi-node runs).
+
+Nothing is deleted that is not proven superseded: with the ``last`` pointer missing or damaged, ``resume=auto``
+takes the newest checkpoint whose state file parses and whose weights match their digests; a fresh run into a
+folder holding checkpoints stops (:func:`check_fresh_output`), and ``output.overwrite=true`` moves them aside into
+``previous-<UTC time>/`` (:func:`move_aside`). Only pruning (``train.keep_last``) removes checkpoints.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,7 +38,8 @@ from .distributed import DistInfo, barrier
 from .engine import EngineParts, consolidated_state_dict
 
 __all__ = ["TrainerState", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_resumable", "checkpoint_root",
-           "check_same_model", "clear_checkpoints", "CheckpointError", "CRASH_ENV"]
+           "check_same_model", "check_fresh_output", "move_aside", "previous_run_files", "repair_published",
+           "last_checkpoint", "CheckpointError", "OutputNotEmpty", "NonFiniteWeights", "CRASH_ENV"]
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -46,6 +56,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class OutputNotEmpty(CheckpointError):
+    """A fresh run into an output.dir that holds a previous run's checkpoints."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights to be saved hold NaN or inf (nothing was written)."""
+
+
 @dataclass
 class TrainerState:
     """What the loop needs to continue: epochs done, optimizer updates done, the best result, the epoch rows."""
@@ -58,6 +76,7 @@ class TrainerState:
     world_size: int = 1
     zero_stage: int = 0
     precision: str = "fp32"
+    skipped: int = 0                     # micro-batches skipped for a non-finite loss (train.nonfinite=skip)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -133,7 +152,13 @@ def _tags(root: str) -> list[str]:
 
 def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, dist: DistInfo, *,
                     is_best: bool, keep_last: int) -> str:
-    """Save after epoch ``state.epoch``; every rank calls this. Returns the tag."""
+    """Save after epoch ``state.epoch``; every rank calls this. Returns the tag. Weights (or EMA weights)
+    holding NaN or inf raise NonFiniteWeights before anything is written."""
+    model_state = consolidated_state_dict(parts)       # collective; checked before anything is staged
+    ema_state = None if ema is None else {k: v.detach().float() for k, v in ema.module.state_dict().items()}
+    bad = _first_nonfinite(model_state, "") or _first_nonfinite(ema_state or {}, "EMA ")
+    if bad is not None:
+        raise NonFiniteWeights(f"the weights after epoch {state.epoch} are not finite ({bad}); not saved")
     root = checkpoint_root(out_dir)
     tag = tag_for_epoch(state.epoch)
     staging_root = os.path.join(root, STAGING)
@@ -144,13 +169,11 @@ def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, 
         os.makedirs(staging_root, exist_ok=True)
     barrier()
     parts.engine.save_checkpoint(staging_root, tag=tag, client_state={}, save_latest=False)
-    model_state = consolidated_state_dict(parts)
     if dist.is_main:
         config = _model_config(parts)
         write_safetensors(model_state, os.path.join(staging, MODEL_FILE), config=config)
-        if ema is not None:
-            write_safetensors({k: v.detach().float() for k, v in ema.module.state_dict().items()},
-                              os.path.join(staging, EMA_FILE), config=config)
+        if ema_state is not None:
+            write_safetensors(ema_state, os.path.join(staging, EMA_FILE), config=config)
         atomic_write_text(os.path.join(staging, STATE_FILE), state.to_json())
         fsync_dir(staging)
     barrier()
@@ -189,31 +212,127 @@ def _prune(root: str, keep_last: int) -> None:
             _remove_tree(os.path.join(root, tag))
 
 
-def clear_checkpoints(out_dir: str) -> bool:
-    """Remove a previous run's checkpoints and top-level weights from ``out_dir`` (a fresh run into the same folder
-    must not mix with them). Returns whether there was anything to remove."""
+def _first_nonfinite(state: dict, prefix: str) -> str | None:
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{prefix}tensor {name!r}"
+    return None
+
+
+TOP_LEVEL = tuple(f"{name}{suffix}" for name in ("last", "best") for suffix in (".safetensors", "_ema.safetensors"))
+# what a previous run leaves besides its checkpoints; moved aside with them so its record stays whole
+RUN_RECORD = ("config.yaml", "steps.csv", "summary.csv", "ranks", "tensorboard")
+
+
+def previous_run_files(out_dir: str) -> list[str]:
+    """The checkpoint tags, pointers and top-level weights a previous run left in ``out_dir`` (names)."""
     root = checkpoint_root(out_dir)
-    found = os.path.isdir(root)
-    _remove_tree(root)
-    for name in ("last", "best"):
-        for suffix in (".safetensors", "_ema.safetensors"):
-            path = os.path.join(out_dir, name + suffix)
-            if os.path.exists(path):
-                os.remove(path)
-                found = True
-    return found
+    found = [f"{CHECKPOINTS}/{tag}" for tag in _tags(root)]
+    found += [f"{CHECKPOINTS}/{name}" for name in ("last", "best") if os.path.isfile(os.path.join(root, name))]
+    return found + [name for name in TOP_LEVEL if os.path.exists(os.path.join(out_dir, name))]
 
 
-def find_checkpoint(resume: str | None, out_dir: str) -> tuple[str, str] | None:
+def check_fresh_output(out_dir: str) -> None:
+    """A run that neither resumes nor starts over must not mix with (or remove) a previous run's checkpoints."""
+    found = previous_run_files(out_dir)
+    if found:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise OutputNotEmpty(f"output.dir {out_dir} holds the checkpoints of a previous run ({shown}); resume=auto "
+                             f"continues that run, output.overwrite=true moves them aside into "
+                             f"{out_dir}/previous-<UTC time>/ and starts over, or choose another output.dir")
+
+
+def move_aside(out_dir: str) -> str | None:
+    """Move a previous run's checkpoints, top-level weights and logs into ``<out_dir>/previous-<UTC time>/``
+    (renames, nothing deleted). Returns that folder, or None when there was nothing to move."""
+    if not previous_run_files(out_dir):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = os.path.join(out_dir, f"previous-{stamp}")
+    suffix = 1
+    while os.path.exists(target):
+        target = os.path.join(out_dir, f"previous-{stamp}-{suffix}")
+        suffix += 1
+    os.makedirs(target)
+    for name in (CHECKPOINTS, *TOP_LEVEL, *RUN_RECORD):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path):
+            os.replace(path, os.path.join(target, name))
+    fsync_dir(target)
+    fsync_dir(out_dir)
+    return target
+
+
+def _intact(root: str, tag: str) -> str | None:
+    """Why checkpoint ``tag`` cannot be resumed (None: it can): its state file parses and its model file's tensors
+    match their digests."""
+    try:
+        read_state(root, tag)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"{STATE_FILE}: {type(exc).__name__}: {exc}"
+    try:
+        read_safetensors(os.path.join(root, tag, MODEL_FILE), "checkpoint")
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _pointer_problem(root: str) -> str:
+    path = os.path.join(root, "last")
+    tag = _read_pointer(root, "last")
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    if tag is None:
+        return f"{path} is empty"
+    if tag not in _tags(root):
+        return f"{path} names {tag[:60]!r}, which is not a checkpoint there"
+    return f"{path} names {tag}, which has no {STATE_FILE}"
+
+
+def _scan(root: str) -> tuple[str | None, list[str]]:
+    """The newest intact tag of ``root`` and why each newer one was passed over."""
+    passed = []
+    for tag in reversed(_tags(root)):
+        problem = _intact(root, tag)
+        if problem is None:
+            return tag, passed
+        passed.append(f"{tag}: {problem}")
+    return None, passed
+
+
+def last_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint the ``last`` pointer of ``out_dir`` names (a path), if any."""
+    root = checkpoint_root(out_dir)
+    tag = _read_pointer(root, "last")
+    return os.path.join(root, tag) if tag is not None and os.path.isdir(os.path.join(root, tag)) else None
+
+
+def find_checkpoint(resume: str | None, out_dir: str, notes: list | None = None) -> tuple[str, str] | None:
     """Where to resume from: ``None`` (no resume), ``"auto"`` (the ``last`` pointer of ``out_dir``, or nothing if
     the run has none yet), or a path to a checkpoint tag directory or a checkpoints/ folder with a ``last`` pointer.
-    Returns (checkpoints root, tag) or None."""
+    Returns (checkpoints root, tag) or None.
+
+    With ``"auto"`` and the pointer missing or naming no checkpoint, the newest intact tag (:func:`_intact`) is
+    taken and why is appended to ``notes``; with tags but none intact, CheckpointError. Nothing is deleted."""
     if resume is None:
         return None
     if resume == "auto":
         root = checkpoint_root(out_dir)
         tag = _read_pointer(root, "last")
-        return (root, tag) if tag is not None and os.path.isdir(os.path.join(root, tag)) else None
+        if tag in _tags(root) and os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+            return root, tag                 # load_checkpoint verifies it
+        if not _tags(root):
+            return None
+        problem = _pointer_problem(root)
+        found, passed = _scan(root)
+        if found is None:
+            raise CheckpointError(f"resume=auto: {problem} and no checkpoint in {root} is intact "
+                                  f"({'; '.join(passed)}); output.overwrite=true moves them aside and starts over")
+        if notes is not None:
+            notes.append(f"resume=auto: {problem}; resuming from {os.path.join(root, found)}, the newest intact "
+                         f"checkpoint (state file and weight digests verified)"
+                         + (f"; passed over {'; '.join(passed)}" if passed else ""))
+        return root, found
     path = os.path.abspath(resume)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return os.path.dirname(path), os.path.basename(path)
@@ -323,6 +442,37 @@ def load_checkpoint(parts: EngineParts, ema, root: str, tag: str, dist: DistInfo
             raise CheckpointError(f"resume: {exc}") from None
         ema.module.load_state_dict({k: v.to(dtype=ema.module.state_dict()[k].dtype) for k, v in ema_state.items()})
     return state
+
+
+def _same_content(src: str, dst: str) -> bool:
+    if not os.path.isfile(dst):
+        return False
+    return os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
+
+
+def repair_published(out_dir: str, root: str, tag: str, state: TrainerState, with_ema: bool) -> list[str]:
+    """Make the published files agree with the checkpoint a run resumes from (``tag``, whose state is ``state``),
+    whatever point a kill interrupted the save at: the ``last`` pointer names ``tag``, the ``best`` pointer the
+    state's best epoch, and the top-level ``.safetensors`` are those of the tags the pointers name. Only for the
+    run's own checkpoints (``root`` inside ``out_dir``); rank 0 calls. Returns what was published again."""
+    if os.path.abspath(root) != checkpoint_root(out_dir):
+        return []
+    fixed = []
+    pointers = {"last": tag}
+    if state.best_epoch is not None and os.path.isdir(os.path.join(root, tag_for_epoch(state.best_epoch + 1))):
+        pointers["best"] = tag_for_epoch(state.best_epoch + 1)
+    for name, target in pointers.items():
+        if _read_pointer(root, name) != target:
+            atomic_write_text(os.path.join(root, name), target)
+            fixed.append(f"{CHECKPOINTS}/{name} -> {target}")
+    for name, target in pointers.items():
+        files = [(MODEL_FILE, ".safetensors")] + ([(EMA_FILE, "_ema.safetensors")] if with_ema else [])
+        for source, suffix in files:
+            src, dst = os.path.join(root, target, source), os.path.join(out_dir, name + suffix)
+            if os.path.isfile(src) and not _same_content(src, dst):
+                _publish(src, dst)
+                fixed.append(f"{name}{suffix} <- {target}")
+    return fixed
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,12 @@
 Overrides are ``dotted.key=value`` (values read as YAML). The config is checked completely (unknown keys, types,
 ranges, data paths, the model's name and arguments, the DeepSpeed JSON and its keys, the checkpoints to start or
 resume from, the batch against the data set) before any process group starts or a file is written; a problem is
-one line on stderr and exit status 2. A second run into an output.dir in use stops the same way.
+one line on stderr and exit status 2. A second run into an output.dir in use stops the same way, and so does a
+fresh run into an output.dir holding a previous run's checkpoints (``resume=auto`` continues that run,
+``output.overwrite=true`` moves its files aside into ``previous-<UTC time>/`` and starts over).
+
+Exit status 3: the training diverged (a NaN or inf loss or weights, with ``train.nonfinite=stop``); one line names
+the update, its learning rate and the last finite checkpoint. Nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import CheckpointError
     from .lock import OutputDirLocked
-    from .loop import preflight, run
+    from .loop import TrainingDiverged, preflight, run
 
     try:
         checked = preflight(cfg)
@@ -69,4 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputDirLocked, HubFileUnavailable) as err:   # another run owns output.dir; a Hub file is missing offline
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"dartmamba-train: {err}", file=sys.stderr)
+        return 3
     return 0

@@ -285,6 +285,7 @@ class TrainConfig(_Section):
     eval_interval: Count = 1                        # epochs
     save_interval: Count = 1                        # epochs
     keep_last: Count = 2                            # DeepSpeed checkpoints kept besides the best
+    nonfinite: _one_of("stop", "skip") = "stop"     # a NaN/inf loss: stop the run, or skip that micro-batch
     ema: EmaConfig = Field(default_factory=EmaConfig)
 
 
@@ -307,6 +308,7 @@ class OutputConfig(_Section):
     tensorboard: bool = False
     progress_bar: bool = True
     rank_log: bool = False                          # every rank writes ranks/rank<r>.csv (multi-process checks)
+    overwrite: bool = False                         # a fresh run moves a previous run's checkpoints aside
 
 
 class RunConfig(_Section):

@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     from dartmamba_train.config import load_config
 
     out = os.path.abspath(args.out)
+    if not any(o.startswith(("resume=", "output.overwrite=")) for o in args.overrides):
+        # the demo starts over on every call: an earlier demo's runs are moved aside into
+        # <run>/previous-<UTC time>/ (a few MB each), never deleted
+        args.overrides = [*args.overrides, "output.overwrite=true"]
     runs = [DemoRun(key, _recipe_path(recipe), os.path.join(out, recipe), label)
             for key, (recipe, label) in RUNS.items()]
     for run in runs:                                   # config errors surface before anything trains

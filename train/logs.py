@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import sys
 
@@ -50,7 +49,7 @@ def _csv_text(fields: list[str], rows: list[dict]) -> str:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return f"{value:.6g}"           # nan, inf and -inf as such: an empty cell would hide a divergence
     return "" if value is None else str(value)
 
 
@@ -120,7 +119,8 @@ class RunLogger:
 
     # -- records ---------------------------------------------------------------------------------------------------
     def interval(self, *, epoch: int, epochs: int, step: int, step_in_epoch: int, steps_in_epoch: int, loss: float,
-                 local_loss: float, lr: float, img_per_s: float, data_ms: float, eta_s: float) -> None:
+                 local_loss: float, lr: float, img_per_s: float, data_ms: float, eta_s: float,
+                 skipped: int = 0) -> None:
         """One log interval: a line above the bar, a ``steps.csv`` row, TensorBoard scalars."""
         if self.rank_path is not None:
             self._append(self.rank_path, RANK_FIELDS, dict(epoch=epoch + 1, step=step, local_loss=local_loss, loss=loss))
@@ -128,7 +128,7 @@ class RunLogger:
             return
         self.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_in_epoch} (update {step})  "
                   f"loss {loss:.4f}  lr {lr:.3e}  {img_per_s:.0f} img/s  data {data_ms:.1f} ms/step  "
-                  f"ETA {format_seconds(eta_s)}")
+                  f"ETA {format_seconds(eta_s)}" + (f"  skipped {skipped} non-finite" if skipped else ""))
         self._append(self.steps_path, STEP_FIELDS, dict(epoch=epoch + 1, step=step, loss=loss, lr=lr,
                                                         img_per_s=img_per_s, data_ms=data_ms))
         if self._writer is not None:

@@ -5,6 +5,13 @@ Determinism. Every micro-step reseeds Python's, NumPy's and torch's RNGs from (s
 before mixup / dropout / drop-path draw from them, data samples are pure functions of (seed, epoch, index), and
 the sample order is a DistributedSampler(seed, epoch). So an epoch is a function of the state at its start: a run
 killed at any point and resumed from its last checkpoint (saved at epoch ends) replays the same losses on CPU.
+
+Divergence. Every micro-step's loss goes into a device-side sum and a device-side "first non-finite update" flag
+(no host sync); both are read at each log interval (and so before every save, which follows an epoch's last
+interval). With ``train.nonfinite=stop`` a non-finite interval raises :class:`TrainingDiverged` naming the update,
+its learning rate and the last finite checkpoint; with ``skip`` each micro-step's loss is checked on the host and a
+non-finite one contributes a zero gradient. Non-finite gradients with a finite loss show up as non-finite weights:
+in the next loss, and in ``save_checkpoint``'s check, which refuses to save them.
 """
 from __future__ import annotations
 
@@ -12,13 +19,14 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .checkpoint import (TrainerState, check_resumable, check_same_model, clear_checkpoints, find_checkpoint,
-                         load_checkpoint, save_checkpoint)
+from .checkpoint import (NonFiniteWeights, TrainerState, check_fresh_output, check_resumable, check_same_model,
+                         find_checkpoint, last_checkpoint, load_checkpoint, move_aside, repair_published,
+                         save_checkpoint)
 from .config import ConfigError, RunConfig, save_config
 from .data import (DataBundle, build_data, check_data_paths, mix_seed, model_data_config, steps_per_epoch,
                    train_loader, updates_per_epoch, val_loader)
@@ -29,7 +37,11 @@ from .engine import (EngineParts, build_deepspeed_config, check_init_checkpoint,
 from .lock import OutputDirLock
 from .logs import RunLogger, format_seconds
 
-__all__ = ["RunResult", "Preflight", "run", "preflight", "seed_step", "evaluate"]
+__all__ = ["RunResult", "Preflight", "run", "preflight", "seed_step", "evaluate", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the weights) became NaN or inf; nothing non-finite was saved. The CLI exits with status 3."""
 
 
 @dataclass
@@ -118,7 +130,11 @@ def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle
     loader = train_loader(bundle, cfg, dist.rank, dist.world_size, epoch)
     logger.start_epoch(epoch, t.epochs, updates)
     interval_loss = torch.zeros((), dtype=torch.float32, device=dist.device)   # summed on device, read at intervals
-    interval_micro, interval_data, epoch_loss, epoch_micro, images_seen = 0, 0.0, 0.0, 0, 0
+    # the first update of the interval whose loss was not finite (-1: none), kept on the device: no host sync
+    first_bad = torch.full((), -1, dtype=torch.int64, device=dist.device)
+    lr_of = {}                                          # update -> its learning rate, for the divergence message
+    skip = t.nonfinite == "skip"
+    interval_micro, interval_used, interval_data, epoch_loss, epoch_micro, images_seen = 0, 0, 0.0, 0.0, 0, 0
     epoch_start = interval_start = fetch_start = time.perf_counter()
     for micro, (images, targets) in enumerate(loader):
         if micro >= micro_steps:
@@ -129,8 +145,26 @@ def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle
         targets = targets.to(dist.device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        loss = train_micro_step(engine, images, targets, loss_fn, cfg)
-        interval_loss += loss.float()
+        update = state.global_step + 1
+        lr_of.setdefault(update, parts.optimizer.param_groups[0]["lr"])
+        try:
+            loss = _skipping_micro_step(engine, images, targets, loss_fn, cfg) if skip else \
+                train_micro_step(engine, images, targets, loss_fn, cfg)
+        except ValueError as err:      # e.g. the DART tokenizer's "scores must be finite" on diverged weights
+            if (bool(torch.isfinite(interval_loss)) and int(first_bad) < 0 and not state.skipped
+                    and _weights_finite(engine)):
+                raise
+            bad = int(first_bad) if int(first_bad) >= 0 else update
+            what = (f"{state.skipped} micro-batch(es) skipped for a non-finite loss, then update {update} failed"
+                    if state.skipped else f"non-finite loss or weights at update {bad}")
+            raise TrainingDiverged(_diverged_message(what, lr_of.get(bad), cfg, f"{type(err).__name__}: {err}")) \
+                from err
+        if loss is None:               # skipped (train.nonfinite=skip)
+            state.skipped += 1
+        else:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), update, first_bad)
+            interval_loss += loss.float()
+            interval_used += 1
         interval_micro += 1
         images_seen += images.shape[0]
         if (micro + 1) % t.grad_accum == 0:
@@ -142,10 +176,12 @@ def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle
             logger.advance()
             update_in_epoch = (micro + 1) // t.grad_accum
             if state.global_step % t.log_interval == 0 or update_in_epoch == updates:
-                local = (interval_loss / interval_micro).item()
-                mean = all_reduce_mean(interval_loss / interval_micro).item()
-                epoch_loss += mean * interval_micro
-                epoch_micro += interval_micro
+                used = interval_used if interval_used else math.nan     # nan: every micro-batch skipped
+                local = (interval_loss / used).item()
+                mean = all_reduce_mean(interval_loss / used).item()
+                if interval_used:
+                    epoch_loss += mean * interval_used
+                    epoch_micro += interval_used
                 elapsed = time.perf_counter() - interval_start
                 timing["updates"] += interval_micro / t.grad_accum
                 timing["seconds"] += elapsed
@@ -155,14 +191,50 @@ def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle
                                 steps_in_epoch=updates, loss=mean, local_loss=local,
                                 lr=parts.optimizer.param_groups[0]["lr"],
                                 img_per_s=interval_micro * t.batch_size * dist.world_size / max(elapsed, 1e-9),
-                                data_ms=1e3 * interval_data / interval_micro, eta_s=eta)
+                                data_ms=1e3 * interval_data / interval_micro, eta_s=eta, skipped=state.skipped)
+                if not math.isfinite(mean) and not skip:
+                    bad = int(first_bad) if int(first_bad) >= 0 else state.global_step
+                    raise TrainingDiverged(_diverged_message(f"non-finite loss ({mean}) at update {bad}",
+                                                             lr_of.get(bad), cfg))
                 interval_loss.zero_()
-                interval_micro, interval_data, interval_start = 0, 0.0, time.perf_counter()
+                first_bad.fill_(-1)
+                lr_of = {}
+                interval_micro, interval_used, interval_data, interval_start = 0, 0, 0.0, time.perf_counter()
         fetch_start = time.perf_counter()
     logger.end_epoch()
     seconds = time.perf_counter() - epoch_start
     return {"train_loss": epoch_loss / max(epoch_micro, 1), "lr": parts.optimizer.param_groups[0]["lr"],
             "epoch_time_s": seconds, "img_per_s": images_seen * dist.world_size / max(seconds, 1e-9)}
+
+
+def _skipping_micro_step(engine, images, targets, loss_fn, cfg: RunConfig) -> torch.Tensor | None:
+    """``train.nonfinite=skip``: like ``train_micro_step``, but a micro-batch whose loss is not finite contributes an
+    exact zero gradient (the backward runs on ``sum(0 * p)``, which does not touch the NaN graph), so the update
+    only carries the optimizer's momentum and weight decay. Costs one host sync per micro-step. Returns the loss,
+    or None when skipped."""
+    loss = loss_fn(forward_logits(engine, images, cfg), targets)
+    if bool(torch.isfinite(loss.detach())):
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+    zero = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
+    engine.backward(zero)
+    engine.step()
+    return None
+
+
+def _weights_finite(engine) -> bool:
+    return all(bool(torch.isfinite(p.detach()).all()) for p in engine.module.parameters() if p.numel())
+
+
+def _diverged_message(what: str, lr: float | None, cfg: RunConfig, detail: str | None = None) -> str:
+    out_dir = os.path.abspath(cfg.output.dir)
+    previous = last_checkpoint(out_dir)
+    lr_text = "" if lr is None else f" (lr {lr:.3e})"
+    where = (f"the last finite checkpoint is {previous} (resume={previous} with a lower optim.lr continues from it)"
+             if previous else "no checkpoint was saved")
+    return (f"training diverged: {what}{lr_text}{'; ' + detail if detail else ''}; nothing non-finite was saved; "
+            f"{where}; train.nonfinite=skip skips such micro-batches instead")
 
 
 def _evaluate_all(cfg: RunConfig, parts: EngineParts, ema, bundle, dist: DistInfo) -> dict:
@@ -196,6 +268,7 @@ class Preflight:
     found: tuple[str, str] | None
     bundle: DataBundle
     num_classes: int
+    notes: list = field(default_factory=list)      # how the checkpoint was found, for the run's log
 
 
 def preflight(cfg: RunConfig) -> Preflight:
@@ -205,9 +278,18 @@ def preflight(cfg: RunConfig) -> Preflight:
     (present, its tensors fit), the DeepSpeed config (file present, keys known to DeepSpeed) and the batch against
     the training set. Raises ConfigError, FileNotFoundError or CheckpointError naming the problem."""
     check_data_paths(cfg)
-    found = find_checkpoint(cfg.resume, os.path.abspath(cfg.output.dir))
+    if cfg.output.overwrite and cfg.resume is not None:
+        raise ConfigError(f"output.overwrite: true starts a new run; it cannot be combined with resume={cfg.resume} "
+                          f"(set one of them)")
+    notes = []
+    out_dir = os.path.abspath(cfg.output.dir)
+    found = find_checkpoint(cfg.resume, out_dir, notes)
+    if found is None and not cfg.output.overwrite:
+        check_fresh_output(out_dir)
     _, world_size = launch_rank_and_world()
     ds_config = build_deepspeed_config(cfg, world_size)
+    if cfg.train.nonfinite == "skip" and ds_config["zero_optimization"]["stage"] == 3:
+        raise ConfigError("train.nonfinite: 'skip' supports ZeRO stages 0-2 (this run uses stage 3); use 'stop'")
     num_classes = _num_classes(cfg)
     model = shape_model(cfg, num_classes)
     check_init_checkpoint(cfg, model)
@@ -217,7 +299,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         check_same_model(*found, model)
     bundle = build_data(cfg, model_data_config(model))
     steps_per_epoch(bundle, cfg, world_size)
-    return Preflight(found, bundle, num_classes)
+    return Preflight(found, bundle, num_classes, notes)
 
 
 def run(cfg: RunConfig, local_rank: int | None = None, checked: Preflight | None = None) -> RunResult:
@@ -260,16 +342,23 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
     if found is not None:
         state = load_checkpoint(parts, ema, *found, dist, t.precision)
         scheduler.step_update(state.global_step)
-    cleared = False
+    moved, repaired = None, []
     if dist.is_main:                       # the run's files change only once it is sure to start
+        if found is None and cfg.output.overwrite:
+            moved = move_aside(out_dir)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
-        cleared = found is None and clear_checkpoints(out_dir)
+        if found is not None:
+            repaired = repair_published(out_dir, *found, state, ema is not None)
     barrier()
     logger = RunLogger(out_dir, dist.rank, progress_bar=cfg.output.progress_bar, tensorboard=cfg.output.tensorboard,
                        rank_log=cfg.output.rank_log, resume_step=state.global_step if found else None,
                        history=state.history)
-    if cleared:
-        logger.info(f"fresh run: removed the checkpoints of a previous run in {out_dir} (resume=auto continues a run)")
+    if moved:
+        logger.info(f"output.overwrite: moved the previous run's checkpoints, weights and logs aside into {moved}")
+    for note in checked.notes:
+        logger.info(note)
+    if repaired:
+        logger.info(f"resume: published again after an interrupted save: {', '.join(repaired)}")
     if found is not None:
         logger.info(f"resumed from {os.path.join(*found)} (epoch {state.epoch}, update {state.global_step})")
     logger.info(f"{cfg.model.name}: {num_params / 1e6:.2f} M parameters, {dist.world_size} process(es), ZeRO stage "
@@ -301,11 +390,16 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
                 state.best_metric, state.best_epoch = metric, epoch
             logger.epoch_summary(state.history)
             if (epoch + 1) % t.save_interval == 0 or last:
-                save_checkpoint(parts, ema, state, out_dir, dist, is_best=is_best, keep_last=t.keep_last)
+                try:
+                    save_checkpoint(parts, ema, state, out_dir, dist, is_best=is_best, keep_last=t.keep_last)
+                except NonFiniteWeights as err:
+                    raise TrainingDiverged(_diverged_message(f"{err} (update {state.global_step})",
+                                                             parts.optimizer.param_groups[0]["lr"], cfg)) from None
     finally:
         logger.close()
     seconds = time.perf_counter() - start
     best = "n/a" if state.best_metric is None else f"{state.best_metric:.2f} (epoch {state.best_epoch + 1})"
-    logger.info(f"finished in {format_seconds(seconds)}; best top-1 {best}; outputs in {out_dir}")
+    skipped = f"; {state.skipped} non-finite micro-batch(es) skipped" if state.skipped else ""
+    logger.info(f"finished in {format_seconds(seconds)}; best top-1 {best}{skipped}; outputs in {out_dir}")
     return RunResult(out_dir=out_dir, history=state.history, best_top1=state.best_metric, best_epoch=state.best_epoch,
                      train_time_s=seconds, num_params=num_params, rank=dist.rank)

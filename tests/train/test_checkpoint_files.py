@@ -1,5 +1,5 @@
-"""Checkpoint folder bookkeeping (no DeepSpeed): pointers, pruning, resume lookup, fresh-run clearing, atomic
-writes."""
+"""Checkpoint folder bookkeeping (no DeepSpeed): pointers, pruning, resume lookup, a fresh run's check and moving a
+previous run aside, atomic writes."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import os
 import pytest
 
 from dartmamba.files import atomic_path, atomic_write_text
-from dartmamba_train.checkpoint import STATE_FILE, _prune, clear_checkpoints, find_checkpoint
+from dartmamba_train.checkpoint import (STATE_FILE, CheckpointError, OutputNotEmpty, _prune, check_fresh_output,
+                                       find_checkpoint, move_aside)
 
 
 def fake_checkpoint(root, tag):
@@ -34,7 +35,10 @@ def test_find_checkpoint(tmp_path):
     assert find_checkpoint("auto", str(out)) is None                     # nothing to resume yet: a fresh start
     root = out / "checkpoints"
     fake_checkpoint(root, "epoch0003")
-    assert find_checkpoint("auto", str(out)) is None                     # no pointer: the save never completed
+    # no pointer and no intact tag (the fake's files do not verify): an error, never a silent fresh start
+    with pytest.raises(CheckpointError, match=rf"resume=auto: {root}/last is missing and no checkpoint in {root} is "
+                                              rf"intact \(epoch0003: cannot read checkpoint file "):
+        find_checkpoint("auto", str(out))
     (root / "last").write_text("epoch0003")
     assert find_checkpoint("auto", str(out)) == (str(root), "epoch0003")
     assert find_checkpoint(str(root), "elsewhere") == (str(root), "epoch0003")
@@ -43,13 +47,21 @@ def test_find_checkpoint(tmp_path):
         find_checkpoint(str(tmp_path / "nope"), str(out))
 
 
-def test_a_fresh_run_clears_a_previous_runs_checkpoints(tmp_path):
+def test_a_fresh_run_refuses_a_previous_run_and_overwrite_moves_it_aside(tmp_path):
+    check_fresh_output(str(tmp_path))                                    # empty: fine
     fake_checkpoint(tmp_path / "checkpoints", "epoch0009")
-    for name in ("last.safetensors", "best_ema.safetensors", "summary.csv"):
+    for name in ("last.safetensors", "best_ema.safetensors", "summary.csv", "notes.txt"):
         (tmp_path / name).write_text("old")
-    assert clear_checkpoints(str(tmp_path)) is True
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
-    assert clear_checkpoints(str(tmp_path)) is False
+    with pytest.raises(OutputNotEmpty, match=r"\(checkpoints/epoch0009, last.safetensors, best_ema.safetensors\); "
+                                             r"resume=auto continues that run, output.overwrite=true moves them aside"):
+        check_fresh_output(str(tmp_path))
+    moved = move_aside(str(tmp_path))
+    assert os.path.dirname(moved) == str(tmp_path) and os.path.basename(moved).startswith("previous-")
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(moved), "notes.txt"])
+    assert sorted(os.listdir(moved)) == ["best_ema.safetensors", "checkpoints", "last.safetensors", "summary.csv"]
+    assert (tmp_path / moved / "checkpoints" / "epoch0009" / STATE_FILE).read_text() == "{}"
+    check_fresh_output(str(tmp_path))                                    # nothing left in the way
+    assert move_aside(str(tmp_path)) is None
 
 
 def test_atomic_writes_leave_the_old_file_on_failure(tmp_path):

@@ -52,7 +52,8 @@ def test_a_second_run_into_a_live_runs_folder_stops_at_once(tmp_path):
             os.kill(first.pid, signal.SIGSTOP)                # hold it still while the second one tries
             before = snapshot(out)
             began = time.monotonic()
-            second = run_train(["--config", recipe, f"output.dir={out}"], check=False)
+            # resume=auto: a fresh run would already stop in preflight (the folder holds checkpoints)
+            second = run_train(["--config", recipe, f"output.dir={out}", "resume=auto"], check=False)
             took = time.monotonic() - began
             after = snapshot(out)
             os.kill(first.pid, signal.SIGCONT)
