@@ -68,3 +68,29 @@ def degenerate_maps(grid_h, grid_w, generator):
         value = math.exp(torch.empty(()).uniform_(math.log(1e-20), math.log(1e20), generator=generator).item())
         maps.append(torch.full((grid_h, grid_w), value))
     return torch.stack(maps)
+
+
+# Prelude of a test subprocess that records every call of torch.autograd.backward / grad (Tensor.backward calls the
+# former) in any thread, through Python's own profiling hooks (sys.setprofile, threading.setprofile for threads
+# started later): nothing of torch is replaced. `autograd_calls` lists them; `stop_recording()` removes the hooks.
+RECORD_AUTOGRAD_CALLS = """
+import sys as _sys, threading as _threading
+import torch.autograd as _autograd
+
+autograd_calls = []
+_WATCHED = {_autograd.backward.__code__: "torch.autograd.backward", _autograd.grad.__code__: "torch.autograd.grad"}
+
+
+def _watch(frame, event, arg):
+    if event == "call" and frame.f_code in _WATCHED:
+        autograd_calls.append(f"{_WATCHED[frame.f_code]} (thread {_threading.current_thread().name})")
+
+
+def stop_recording():
+    _sys.setprofile(None)
+    _threading.setprofile(None)
+
+
+_sys.setprofile(_watch)
+_threading.setprofile(_watch)
+"""

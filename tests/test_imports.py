@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.helpers import RECORD_AUTOGRAD_CALLS
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
@@ -33,8 +35,8 @@ def test_package_imports_and_runs_without_optional_packages():
 # The state an import could change, recorded before and after `import dartmamba, dartmamba_kernels, dartmamba_train`.
 # The outside packages those import are imported first, so that only our own modules' import-time effects are seen
 # (deepspeed, for one, sets its own logger's level when it is imported). Every module of the three packages is
-# imported (pkgutil.walk_packages), not only the packages. Autograd is seen by wrapping torch.autograd.backward and
-# torch.autograd.grad in this subprocess (Tensor.backward calls the former), so a probe run in a thread is seen too.
+# imported (pkgutil.walk_packages), not only the packages. Autograd is seen through Python's profiling hooks
+# (tests.helpers.RECORD_AUTOGRAD_CALLS: calls of torch.autograd.backward / grad in any thread; nothing is replaced).
 _IMPORT_PROBE = """
     import logging, os, sys, warnings
     import torch, timm, timm.data, timm.optim, yaml, safetensors
@@ -44,20 +46,7 @@ _IMPORT_PROBE = """
         except ImportError:
             pass
     import pkgutil, threading
-    import torch.autograd
-
-    autograd_calls = []
-
-    def recording(name, fn):
-        def wrapper(*args, **kwargs):
-            autograd_calls.append(f"{name} (thread {threading.current_thread().name})")
-            return fn(*args, **kwargs)
-        return wrapper
-
-    # process-wide, so autograd run in another thread is seen too (Tensor.backward calls torch.autograd.backward)
-    torch.autograd.backward = recording("torch.autograd.backward", torch.autograd.backward)
-    torch.autograd.grad = recording("torch.autograd.grad", torch.autograd.grad)
-
+    __RECORDER__
     def loggers():
         state = {"<root>": (logging.root.level, tuple(map(id, logging.root.handlers)))}
         for name, logger in logging.root.manager.loggerDict.items():
@@ -73,8 +62,10 @@ _IMPORT_PROBE = """
 
     before = dict(loggers=loggers(), threads=(torch.get_num_threads(), torch.get_num_interop_threads()),
                   environ=dict(os.environ), filters=list(warnings.filters), grad=torch.is_grad_enabled())
-    import_everything()
+    if __IMPORT__:
+        import_everything()
     __MORE__
+    stop_recording()
     after_loggers = loggers()
     changed = {name: (before["loggers"][name], state) for name, state in after_loggers.items()
                if name in before["loggers"] and before["loggers"][name] != state}
@@ -99,8 +90,10 @@ _IMPORT_PROBE = """
 """
 
 
-def _probe(more: str = "pass") -> str:
-    result = _run(_IMPORT_PROBE.replace("__MORE__", more))
+def _probe(more: str = "pass", import_everything: bool = True) -> str:
+    code = textwrap.dedent(_IMPORT_PROBE).replace("__RECORDER__", RECORD_AUTOGRAD_CALLS)
+    code = code.replace("__IMPORT__", str(import_everything)).replace("__MORE__", more)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -123,5 +116,5 @@ def test_the_import_probe_sees_each_kind_of_side_effect():
         "warnings.simplefilter('ignore')": "warning filters changed at import",
     }
     for statement, expected in cases.items():
-        outcome = _probe(statement)
+        outcome = _probe(statement, import_everything=False)
         assert outcome.startswith("PROBLEMS:") and expected in outcome, (statement, outcome)

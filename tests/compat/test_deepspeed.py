@@ -9,7 +9,7 @@ deepspeed = pytest.importorskip("deepspeed")
 from dartmamba.compat import deepspeed as shims  # noqa: E402
 
 
-def test_disable_cpu_shm_comm_keeps_deepspeed_from_building_the_op(monkeypatch):
+def test_disable_cpu_shm_comm_keeps_deepspeed_from_building_the_op():
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
@@ -26,14 +26,6 @@ def test_disable_cpu_shm_comm_keeps_deepspeed_from_building_the_op(monkeypatch):
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     assert isinstance(compatible, dict) and builder.NAME in compatible, (
         f"shim disable_cpu_shm_comm: deepspeed.ops.__compatible_ops__ is no longer a dict holding {builder.NAME!r}")
-    monkeypatch.setitem(compatible, builder.NAME, True)
-
-    def would_build(self, *args, **kwargs):
-        raise AssertionError("shim disable_cpu_shm_comm: DeepSpeed would still build the shared-memory comm op")
-
-    monkeypatch.setattr(type(builder), "load", would_build)
-    with pytest.raises(AssertionError, match="would still build"):   # the path DeepSpeed takes without the shim
-        ds_comm_torch.build_shm_op()
     assert shims.disable_cpu_shm_comm() is True
     assert compatible[builder.NAME] is False
     assert ds_comm_torch.build_shm_op() is None, (

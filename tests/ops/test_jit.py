@@ -7,7 +7,15 @@ from dartmamba.ops import _jit
 
 def test_loading_scopes_the_logger_and_runs_the_registrations(monkeypatch):
     logger = logging.getLogger("torch.utils.cpp_extension")
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        _check_loading(monkeypatch, logger)
+    finally:
+        logger.setLevel(previous)
+
+
+def _check_loading(monkeypatch, logger):
     seen = []
 
     def fake_load():
