@@ -39,7 +39,7 @@ from .engine import EngineParts, consolidated_state_dict
 
 __all__ = ["TrainerState", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_resumable", "checkpoint_root",
            "check_same_model", "check_fresh_output", "move_aside", "previous_run_files", "repair_published",
-           "last_checkpoint", "CheckpointError", "OutputNotEmpty", "NonFiniteWeights", "CRASH_ENV"]
+           "last_checkpoint", "first_nonfinite", "CheckpointError", "OutputNotEmpty", "NonFiniteWeights", "CRASH_ENV"]
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -156,7 +156,7 @@ def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, 
     holding NaN or inf raise NonFiniteWeights before anything is written."""
     model_state = consolidated_state_dict(parts)       # collective; checked before anything is staged
     ema_state = None if ema is None else {k: v.detach().float() for k, v in ema.module.state_dict().items()}
-    bad = _first_nonfinite(model_state, "") or _first_nonfinite(ema_state or {}, "EMA ")
+    bad = first_nonfinite(model_state) or first_nonfinite(ema_state or {}, "EMA ")
     if bad is not None:
         raise NonFiniteWeights(f"the weights after epoch {state.epoch} are not finite ({bad}); not saved")
     root = checkpoint_root(out_dir)
@@ -212,11 +212,14 @@ def _prune(root: str, keep_last: int) -> None:
             _remove_tree(os.path.join(root, tag))
 
 
-def _first_nonfinite(state: dict, prefix: str) -> str | None:
-    for name, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"{prefix}tensor {name!r}"
-    return None
+def first_nonfinite(state: dict, prefix: str = "") -> str | None:
+    """The first floating tensor of ``state`` holding NaN or inf, named (None: all finite). One host sync."""
+    floating = [(name, value) for name, value in state.items() if value.is_floating_point() and value.numel()]
+    if not floating:
+        return None
+    finite = torch.stack([torch.isfinite(value).all() for _, value in floating]).tolist()
+    bad = next((name for (name, _), ok in zip(floating, finite) if not ok), None)
+    return None if bad is None else f"{prefix}tensor {bad!r}"
 
 
 TOP_LEVEL = tuple(f"{name}{suffix}" for name in ("last", "best") for suffix in (".safetensors", "_ema.safetensors"))

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .checkpoint import (NonFiniteWeights, TrainerState, check_fresh_output, check_resumable, check_same_model,
-                         find_checkpoint, last_checkpoint, load_checkpoint, move_aside, repair_published,
-                         save_checkpoint)
+                         find_checkpoint, first_nonfinite, last_checkpoint, load_checkpoint, move_aside,
+                         repair_published, save_checkpoint)
 from .config import ConfigError, RunConfig, save_config
 from .data import (DataBundle, build_data, check_data_paths, mix_seed, model_data_config, steps_per_epoch,
                    train_loader, updates_per_epoch, val_loader)
@@ -224,7 +224,7 @@ def _skipping_micro_step(engine, images, targets, loss_fn, cfg: RunConfig) -> to
 
 
 def _weights_finite(engine) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in engine.module.parameters() if p.numel())
+    return first_nonfinite({name: p.detach() for name, p in engine.module.named_parameters()}) is None
 
 
 def _diverged_message(what: str, lr: float | None, cfg: RunConfig, detail: str | None = None) -> str:
