@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, for a fresh lent GPU machine (H100 / H200; Python 3.12, torch+CUDA, no network):
 #
-#   bash benchmarks/gpu_check.sh [--quick] [--budget SECONDS] [--steps tests,table,resample,tokenizer,scaling]
+#   bash benchmarks/gpu_check.sh [--quick] [--budget SECONDS] [--steps tests,table,resample,tokenizer,triton,scaling]
 #                                [--out DIR] [--skip-install]
 #   bash benchmarks/gpu_check.sh --dry-run        # list what would run (works on any machine, no GPU needed)
 #
@@ -10,19 +10,20 @@
 # 2. GPU tests: every test file with a `gpu` mark (TRITON_INTERPRET=0; collection errors of CPU-only test modules,
 #    e.g. ones importing hypothesis, do not stop the run)
 # 3. benchmarks: the Vim/DeiT throughput table (benchmarks.model_table), bench_resample.py, bench_tokenizer.py when
-#    present, and the scaling sweep (inference img/s vs tokens, resumable; benchmarks.scaling)
+#    present, bench_triton_ops.py (dartmamba's Triton scan / conv vs mamba-ssm / causal-conv1d at Vim-S shapes, and
+#    the Vim-S training step each way), and the scaling sweep (inference img/s vs tokens, resumable; benchmarks.scaling)
 # 4. results (json/csv/markdown, logs) under benchmarks/results/<card-name-slug>/ (and copied to $OUT/ when the
 #    environment sets OUT), and all tables printed LAST (summary.md).
 #
 # Every step runs under `timeout` with a share of --budget (default 540 s; --quick 300 s: tests 25%, table 30%,
-# resample 7%, tokenizer 18%), so the whole check fits a 10-minute device command; the sweep gets what is left
-# and stops cleanly (rerun, e.g. with --steps scaling, to resume it from the CSV).
+# resample 7%, tokenizer 18%, triton 8%), so the whole check fits a 10-minute device command; the sweep gets what is
+# left and stops cleanly (rerun, e.g. with --steps scaling, to resume it from the CSV).
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-quick=0 dry=0 skip_install=0 budget="" out="" steps="tests,table,resample,tokenizer,scaling"
+quick=0 dry=0 skip_install=0 budget="" out="" steps="tests,table,resample,tokenizer,triton,scaling"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --steps) steps="$2"; shift ;;
     --budget) budget="$2"; shift ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -41,7 +42,10 @@ if [ -z "$budget" ]; then
   if [ "$quick" = 1 ]; then budget=300; else budget=540; fi
 fi
 for s in ${steps//,/ }; do
-  case "$s" in tests|table|resample|tokenizer|scaling) ;; *) echo "gpu_check: unknown step $s" >&2; exit 2 ;; esac
+  case "$s" in
+    tests|table|resample|tokenizer|triton|scaling) ;;
+    *) echo "gpu_check: unknown step $s" >&2; exit 2 ;;
+  esac
 done
 want() { [[ ",$steps," == *",$1,"* ]]; }
 py="${PYTHON:-python3}"
@@ -51,14 +55,16 @@ elapsed() { echo $(( $(date +%s) - start )); }
 # per-step time limits (seconds): shares of the budget; the scaling sweep gets what is left
 t_install=60
 t_tests=$(( budget * 25 / 100 )) t_table=$(( budget * 30 / 100 ))
-t_resample=$(( budget * 7 / 100 )) t_tokenizer=$(( budget * 18 / 100 ))
+t_resample=$(( budget * 7 / 100 )) t_tokenizer=$(( budget * 18 / 100 )) t_triton=$(( budget * 8 / 100 ))
 if [ "$quick" = 1 ]; then
   table_args=(--quick)
   resample_args=(--tokens 196 --dtypes bf16 --repeats 5)
+  triton_args=(--repeats 10)
   sweep_args=(--sizes s --tokens 196 784 1568 --batch-size 128 --repeats 3 --iters 3 --warmup 2)
 else
   table_args=(--compile)
   resample_args=(--dtypes bf16 --repeats 10)
+  triton_args=(--repeats 20)
   sweep_args=(--sizes s ti b --tokens 196 392 784 1568 --batch-size 128 --repeats 3 --iters 5 --warmup 2)
 fi
 # DARTMAMBA_GPU_CHECK_CPU_SMOKE=1: run the whole flow on a CPU with tiny settings (checks this script, not the GPU)
@@ -66,6 +72,7 @@ cpu_smoke="${DARTMAMBA_GPU_CHECK_CPU_SMOKE:-0}"
 if [ "$cpu_smoke" = 1 ]; then
   table_args=(--device cpu --tiny --batch-size 2 --amp none --modes infer --warmup 1 --repeats 1 --iters 1)
   resample_args=(--smoke)
+  triton_args=(--smoke)
   sweep_args=(--device cpu --amp none --families vim --sizes ti --tokens 16 36 --batch-size 2 --repeats 1 --iters 1
               --warmup 1 --model-kwargs '{"depth": 1, "embed_dim": 32}' --fixed-kwargs '{"patch_size": 8}'
               --dart-kwargs '{"img_size": 64, "patch_size": 8, "grid_size": 4, "dart_cfg": {"trunk": "tiny_cnn"}}')
@@ -105,11 +112,14 @@ if [ "$dry" = 1 ]; then
       echo "    (benchmarks/bench_tokenizer.py not present: skipped)"
     fi
   fi
+  want triton && step triton "$t_triton" \
+    "$py benchmarks/bench_triton_ops.py --json $res/triton.json --markdown $res/triton.md ${triton_args[*]}"
   want scaling && step scaling "rest of budget" \
     "(seeded with benchmarks/results/flops/scaling/scaling.csv) $py -m benchmarks.scaling --metrics flops infer" \
     "--amp bf16 --out $res/scaling ${sweep_args[*]} --time-budget <rest - 45>"
-  step summary 0 "cat $res/summary.md (env, tests, model table, resample, tokenizer, scaling summary)"
-  for f in benchmarks/model_table.py benchmarks/bench_resample.py benchmarks/scaling.py benchmarks/throughput.py; do
+  step summary 0 "cat $res/summary.md (env, tests, model table, resample, tokenizer, triton, scaling summary)"
+  for f in benchmarks/model_table.py benchmarks/bench_resample.py benchmarks/scaling.py benchmarks/throughput.py \
+           benchmarks/bench_triton_ops.py; do
     [ -f "$f" ] || { echo "missing $f" >&2; exit 1; }
   done
   exit 0
@@ -218,6 +228,11 @@ if want tokenizer && [ -f benchmarks/bench_tokenizer.py ]; then
   run_step tokenizer "$t_tokenizer" "$py" benchmarks/bench_tokenizer.py "${tok_args[@]}"
   [ -s "$res/tokenizer.md" ] || last_table "$logs/tokenizer.log" > "$res/tokenizer.md"
 fi
+if want triton; then
+  run_step triton "$t_triton" "$py" benchmarks/bench_triton_ops.py --json "$res/triton.json" \
+    --markdown "$res/triton.md" "${triton_args[@]}"
+  [ -s "$res/triton.md" ] || last_table "$logs/triton.log" > "$res/triton.md"
+fi
 rest=$(( budget - $(elapsed) - 20 ))
 if ! want scaling; then
   :
@@ -254,7 +269,7 @@ summary="$res/summary.md"
     echo '```'
     echo
   fi
-  for f in "$res/model_table.md" "$res/resample.md" "$res/tokenizer.md" "$res/scaling/summary.md"; do
+  for f in "$res/model_table.md" "$res/resample.md" "$res/tokenizer.md" "$res/triton.md" "$res/scaling/summary.md"; do
     [ -s "$f" ] && { cat "$f"; echo; }
   done
 } > "$summary"

@@ -143,12 +143,20 @@ def test_cpu_tensors_default_to_the_cpu_kernels_or_the_portable_backends(restore
     assert backends.choose("rmsnorm", "cpu") == ("cpp" if built else "torch")
 
 
-@pytest.mark.parametrize("op, fallback, package", [("scan", "torch", "mamba-ssm"), ("conv1d", "torch", "causal-conv1d"),
+def _backend(op, name):
+    return next(b for b in backends.implementations(op) if b.name == name)
+
+
+@pytest.mark.parametrize("op, fallback, package", [("scan", "triton", "mamba-ssm"),
+                                                   ("conv1d", "triton", "causal-conv1d"),
                                                    ("rmsnorm", "torch", "mamba-ssm")])
 def test_cuda_without_the_kernels_falls_back_with_one_warning(op, fallback, package, monkeypatch, restore_backends):
-    """On a CUDA device whose extension does not import, "auto" takes the portable backend and warns once."""
+    """On a CUDA device whose extension does not import, "auto" takes the next backend (dartmamba's Triton kernels
+    for the scan and the conv, where triton works; the portable torch RMSNorm) and warns once."""
     kernel = backends.implementations(op)[0]
     monkeypatch.setattr(kernel, "available", lambda: "cannot import it (ImportError: no module)")
+    if fallback == "triton":
+        monkeypatch.setattr(_backend(op, "triton"), "available", lambda: None)
     monkeypatch.setattr(backends, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -159,6 +167,38 @@ def test_cuda_without_the_kernels_falls_back_with_one_warning(op, fallback, pack
     assert package in str(runtime[0].message)
     with pytest.raises(BackendUnavailableError, match="cannot import it"):
         backends.choose(op, "cuda", kernel.name)
+
+
+@pytest.mark.parametrize("op, package", [("scan", "mamba-ssm"), ("conv1d", "causal-conv1d")])
+def test_cuda_order_is_the_extension_then_triton_then_torch(op, package, monkeypatch, restore_backends):
+    """The order on CUDA, with availability simulated through our own registry entries: mamba-ssm / causal-conv1d
+    when they import (silently), else the Triton kernels with ONE warning naming the missing package, else the
+    portable torch backend with one warning per missing backend. The mixer then runs one-pass on Triton (the kernel
+    does not declare "reverse")."""
+    extension, triton = _backend(op, "cuda"), _backend(op, "triton")
+    assert [b.name for b in backends.implementations(op)][:2] == ["cuda", "triton"]
+    cases = [(None, None, "cuda", []), ("not installed", None, "triton", [package]),
+             ("not installed", "no triton", "torch", [package, "Triton"])]
+    for ext_reason, triton_reason, chosen, warned in cases:
+        monkeypatch.setattr(extension, "available", lambda r=ext_reason: r)
+        monkeypatch.setattr(triton, "available", lambda r=triton_reason: r)
+        monkeypatch.setattr(backends, "_WARNED", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                assert backends.choose(op, "cuda") == chosen
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(messages) == len(warned), messages
+        for message, needle in zip(messages, warned):
+            assert needle in message
+    if op == "scan":
+        from dartmamba.modules.bimamba import resolve_bimamba_impl
+
+        monkeypatch.setattr(triton, "available", lambda: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert backends.choose("scan", "cuda") == "triton"
+            assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"
 
 
 def test_cuda_kernels_that_refuse_an_input_fall_back_silently_or_raise_when_forced(monkeypatch, restore_backends):

@@ -8,8 +8,10 @@ Layout modes, declared as capabilities by the backends that handle them (the oth
 ``x[t .. t + K - 1]``, zeros after the end; the conv of ``x.flip(-1)``, flipped back) and ``"any_strides"``.
 
 Backends (env ``DARTMAMBA_CONV1D_BACKEND``), one module each, in preference order: ``"cuda"`` (:mod:`.cuda`,
-causal-conv1d), ``"cpp"`` (:mod:`.cpp`, dartmamba's C++ kernel for CPU tensors), ``"torch"`` (:mod:`.torch`,
-``F.conv1d``, any device), ``"reference"`` (:mod:`.reference`, an explicit loop over the taps).
+causal-conv1d), ``"triton"`` (:mod:`.triton`, dartmamba's Triton kernels: CUDA without causal-conv1d, widths 2..4;
+CPU tensors under ``TRITON_INTERPRET=1`` when allowed with :func:`dartmamba.backends.allow_device`), ``"cpp"``
+(:mod:`.cpp`, dartmamba's C++ kernel for CPU tensors), ``"torch"`` (:mod:`.torch`, ``F.conv1d``, any device),
+``"reference"`` (:mod:`.reference`, an explicit loop over the taps).
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ backends.declare_modes("conv1d", {"reverse": reversing((0,)), "any_strides": uni
 
 # registration order is the preference order of "auto"
 from .cuda import causal_conv1d_cuda  # noqa: E402
+from .triton import causal_conv1d_triton  # noqa: E402
 from .cpp import causal_conv1d_cpp  # noqa: E402
 from .torch import causal_conv1d_torch  # noqa: E402
 from .reference import causal_conv1d_reference  # noqa: E402
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference", "causal_conv1d_torch", "causal_conv1d_cpp",
-           "causal_conv1d_cuda"]
+           "causal_conv1d_cuda", "causal_conv1d_triton"]
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",
@@ -42,9 +45,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         activation: ``"silu"`` (default) / ``"swish"`` or ``None``.
         reverse: right to left (anti-causal): the conv of ``x.flip(-1)``, flipped back.
         backend: ``None``/``"auto"`` (causal-conv1d for CUDA tensors when it imports and supports the width and
-            dtypes, else ``"torch"``; the C++ kernel ``"cpp"`` for CPU tensors when it builds, else ``"torch"``),
-            or a name to force. The global setting is ``dartmamba.backends.set_backend("conv1d", ...)`` or
-            ``DARTMAMBA_CONV1D_BACKEND``.
+            dtypes, else dartmamba's Triton kernels, else ``"torch"``; the C++ kernel ``"cpp"`` for CPU tensors
+            when it builds, else ``"torch"``), or a name to force. The global setting is
+            ``dartmamba.backends.set_backend("conv1d", ...)`` or ``DARTMAMBA_CONV1D_BACKEND``.
 
     Returns:
         (batch, dim, L) in ``x.dtype``.

@@ -57,5 +57,5 @@ def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 causal_conv1d_cuda = backends.register(
     "conv1d", "cuda", causal_conv1d_cuda, devices=("cuda",), available=cuda_unavailable, supports=unsupported,
-    fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use F.conv1d; install "
-                     "causal-conv1d (pip install 'dartmamba[cuda]')")
+    fallback_warning="causal-conv1d's CUDA kernel is unavailable, so CUDA tensors use dartmamba's Triton conv "
+                     "(F.conv1d where triton is missing); install causal-conv1d (pip install 'dartmamba[cuda]')")

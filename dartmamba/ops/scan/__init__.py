@@ -23,12 +23,15 @@ adapter from :mod:`dartmamba.ops._common`, applied at registration):
 Backends (env ``DARTMAMBA_SCAN_BACKEND``), one module each, in preference order:
 
 - ``"cuda"`` (:mod:`.cuda`): mamba-ssm's fused CUDA kernel; no modes.
+- ``"triton"`` (:mod:`.triton`): dartmamba's Triton kernels (CUDA without mamba-ssm: no compile step; CPU tensors
+  under ``TRITON_INTERPRET=1`` when allowed with :func:`dartmamba.backends.allow_device`); ``any_strides``.
 - ``"cpp"`` (:mod:`.cpp`): dartmamba's C++ kernel for CPU tensors, built at first use; every mode.
 - ``"torch"`` (:mod:`.torch`): an exact chunked scan in plain torch ops with a hand-written backward (any device:
   the fallback on CUDA without mamba-ssm and on CPU without a C++ compiler); no modes.
 - ``"reference"`` (:mod:`.reference`): a sequential loop under plain autograd; no modes.
 
-A future backend (e.g. ``triton.py``) is one more module that registers itself here.
+On CUDA, "auto" takes mamba-ssm's kernel when it imports, else the Triton kernels (passing over mamba-ssm warns
+once), else the torch scan.
 """
 from __future__ import annotations
 
@@ -47,12 +50,13 @@ backends.declare_modes("scan", {"low_rank_delta": expanding_low_rank(1, "delta_p
 
 # registration order is the preference order of "auto"
 from .cuda import selective_scan_mamba_cuda  # noqa: E402
+from .triton import selective_scan_triton  # noqa: E402
 from .cpp import selective_scan_cpp  # noqa: E402
 from .torch import selective_scan_torch  # noqa: E402
 from .reference import selective_scan_reference  # noqa: E402
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_scan_torch", "selective_scan_cpp",
-           "selective_scan_mamba_cuda", "scan_forward_macs", "scan_backward_macs"]
+           "selective_scan_mamba_cuda", "selective_scan_triton", "scan_forward_macs", "scan_backward_macs"]
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -74,9 +78,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             its rank-R input; ``delta_bias`` is added after). A backend with the ``"low_rank_delta"`` capability
             (the C++ kernel) forms it step by step where no gradient is needed; elsewhere, and whenever a gradient
             is needed, the product is taken first, under autograd.
-        backend: ``None``/``"auto"`` (the first of ``"cuda"``, ``"cpp"``, ``"torch"`` that runs on the inputs'
-            device; passing over a missing kernel warns once), or a name to force. The global setting is
-            ``dartmamba.backends.set_backend("scan", ...)`` or ``DARTMAMBA_SCAN_BACKEND``;
+        backend: ``None``/``"auto"`` (the first of ``"cuda"``, ``"triton"``, ``"cpp"``, ``"torch"`` that runs on the
+            inputs' device and takes them; passing over a missing kernel warns once), or a name to force. The
+            global setting is ``dartmamba.backends.set_backend("scan", ...)`` or ``DARTMAMBA_SCAN_BACKEND``;
             ``DARTMAMBA_BUILD_CPU_KERNELS=0`` never builds the C++ kernel.
 
     Returns:

@@ -126,5 +126,6 @@ def selective_scan_mamba_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
 
 selective_scan_mamba_cuda = backends.register(
     "scan", "cuda", selective_scan_mamba_cuda, devices=("cuda",), available=mamba_unavailable,
-    fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's portable "
-                     "chunked scan (much slower); install mamba-ssm (pip install 'dartmamba[cuda]')")
+    fallback_warning="mamba-ssm's CUDA selective scan is unavailable, so CUDA tensors use dartmamba's Triton scan "
+                     "(the portable chunked torch scan where triton is missing); install mamba-ssm "
+                     "(pip install 'dartmamba[cuda]')")
