@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import backends
 from .geometry import DartGeometry
-from .validation import check_scores
+from .validation import as_pair, check_positive_int, check_scores
 
 # The official code adds 1e-8 to the bin mass in the quantile denominator; we divide by the bin mass taken from
 # the same cumulative sum the bin was found in (consistent even for bins that are tiny in fp32), clamped at this.
@@ -26,6 +26,7 @@ _TINY_MASS = 1e-12
 
 def default_num_rows(num_tokens: int) -> int:
     """R = round(sqrt(N)): 196 -> 14, 121 -> 11, 144 -> 12, 288 -> 17, 392 -> 20."""
+    check_positive_int(num_tokens, "num_tokens")
     return max(1, int(round(num_tokens ** 0.5)))
 
 
@@ -44,6 +45,10 @@ def inverse_cdf_quantiles(masses: Tensor, num_parts: int) -> Tensor:
         clamp): where a quantile lands exactly on a bin end (tied or uniform masses, where it is exactly 1) it
         is the one-sided derivative of bin ``j``, not the clamp's zero.
     """
+    check_positive_int(num_parts, "num_parts", " (the number of equal-mass parts K)")
+    if not isinstance(masses, Tensor) or masses.dim() != 2 or masses.shape[1] < 1:
+        raise ValueError(f"masses must be a tensor of shape (B, L) with L >= 1, got "
+                         f"{tuple(masses.shape) if isinstance(masses, Tensor) else type(masses).__name__}")
     batch, length = masses.shape
     cdf = torch.cumsum(masses, dim=-1)
     cdf = cdf / cdf[:, -1:]
@@ -214,21 +219,21 @@ def partition(
 
     ``img_size`` (H, W) in pixels defaults to the score grid itself (one pixel per score cell).
     """
+    if img_size is not None:
+        img_size = as_pair(img_size, "img_size")
     band_bounds, token_edges = partition_scores(scores, num_tokens, num_rows, validate=validate, backend=backend)
     grid_size = (scores.shape[1], scores.shape[2])
-    if img_size is None:
-        img_size = grid_size
-    elif isinstance(img_size, int):
-        img_size = (img_size, img_size)
     return DartGeometry(band_bounds=band_bounds, token_edges=token_edges, grid_size=grid_size,
-                        img_size=tuple(img_size))
+                        img_size=grid_size if img_size is None else img_size)
 
 
 def uniform_geometry(batch: int, grid_size: int | tuple[int, int], num_tokens: int, num_rows: int | None = None, *,
                      img_size: int | tuple[int, int] | None = None, device=None,
                      dtype: torch.dtype = torch.float32) -> DartGeometry:
     """The geometry of constant scores (a regular grid when N = R * Gw and R = Gh)."""
-    grid_h, grid_w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    check_positive_int(batch, "batch")
+    grid_h, grid_w = as_pair(grid_size, "grid_size")
+    default_num_rows(num_tokens)                       # checks num_tokens before any tensor is made
     scores = torch.ones(batch, grid_h, grid_w, device=device, dtype=dtype)
     return partition(scores, num_tokens, num_rows, img_size=img_size, validate=False)
 
@@ -238,6 +243,7 @@ def overlap_matrix(boundaries: Tensor, length: int) -> Tensor:
 
     ``W[b, k, i] = |[b_k, b_{k+1}) & [i, i + 1)| / (b_{k+1} - b_k)``.
     """
+    check_positive_int(length, "length", " (the number of unit bins L)")
     cells = torch.arange(length, device=boundaries.device, dtype=boundaries.dtype)
     lo, hi = boundaries[:, :-1, None], boundaries[:, 1:, None]
     overlap = (torch.minimum(hi, cells + 1) - torch.maximum(lo, cells)).clamp_min(0)

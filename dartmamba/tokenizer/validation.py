@@ -1,8 +1,21 @@
 """Argument checks shared by the tokenizer stages. Errors name the argument and the expected form."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+# pixel magnitudes beyond this are far outside normalised (or even 0..255) images; the scorer may overflow on them
+_LARGE_PIXEL = 1e4
+
+
+class InvalidScores(ValueError):
+    """Scores that are not finite and > 0; ``index`` is the first bad entry (b, i, j)."""
+
+    def __init__(self, message: str, index: tuple[int, ...]):
+        super().__init__(message)
+        self.index = index
 
 
 def _tracing() -> bool:
@@ -37,9 +50,14 @@ def as_pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def check_positive_int(value, name: str, meaning: str = "") -> None:
+    """``value`` is an int >= 1 (not a bool), else a ValueError naming ``name``."""
+    if not is_positive_int(value):
+        raise ValueError(f"{name} must be a positive int{meaning}, got {value!r}")
+
+
 def check_token_counts(num_tokens, num_rows) -> None:
-    if not is_positive_int(num_tokens):
-        raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+    check_positive_int(num_tokens, "num_tokens")
     if not isinstance(num_rows, int) or isinstance(num_rows, bool) or not 1 <= num_rows <= num_tokens:
         raise ValueError(f"num_rows must be an int in [1, num_tokens={num_tokens}], got {num_rows!r}")
 
@@ -61,7 +79,36 @@ def check_scores(scores, num_tokens, num_rows, *, check_values: bool = True) -> 
         bad = ~(torch.isfinite(scores) & (scores > 0))
         if bool(bad.any()):
             first = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"scores must be finite and > 0; scores{list(first)} = {scores[first].item()!r}")
+            raise InvalidScores(f"scores must be finite and > 0; scores{list(first)} = {scores[first].item()!r}",
+                                first)
+
+
+def scorer_failure(images: Tensor, scores: Tensor, index: tuple[int, ...], scorer: torch.nn.Module,
+                   batch_scores: bool) -> str:
+    """The error for scores a tokenizer's ``scorer`` made from the user's ``images`` (B, C, H, W) that are not finite
+    and > 0 (``index``: the first bad one in ``scores`` (B, Gh, Gw)). It names the image and the likely cause: pixel
+    values too large for the scorer's arithmetic, or the scorer's own weights non-finite. Error path only: it reads
+    values back (host syncs)."""
+    sample, value = index[0], scores[index].item()
+    kind = "non-finite" if not math.isfinite(value) else "non-positive"
+    reach = images.detach().flatten(1).abs().amax(dim=1).double().tolist()       # per image
+    weights = next((name for name, t in [*scorer.named_parameters(), *scorer.named_buffers()]
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    culprit = max(range(len(reach)), key=reach.__getitem__) if batch_scores else sample
+    head = f"images: the DART scorer produced {kind} scores for image {sample}"
+    bad = f"scores{list(index)} = {value!r}"
+    if weights is not None:
+        return (f"{head} (its values reach {reach[sample]:.3g}; {bad}): the scorer's own weights are not finite "
+                f"(tensor {weights!r} holds NaN or inf), e.g. after a diverged training step")
+    if reach[culprit] > _LARGE_PIXEL:
+        advice = ("values that large overflow the scorer's arithmetic; normalise the images (e.g. to mean 0 and "
+                  "std 1)")
+        if culprit != sample:
+            return (f"{head} ({bad}): image {culprit}'s values reach {reach[culprit]:.3g}, and score_norm='batch' "
+                    f"standardises the scores over the whole batch; {advice}")
+        return f"{head} (its values reach {reach[sample]:.3g}; {bad}): {advice}"
+    return (f"{head} (its values reach {reach[sample]:.3g}; {bad}): the images and the scorer's weights are finite "
+            f"and the pixel values moderate, so the scorer's weights are likely too large (a diverging run?)")
 
 
 def is_positive_int(value) -> bool:

@@ -7,7 +7,7 @@ import torch
 
 import dartmamba  # noqa: F401
 from dartmamba.modules.bimamba import BiMambaMixer
-from dartmamba.tokenizer import DartTokenizer
+from dartmamba.tokenizer import DartTokenizer, default_grid_size
 
 from tests.helpers import TINY_DART, TINY_VIM
 
@@ -117,3 +117,38 @@ def test_a_bfloat16_model_takes_float32_images(seed):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(images), model(images.to(torch.bfloat16)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vim_tiny_dart", "deit_tiny_dart"])
+def test_huge_pixel_values_name_the_images(name):
+    """Finite pixels of 1e30 overflow the DART scorer: the model's error names the images and image 1, not the
+    scorer's internal score tensor."""
+    kwargs = {"vim_tiny_dart": {**TINY_VIM, **TINY_DART}, "deit_tiny_dart": DEIT_DART}[name]
+    model = timm.create_model(name, **kwargs)
+    images = torch.randn(2, 3, 64, 64)
+    images[1] = 1e30
+    with pytest.raises(ValueError) as err:
+        model(images)
+    assert str(err.value) == (
+        "images: the DART scorer produced non-finite scores for image 1 (its values reach 1e+30; scores[1, 0, 0] = "
+        "nan): values that large overflow the scorer's arithmetic; normalise the images (e.g. to mean 0 and std 1)")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: DartTokenizer(img_size=64, patch_size=8, grid_size=4, num_tokens=16, num_rows=-1, trunk="tiny_cnn"),
+     "num_rows must be an int in [1, num_tokens=16], got -1"),
+    (lambda: DartTokenizer(img_size=64, patch_size=8, grid_size=4, num_tokens=-1, trunk="tiny_cnn"),
+     "num_tokens must be a positive int, got -1"),
+    (lambda: DartTokenizer(img_size=64, patch_size=8, grid_size=4, num_tokens=16.0, trunk="tiny_cnn"),
+     "num_tokens must be a positive int, got 16.0"),
+    (lambda: DartTokenizer(img_size=64, patch_size=8, grid_size=4, trunk="tiny_cnn").set_input_size(num_tokens=-1),
+     "num_tokens must be a positive int, got -1"),
+    (lambda: default_grid_size(64, 0),
+     "patch_size must be a positive int, got 0"),
+    (lambda: default_grid_size(64, -8),
+     "patch_size must be a positive int, got -8"),
+])
+def test_tokenizer_integer_arguments_are_one_line_errors(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message

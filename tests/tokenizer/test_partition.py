@@ -118,3 +118,50 @@ def test_partition_geometry_object(seed):
     single = (extents["band_end"] == extents["band_start"])
     torch.testing.assert_close((extents["x_end"] - extents["x_start"])[single], extents["width"][single])
     assert geometry[1].batch_size == 1 and torch.equal(geometry[1].token_edges, geometry.token_edges[1:2])
+
+
+SCORES = torch.full((2, 4, 4), 0.5)
+NUM_TOKENS = "num_tokens must be a positive int, got {!r}"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: partition(SCORES, -1), NUM_TOKENS.format(-1)),
+    (lambda: partition(SCORES, 0), NUM_TOKENS.format(0)),
+    (lambda: partition(SCORES, 2.5), NUM_TOKENS.format(2.5)),
+    (lambda: partition(SCORES, True), NUM_TOKENS.format(True)),
+    (lambda: partition(SCORES, "16"), NUM_TOKENS.format("16")),
+    (lambda: partition(SCORES, 16, 0), "num_rows must be an int in [1, num_tokens=16], got 0"),
+    (lambda: partition(SCORES, 16, 17), "num_rows must be an int in [1, num_tokens=16], got 17"),
+    (lambda: partition(SCORES, 16, 2.0), "num_rows must be an int in [1, num_tokens=16], got 2.0"),
+    (lambda: partition(SCORES, 16, img_size=0), "img_size must be positive, got 0"),
+    (lambda: partition(SCORES, 16, img_size=(32, -32)), "img_size must be positive, got (32, -32)"),
+    (lambda: partition_scores(SCORES, -3), NUM_TOKENS.format(-3)),
+    (lambda: partition_scores(SCORES, -3, 2), NUM_TOKENS.format(-3)),
+    (lambda: default_num_rows(-1), NUM_TOKENS.format(-1)),
+    (lambda: default_num_rows(0), NUM_TOKENS.format(0)),
+    (lambda: inverse_cdf_quantiles(SCORES[:, 0], 0),
+     "num_parts must be a positive int (the number of equal-mass parts K), got 0"),
+    (lambda: inverse_cdf_quantiles(SCORES[:, 0], -2),
+     "num_parts must be a positive int (the number of equal-mass parts K), got -2"),
+    (lambda: inverse_cdf_quantiles(SCORES, 3), "masses must be a tensor of shape (B, L) with L >= 1, got (2, 4, 4)"),
+    (lambda: uniform_geometry(0, 4, 16), "batch must be a positive int, got 0"),
+    (lambda: uniform_geometry(2, 0, 16), "grid_size must be positive, got 0"),
+    (lambda: uniform_geometry(2, 4, -1), NUM_TOKENS.format(-1)),
+    (lambda: uniform_geometry(2, 4, 16, 0), "num_rows must be an int in [1, num_tokens=16], got 0"),
+    (lambda: overlap_matrix(torch.tensor([[0.0, 1.0, 2.0]]), 0),
+     "length must be a positive int (the number of unit bins L), got 0"),
+])
+def test_integer_arguments_are_one_line_errors_naming_them(call, message):
+    """``partition(scores, -1)`` raised ``TypeError: type complex doesn't define __round__ method`` (sqrt of -1
+    before any check): every public partition function checks its integer arguments first, in one line."""
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_the_integer_checks_come_before_any_value_check():
+    """A bad num_tokens is reported, not the bad scores that the (later) value check would find."""
+    scores = SCORES.clone()
+    scores[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^num_tokens must be a positive int, got -1$"):
+        partition(scores, -1)

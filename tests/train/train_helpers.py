@@ -118,3 +118,58 @@ def train_steps(cfg, parts, batch, steps):
     loss_fn = torch.nn.CrossEntropyLoss()
     parts.engine.train()
     return [train_micro_step(parts.engine, batch[0], batch[1], loss_fn, cfg).item() for _ in range(steps)]
+
+
+def start_train(args: list[str], log_path, env: dict | None = None) -> subprocess.Popen:
+    """``python train/train.py <args>`` started in the background, stdout and stderr into ``log_path`` (a file, not
+    a pipe nobody reads: it could fill up). ``train_env`` sets PYTHONUNBUFFERED, so each log line is in the file
+    once printed."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, TRAIN_SCRIPT, *args], cwd=REPO, env=env or train_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def read_text(path) -> str:
+    """A file's text, '' while it does not exist."""
+    try:
+        with open(path, errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for_log(proc: subprocess.Popen, log_path, needle: str, timeout: float = 300.0,
+                 poll_s: float = 0.005) -> bool:
+    """Poll ``log_path`` until a line holding ``needle`` is in it (True) or ``proc`` exits without it (False).
+    A line counts once its newline is written. Raises TimeoutError after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read_text(log_path)
+        complete = text[:text.rfind("\n") + 1]
+        if needle in complete:
+            return True
+        if proc.poll() is not None:
+            text = read_text(log_path)
+            return needle in text[:text.rfind("\n") + 1]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {needle!r} in {log_path} after {timeout:.0f} s")
+        time.sleep(poll_s)
+
+
+def weights_digest(path) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a ``.safetensors`` file's tensors (the file's own digest
+    tensor included), independent of the file's header layout."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
