@@ -4,6 +4,9 @@
 all), else downloaded with ``huggingface_hub.hf_hub_download``. When the file is not cached and the Hub cannot be
 reached (``HF_HUB_OFFLINE=1``, or a connection probe that fails within a few seconds), it raises
 :class:`HubFileUnavailable` at once, saying which file to get and where to put it.
+
+:func:`save_pretrained` writes a model folder that timm (``local-dir:``, ``hf-hub:`` once uploaded) and transformers
+(``TimmWrapperForImageClassification``, ``pipeline("image-classification")``) both load.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-__all__ = ["HubFileUnavailable", "hub_file", "hub_cache_dir", "hub_offline"]
+__all__ = ["HubFileUnavailable", "hub_file", "hub_cache_dir", "hub_offline", "save_pretrained"]
 
 _PROBE_TIMEOUT_S = 3.0
 
@@ -81,3 +84,45 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, cache_
             f"older releases: `huggingface-cli download ...`) and copy its cache folder here (or point HF_HOME at "
             f"it){alternative}.")
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache)
+
+
+def save_pretrained(model, folder, *, safe_serialization=True, model_config: dict | None = None,
+                    data_config: dict | None = None) -> str:
+    """Save ``model`` (made by ``timm.create_model``) into ``folder`` so that timm and transformers both load it.
+
+    timm's ``save_for_hf`` writes the weights and config.json; its ``model_args`` record what the model computes
+    with (our models complete timm's record: :func:`dartmamba.models._common.effective_model_args`). One edit
+    follows: ``num_classes`` leaves ``model_args`` (it stays at the root of the config, where timm's ``local-dir:`` /
+    ``hf-hub:`` loaders read it), because transformers' TimmWrapper passes ``num_classes=num_labels`` itself and
+    ``model_args`` after it (timm 1.0.31 + transformers 5.25: "got multiple values for keyword argument
+    'num_classes'", for timm's own models as well). Upload the folder as it is (``huggingface_hub.upload_folder``) to
+    publish it; ``timm.models.push_to_hf_hub`` writes the unedited config.
+
+    Args:
+        model: a timm model (it has ``pretrained_cfg``); the config's preprocessing (``pretrained_cfg``: input size,
+            mean, std, crop) is the model's, as timm's ``resolve_data_config(model=model)`` gives it.
+        folder: where to write (created).
+        safe_serialization, model_config, data_config: as ``timm.models.save_for_hf`` (default: safetensors).
+
+    Returns:
+        The folder, as a string.
+    """
+    import json
+    from pathlib import Path
+
+    import timm.models
+
+    from .files import atomic_write_text
+
+    if getattr(model, "pretrained_cfg", None) is None:
+        raise ValueError(f"model: save_pretrained needs a model made by timm.create_model (it has pretrained_cfg), "
+                         f"got a {type(model).__name__} without one")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    timm.models.save_for_hf(model, folder, model_config=model_config, safe_serialization=safe_serialization,
+                            data_config=data_config)
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    atomic_write_text(path, json.dumps(config, indent=2))
+    return os.fspath(folder)

@@ -59,18 +59,33 @@ OFFICIAL_DART_SCORER = {"score_norm": "batch", "scorer_input_size": None}
 
 
 def release_kwargs(variant: str, pretrained: bool, kwargs: dict, releases: dict[str, dict]) -> dict:
-    """``kwargs`` with the model arguments of the requested pretrained tag (``releases["<variant>.<tag>"]``) under
-    the user's (a ``tokenizer_cfg`` is merged key by key). A tag named explicitly (``vim_small_dart.dart_in1k_392``)
-    applies with or without ``pretrained``; without one, the default tag applies when ``pretrained`` loads the
-    release itself (not a file of the user's, ``pretrained_cfg_overlay=dict(file=...)``)."""
+    """``kwargs`` with the model arguments of a release (``releases["<variant>.<tag>"]``) under the user's (a
+    ``tokenizer_cfg`` is merged key by key), when the model is that release's:
+
+    - a tag the user names (``vim_small_dart.dart_in1k_392``, or ``pretrained_cfg="dart_in1k_392"``) builds its
+      architecture, with or without ``pretrained``;
+    - a pretrained cfg given as a dict or ``PretrainedCfg`` applies its tag only when it points at the release's own
+      file (its ``hf_hub_id`` / ``hf_hub_filename`` / ``url``, no ``file`` of its own). The config a saved model
+      carries (``local-dir:``, ``hf-hub:``, transformers) names the release it came from but another file: its
+      ``model_args`` hold everything the model computes with (:func:`effective_model_args`), and no release
+      setting is added to them;
+    - without either, ``pretrained=True`` loads the default tag's file, and its settings apply (not with a file of
+      the user's, ``pretrained_cfg_overlay=dict(file=...)``).
+    """
     import timm
 
     requested = kwargs.get("pretrained_cfg")
-    tag = requested if isinstance(requested, str) else getattr(requested, "tag", None) or (
-        requested.get("tag") if isinstance(requested, dict) else None)
-    if tag is None and pretrained and not _user_source(kwargs):
+    if isinstance(requested, str):
+        tag = requested
+    elif requested is not None:
+        tag = _field(requested, "tag")
+        if tag and not _is_release_file(variant, tag, requested):
+            tag = None
+    elif pretrained and not _user_source(kwargs):
         default = timm.models.get_pretrained_cfg(variant)
         tag = default.tag if default is not None else None
+    else:
+        tag = None
     args = releases.get(f"{variant}.{tag}") if tag else None
     if not args:
         return kwargs
@@ -84,9 +99,27 @@ def release_kwargs(variant: str, pretrained: bool, kwargs: dict, releases: dict[
     return merged
 
 
+_SOURCE_FIELDS = ("hf_hub_id", "hf_hub_filename", "url", "file")
+
+
+def _field(cfg, key: str):
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
 def _user_source(kwargs: dict) -> bool:
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     return any(overlay.get(key) for key in ("file", "url", "state_dict"))
+
+
+def _is_release_file(variant: str, tag: str, cfg) -> bool:
+    """Whether the pretrained cfg ``cfg`` loads the file registered as ``variant.tag``."""
+    import timm
+
+    try:
+        release = timm.models.get_pretrained_cfg(f"{variant}.{tag}")
+    except RuntimeError:                       # a tag this architecture does not register
+        return False
+    return release is not None and all(_field(cfg, key) == getattr(release, key, None) for key in _SOURCE_FIELDS)
 
 
 def fetch_pretrained(variant: str, pretrained: bool, kwargs: dict) -> dict:
@@ -113,6 +146,63 @@ def fetch_pretrained(variant: str, pretrained: bool, kwargs: dict) -> dict:
                     instead="pass pretrained_cfg_overlay=dict(file=<your local copy>)")
     overlay["state_dict"] = read_state_dict(path, f"pretrained weights of {name}")
     return {**kwargs, "pretrained_cfg_overlay": overlay}
+
+
+# Keywords that say where weights come from or where a model is placed, not what it computes.
+_NOT_MODEL_ARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "features_only",
+                             "out_indices", "checkpoint_path", "cache_dir", "pretrained_strict", "feature_cfg",
+                             "feature_cls", "device", "dtype", "pretrained"})
+
+
+def effective_model_args(model, recorded: dict) -> dict:
+    """The construction arguments that rebuild ``model`` as it computes now: ``recorded`` (the factory's keywords)
+    with the settings read back from the model on top, so a release's settings (adopted when its file loaded) or a
+    changed head travel with it.
+
+    - ``num_classes``, ``global_pool``: the head's now (``reset_classifier``); ``img_size``: the tokenizer's
+      (``set_input_size``);
+    - for a DART tokenizer (image or video): ``num_tokens``, ``grid_size`` and, in ``tokenizer_cfg`` (``dart_cfg``
+      folded in), the scorer's ``trunk``, ``head`` (image) / ``first_frame_score`` (video), ``score_norm``,
+      ``scorer_input_size``, ``trunk_bn_eps`` (MobileNetV3 trunks), ``num_rows``, ``sampling``, ``uniform_scores``, and
+      ``trunk_weights="random"``: the saved weights hold the trunk, so loading fetches nothing;
+    - ``scorer_dtype`` as a name (JSON); placement and weight-source keywords dropped.
+
+    Any other tokenizer's options pass as recorded. Idempotent (timm reads, updates and writes it back).
+    """
+    from ..tokenizer import DartTokenizer
+    from ..tokenizer.video import VideoDartTokenizer
+
+    args = {k: v for k, v in recorded.items() if k not in _NOT_MODEL_ARGS}
+    # both when timm merged the factory's keywords (dart_cfg) into what this returned before (tokenizer_cfg)
+    options = {**(args.pop("tokenizer_cfg", None) or {}), **(args.pop("dart_cfg", None) or {})}
+    if hasattr(model, "num_classes"):
+        args["num_classes"] = model.num_classes
+    if isinstance(getattr(model, "global_pool", None), str):
+        args["global_pool"] = model.global_pool
+    tokenizer = getattr(model, "patch_embed", None)
+    if getattr(tokenizer, "img_size", None) is not None:          # set_input_size changes it
+        args["img_size"] = list(tokenizer.img_size)
+    if isinstance(tokenizer, (DartTokenizer, VideoDartTokenizer)):
+        scorer = tokenizer.scorer
+        args["num_tokens"] = tokenizer.num_tokens
+        args["grid_size"] = list(tokenizer.grid_size)          # set_input_size scales it
+        options.update(trunk=scorer.trunk_name, score_norm=scorer.score_norm,
+                       scorer_input_size=None if scorer.input_size is None else list(scorer.input_size),
+                       num_rows=tokenizer.num_rows, sampling=tokenizer.sampling,
+                       uniform_scores=bool(tokenizer.uniform_scores), trunk_weights="random")
+        if isinstance(tokenizer, VideoDartTokenizer):
+            options["first_frame_score"] = scorer.first_frame_score
+        else:
+            options["head"] = scorer.head_version
+        if scorer.trunk_bn_eps is not None:
+            options["trunk_bn_eps"] = scorer.trunk_bn_eps
+        else:
+            options.pop("trunk_bn_eps", None)
+    if isinstance(options.get("scorer_dtype"), torch.dtype):
+        options["scorer_dtype"] = str(options["scorer_dtype"]).removeprefix("torch.")
+    if options:
+        args["tokenizer_cfg"] = options
+    return args
 
 
 def dart_scorer_cfg(defaults: dict, user_cfg: dict | None, img_size) -> dict:

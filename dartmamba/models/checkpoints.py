@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
+from ._common import effective_model_args
 from ..files import (CONFIG_KEY, read_safetensors_header, read_state_dict, unwrap_state_dict,
                      verify_and_strip_digests, write_safetensors)
 
@@ -244,8 +245,9 @@ def inflate_image_checkpoint(model: nn.Module, state_dict: dict, source_cls_pos_
 # ---------------------------------------------------------------------------------------------------------------
 # Our own checkpoints: safetensors with the model config inside
 # ---------------------------------------------------------------------------------------------------------------
-_NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "features_only", "out_indices", "checkpoint_path",
-                     "cache_dir", "pretrained_strict", "feature_cfg", "feature_cls", "device", "dtype"}
+_NOT_ARCHITECTURE = {"pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "features_only",
+                     "out_indices", "checkpoint_path", "cache_dir", "pretrained_strict", "feature_cfg", "feature_cls",
+                     "device", "dtype"}
 
 
 def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
@@ -259,12 +261,16 @@ def record_config(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
 
 def save_model(model: nn.Module, path: str, extra_metadata: dict | None = None) -> None:
     """Write ``model``'s state dict to ``path`` (.safetensors) with its config (timm name + kwargs) inside, atomically:
-    a killed process leaves the previous file intact, never a half-written one."""
+    a killed process leaves the previous file intact, never a half-written one.
+
+    The kwargs are the model's as it computes now (:func:`dartmamba.models._common.effective_model_args`: a
+    release's scorer settings adopted at load, a new head), so :func:`load_model` rebuilds the same function."""
     config = getattr(model, CONFIG_KEY, None)
     if config is None:
         raise ValueError("model has no dartmamba_config (create it with timm.create_model(<a dartmamba model>))")
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"path must end with .safetensors, got {path!r}")
+    config = {**config, "kwargs": effective_model_args(model, config["kwargs"])}
     write_safetensors(model.state_dict(), path, config=config, metadata=extra_metadata)
 
 

@@ -17,11 +17,11 @@ from timm.models.vision_transformer import VisionTransformer, get_init_weights_v
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..compat.timm import feature_take_indices
+from ..compat.timm import feature_take_indices, recorded_model_args
 from ..tokenizer import Tokens
 from ._checks import check_backbone_args
-from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, fetch_pretrained, model_cfg,
-                      package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, effective_model_args, fetch_pretrained,
+                      model_cfg, package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
                       tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
@@ -48,9 +48,13 @@ class DartVisionTransformer(VisionTransformer):
         grid_size: the tokenizer's grid (DART: the score grid, default ``img_size / (2 * patch_size)``, 14 for
             448 / 16).
         tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
-            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
-            its older name.
+            trunk_weights, trunk_bn_eps, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same
+            argument under its older name.
     """
+
+    # timm's record of the construction arguments (save_for_hf's model_args), completed with what the model computes
+    # with now: dartmamba.compat.timm.recorded_model_args
+    _model_args = recorded_model_args(effective_model_args)
 
     def __init__(self, img_size=448, patch_size: int = 16, tokenizer="dart", num_tokens: int | None = None,
                  grid_size=None, tokenizer_cfg: dict | None = None, dart_cfg: dict | None = None, **kwargs):

@@ -20,13 +20,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..compat.timm import feature_take_indices
+from ..compat.timm import feature_take_indices, record_input_size, recorded_model_args
 from ..modules.bimamba import DEFAULT_BIMAMBA_IMPL, BiMambaMixer, VimBlock
 from ..ops import RMSNorm, rms_norm
 from ..tokenizer import Tokens
 from ._checks import check_backbone_args
-from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, fetch_pretrained, model_cfg,
-                      package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
+from ._common import (OFFICIAL_DART_SCORER, ModelFamily, build_tokenizer, effective_model_args, fetch_pretrained,
+                      model_cfg, package_intermediates, register_family, registered_tokenizer_cfg, release_kwargs,
                       tokenizer_options)
 from .checkpoints import checkpoint_filter_fn, record_config
 
@@ -47,6 +47,10 @@ class MambaBackbone(nn.Module):
     :class:`VisionMamba`). ``tokenizer_extra``: keywords a family adds for its tokenizer (VideoMamba's
     ``num_frames``).
     """
+
+    # timm's record of the construction arguments (save_for_hf's model_args), completed with what the model computes
+    # with now: dartmamba.compat.timm.recorded_model_args
+    _model_args = recorded_model_args(effective_model_args)
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -259,8 +263,8 @@ class VisionMamba(MambaBackbone):
             448 / 16, the paper's half-resolution geometry); the positional embedding has one entry per grid cell +
             1 for every token count.
         tokenizer_cfg: the tokenizer's own options (DART: trunk, head, score_norm, scorer_input_size,
-            trunk_weights, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same argument under
-            its older name.
+            trunk_weights, trunk_bn_eps, sampling, backends, uniform_scores, num_rows); ``dart_cfg`` is the same
+            argument under its older name.
         global_pool: ``"token"`` (the middle class token, Vim's default) or ``"avg"`` (mean of the other tokens).
         bimamba_impl: how each mixer runs its two scan directions: ``"fused"`` (one pass over both), ``"two_pass"``
             (one after the other) or ``"auto"`` (the default: fused on CUDA, two-pass on CPU); same parameters, same
@@ -300,6 +304,7 @@ class VisionMamba(MambaBackbone):
         if getattr(self, "pretrained_cfg", None) is not None:
             size = self.patch_embed.img_size
             self.pretrained_cfg = {**self.pretrained_cfg, "input_size": (self.in_chans, *tuple(size))}
+        record_input_size(self, tuple(self.patch_embed.img_size))     # timm's traits and model_args follow
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tokens]:
         """Images (B, C, H, W) -> (tokens with positions and the class token at M // 2 (B, M + 1, D), the

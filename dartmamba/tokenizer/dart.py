@@ -14,8 +14,9 @@ from .partition import default_num_rows, partition
 from .posembed import posembed_macs, resample_pos_embed
 from .resample import SAMPLING_MODES, resample_macs, resample_patches
 from .scorer import DartScorer
-from .validation import (as_pair, autocast_enabled, check_given_scores, check_grid_pos_embed, check_image_values,
-                         check_images, check_token_counts, check_tokenizer_args)
+from .validation import (InvalidScores, as_pair, autocast_enabled, check_given_scores, check_grid_pos_embed,
+                         check_image_values, check_images, check_positive_int, check_token_counts,
+                         check_tokenizer_args, scorer_failure)
 
 # where the official DART code keeps its scorer (under the tokenizer's prefix), and its head's layer names
 _OFFICIAL_SCORER = "spn.spn.spn."
@@ -42,6 +43,7 @@ def embed_patches(patches: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 def default_grid_size(img_size, patch_size: int) -> tuple[int, int]:
     """The score grid of the paper's half-resolution geometry: ``img_size / (2 * patch_size)`` per side (448 / 16
     -> 14 x 14), at least 1."""
+    check_positive_int(patch_size, "patch_size")
     height, width = as_pair(img_size, "img_size")
     return max(1, height // (2 * patch_size)), max(1, width // (2 * patch_size))
 
@@ -58,7 +60,7 @@ class DartTokenizer(nn.Module, Tokenizer):
         num_tokens: N (default Gh * Gw; paper: 196; 121 .. 1568 supported).
         num_rows: R bands, default ``round(sqrt(N))``.
         in_chans, embed_dim: patch embedding Conv2d(in_chans, embed_dim, p, p).
-        trunk, head, score_norm, scorer_input_size, trunk_weights: see :class:`DartScorer`.
+        trunk, head, score_norm, scorer_input_size, trunk_weights, trunk_bn_eps: see :class:`DartScorer`.
         sampling: ``"paper"`` (official sample points) or ``"center"``.
         resample_backend, partition_backend, posembed_backend: ``None`` (automatic: the Triton kernels for CUDA
             tensors when importable, torch otherwise), ``"torch"`` or ``"triton"``, per stage.
@@ -83,7 +85,7 @@ class DartTokenizer(nn.Module, Tokenizer):
                  trunk_weights: str | None = None, sampling: str = "paper", resample_backend: str | None = None,
                  uniform_scores: bool = False, bias: bool = True, partition_backend: str | None = None,
                  posembed_backend: str | None = None, scorer_channels_last: bool = False, scorer_dtype=None,
-                 device=None, dtype=None):
+                 trunk_bn_eps: float | None = None, device=None, dtype=None):
         super().__init__()
         self.img_size = as_pair(img_size, "img_size")
         if not isinstance(patch_size, int) or patch_size < 1:
@@ -108,8 +110,8 @@ class DartTokenizer(nn.Module, Tokenizer):
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.scorer = DartScorer(self.grid_size, trunk=trunk, head=head, score_norm=score_norm,
                                  input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights,
-                                 channels_last=scorer_channels_last, trunk_dtype=scorer_dtype, device=device,
-                                 dtype=dtype)
+                                 channels_last=scorer_channels_last, trunk_dtype=scorer_dtype,
+                                 trunk_bn_eps=trunk_bn_eps, device=device, dtype=dtype)
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias, device=device, dtype=dtype)
         self._captured = None   # a CapturedTokenizer after capture(); a plain attribute, not a submodule
 
@@ -275,11 +277,19 @@ class DartTokenizer(nn.Module, Tokenizer):
         check_grid_pos_embed(grid_pos_embed, self.num_patches, self.embed_dim, images.shape[0])
         check_given_scores(scores, images.shape[0], self.grid_size)
         check_image_values(images)
+        original = images
         images = images.to(self.proj.weight.dtype)
         given = scores is not None
         if not given:
             scores = self.scores(images)
-        geometry = self._partition(scores, validate=given or scores.device.type == "cpu")
+        try:
+            geometry = self._partition(scores, validate=given or scores.device.type == "cpu")
+        except InvalidScores as err:
+            if given:
+                raise
+            # the scores are ours, the images the user's: name those (only here are their values read)
+            raise ValueError(scorer_failure(original, scores, err.index, self.scorer,
+                                            self.scorer.score_norm == "batch")) from None
         patches = resample_patches(images, geometry, self.patch_size, self.sampling, self.resample_backend)
         if not autocast_enabled(images.device.type):
             patches = patches.to(self.proj.weight.dtype)

@@ -134,6 +134,12 @@ class MobileNetV3Trunk(nn.Module):
             if isinstance(module, nn.BatchNorm2d):
                 module.eps = eps
 
+    @property
+    def bn_eps(self) -> float:
+        """The BatchNorm eps every layer of the trunk uses (timm's 1e-5, or torchvision's 1e-3 once its weights are
+        loaded)."""
+        return next(m.eps for m in self.modules() if isinstance(m, nn.BatchNorm2d))
+
     def torchvision_key_map(self, torchvision_keys: list[str], source: str = "torchvision state dict") -> dict:
         """Map torchvision ``features.*`` keys (in their state-dict order, prefix stripped) to ours.
 
@@ -222,6 +228,17 @@ def pretrained_trunk_file(timm_name: str, cache_dir=None) -> str:
                     what=f"the frozen scorer trunk ({timm_name}, timm's ImageNet weights)",
                     instead="pass trunk_weights=<local timm weights file> (or trunk_weights='random' to opt out of "
                             "the pretrained trunk, which the paper's method needs)")
+
+
+def check_trunk_bn_eps(trunk_bn_eps, trunk: str) -> None:
+    """``trunk_bn_eps``: None, or a number > 0 for a trunk with BatchNorm (the MobileNetV3 ones)."""
+    if trunk_bn_eps is None:
+        return
+    if isinstance(trunk_bn_eps, bool) or not isinstance(trunk_bn_eps, (int, float)) or not trunk_bn_eps > 0:
+        raise ValueError(f"trunk_bn_eps must be None or a number > 0, got {trunk_bn_eps!r}")
+    if trunk not in _MOBILENET_TRUNKS:
+        raise ValueError(f"trunk_bn_eps: the {trunk!r} trunk has no BatchNorm (only the MobileNetV3 trunks "
+                         f"{sorted(_MOBILENET_TRUNKS)} take it), got {trunk_bn_eps!r}")
 
 
 def build_trunk(name: str, in_chans: int = 3, weights: str | None = None, device=None,
@@ -318,12 +335,16 @@ class DartScorer(nn.Module):
             convolutions on tensor-core GPUs).
         trunk_dtype: run the trunk under autocast to this dtype (``torch.bfloat16`` / ``"bf16"``, ...); its features
             go to the head in float32 unless an outer autocast is active. ``None``: whatever precision is ambient.
+        trunk_bn_eps: the BatchNorm eps of a MobileNetV3 trunk, set after its weights are loaded (the official DART
+            checkpoints: torchvision's 1e-3); ``None`` keeps what the weights imply (timm's 1e-5, torchvision's 1e-3).
+            A model records it (:func:`dartmamba.models._common.effective_model_args`), so a saved model computes
+            the same after loading.
     """
 
     def __init__(self, grid_size: tuple[int, int], trunk: str = "mobilenetv3_small", head: str = "v2",
                  score_norm: str = "sample", input_size: int | tuple[int, int] | None = None, in_chans: int = 3,
                  trunk_weights: str | None = None, head_hidden: int = 96, channels_last: bool = False,
-                 trunk_dtype=None, device=None, dtype=None):
+                 trunk_dtype=None, trunk_bn_eps: float | None = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.trunk_dtype = resolve_dtype(trunk_dtype, "trunk_dtype")
@@ -331,11 +352,15 @@ class DartScorer(nn.Module):
         self.check_head(head)
         if score_norm not in SCORE_NORMS:
             raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
+        check_trunk_bn_eps(trunk_bn_eps, trunk)
         self.grid_size = tuple(grid_size)
         self.score_norm = score_norm
-        self.input_size = (input_size, input_size) if isinstance(input_size, int) else input_size
+        self.input_size = (input_size, input_size) if isinstance(input_size, int) else (
+            None if input_size is None else tuple(input_size))
         self.trunk_name = trunk
         self.trunk, self.trunk_frozen = build_trunk(trunk, in_chans, trunk_weights, **dd)
+        if trunk_bn_eps is not None:
+            self.trunk.set_bn_eps(float(trunk_bn_eps))
         if self.trunk_frozen:
             self.trunk.requires_grad_(False)
             self.trunk.eval()
@@ -344,6 +369,11 @@ class DartScorer(nn.Module):
         self.head_version = head
         self.head = self.build_head(head, self.trunk.out_chans, head_hidden, **dd)
         self.init_weights()
+
+    @property
+    def trunk_bn_eps(self) -> float | None:
+        """The trunk's BatchNorm eps (None for a trunk without BatchNorm, ``tiny_cnn``)."""
+        return self.trunk.bn_eps if isinstance(self.trunk, MobileNetV3Trunk) else None
 
     @staticmethod
     def check_head(head: str) -> None:

@@ -168,12 +168,13 @@ class VideoScorer(DartScorer):
 
     def __init__(self, grid_size: tuple[int, int], trunk: str = VIDEO_TRUNK, score_norm: str = "sample",
                  input_size=None, in_chans: int = 3, trunk_weights: str | None = None, first_frame_score: float = 0.5,
-                 channels_last: bool = False, trunk_dtype=None, device=None, dtype=None):
+                 channels_last: bool = False, trunk_dtype=None, trunk_bn_eps: float | None = None, device=None,
+                 dtype=None):
         if not isinstance(first_frame_score, (int, float)) or not first_frame_score > 0:
             raise ValueError(f"first_frame_score must be a number > 0, got {first_frame_score!r}")
         super().__init__(grid_size, trunk=trunk, head="temporal", score_norm=score_norm, input_size=input_size,
                          in_chans=in_chans, trunk_weights=trunk_weights, channels_last=channels_last,
-                         trunk_dtype=trunk_dtype, device=device, dtype=dtype)
+                         trunk_dtype=trunk_dtype, trunk_bn_eps=trunk_bn_eps, device=device, dtype=dtype)
         self.first_frame_score = float(first_frame_score)
 
     @staticmethod
@@ -291,7 +292,7 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
         num_tokens: N over the whole clip, default T * Gh * Gw (the fixed grid's count).
         num_rows: R bands over the stack, default :func:`video_num_rows` (``int(sqrt(N / T) * T)``).
         in_chans, embed_dim, bias: the patch embedding Conv3d(C, D, (1, p, p)) (VideoMamba's layout).
-        trunk, score_norm, scorer_input_size, trunk_weights, scorer_channels_last, scorer_dtype: see
+        trunk, score_norm, scorer_input_size, trunk_weights, scorer_channels_last, scorer_dtype, trunk_bn_eps: see
             :class:`VideoScorer` / :class:`~dartmamba.tokenizer.DartScorer` (trunk default ``mobilenetv3_small_s16``,
             frozen; ``tiny_cnn`` is a trainable stand-in for small clips).
         first_frame_score: the constant score of frame 0 (authors: 0.5).
@@ -310,7 +311,7 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
                  sampling: str = "paper", resample_backend: str | None = None,
                  partition_backend: str | None = None, posembed_backend: str | None = None,
                  uniform_scores: bool = False, scorer_channels_last: bool = False, scorer_dtype=None,
-                 device=None, dtype=None):
+                 trunk_bn_eps: float | None = None, device=None, dtype=None):
         super().__init__()
         self.img_size = as_pair(img_size, "img_size")
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
@@ -338,7 +339,7 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
         self.scorer = VideoScorer(self.grid_size, trunk=trunk, score_norm=score_norm,
                                   input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights,
                                   first_frame_score=first_frame_score, channels_last=scorer_channels_last,
-                                  trunk_dtype=scorer_dtype, device=device, dtype=dtype)
+                                  trunk_dtype=scorer_dtype, trunk_bn_eps=trunk_bn_eps, device=device, dtype=dtype)
         self.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size), stride=(1, patch_size, patch_size),
                               bias=bias, device=device, dtype=dtype)
 

@@ -45,3 +45,34 @@ def test_resolve_pretrained_cfg_is_public_and_resolves_a_tag_with_an_overlay():
         "dart_in1k", "yinkx3/DART", "darvim-sm.pth", 7), (
         f"shim resolve_pretrained_cfg: resolving vim_small_dart gives {cfg}: the default tag, its Hub file or the "
         f"overlay are no longer applied")
+
+
+def test_recorded_model_args_is_what_timm_writes_and_reads_construction_arguments_through(tmp_path):
+    """timm.create_model writes the factory keywords into the model's ``_model_args`` and get_model_args /
+    save_for_hf read it back: our property sees both (the saved config's model_args are what it returns)."""
+    import json
+
+    import timm
+    import torch
+
+    import dartmamba  # noqa: F401  (registers the models)
+
+    def effective(model, recorded):
+        return {**recorded, "depth": 1, "marker": "ours"}
+
+    class Probe(torch.nn.Module):
+        _model_args = shims.recorded_model_args(effective)
+
+    probe = Probe()
+    assert shims.MODEL_ARGS_ATTRIBUTE == "_model_args"
+    setattr(probe, shims.MODEL_ARGS_ATTRIBUTE, {"depth": 1})
+    assert timm.models.get_model_args(probe)["marker"] == "ours", (
+        "shim recorded_model_args: timm.models.get_model_args no longer reads the model's _model_args")
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1)
+    assert model.__dict__.get("_dartmamba_timm_model_args", {}).get("embed_dim") == 32, (
+        "shim recorded_model_args: timm.create_model no longer records the factory keywords in _model_args "
+        f"(what it wrote: {model.__dict__.get('_dartmamba_timm_model_args')})")
+    timm.models.save_for_hf(model, tmp_path)
+    args = json.loads((tmp_path / "config.json").read_text())["model_args"]
+    assert args["embed_dim"] == 32 and args["num_classes"] == 1000, (
+        f"shim recorded_model_args: save_for_hf no longer writes the model's _model_args as model_args: {args}")
