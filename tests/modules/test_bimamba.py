@@ -132,7 +132,7 @@ def test_auto_follows_the_scan_backends_reverse_capability(monkeypatch, restore_
         assert resolve_bimamba_impl("auto", torch.device("cpu")) == "fused"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                # no CUDA here: the fallback warns
-        assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"   # mamba-ssm or the torch scan
+        assert resolve_bimamba_impl("auto", torch.device("cuda")) == "fused"   # mamba-ssm, the Triton scan or the torch scan
     assert resolve_bimamba_impl("fused", torch.device("cpu")) == "fused"
     mixer = random_mixer(16, 4, 0)
     ran = []
@@ -176,3 +176,32 @@ def test_mixer_on_backends_without_modes_equals_the_default_path(impl, bare_back
     torch.testing.assert_close(bare[1], default[1], rtol=1e-11, atol=1e-13)
     for name in default[2]:
         torch.testing.assert_close(bare[2][name], default[2][name], rtol=1e-11, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["bf16-model", "autocast"])
+@pytest.mark.parametrize("impl", ["two_pass", "fused"])
+def test_bf16_inference_makes_no_fp32_copy_of_an_activation(setting, impl, seeds):
+    """A bfloat16 model, and a float32 model under CPU autocast, run the mixer (in_proj to out_proj) in bfloat16 on
+    the C++ kernels: no dtype cast (aten::_to_copy) of a tensor with a dimension of L or batch * L, only of
+    parameters; the output is bfloat16 and within 3 % of the float32 model's largest output value (weights and
+    activations rounded to bfloat16's 8 bits)."""
+    if cpu_kernels_unavailable() is not None:
+        pytest.skip(f"the C++ CPU kernels are not available here: {cpu_kernels_unavailable()}")
+    batch, length = 2, 37
+    for seed in seeds[:2]:
+        mixer = random_mixer(24, 8, seed, bimamba_impl=impl).float()
+        hidden = torch.randn(batch, length, 24, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            expected = mixer(hidden)
+        hidden = hidden.bfloat16()
+        model = mixer.bfloat16() if setting == "bf16-model" else mixer
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=setting == "autocast"):
+            with torch.profiler.profile(record_shapes=True) as prof:
+                out = model(hidden)
+        casts = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy"]
+        assert casts, "the profiler recorded no cast at all (the parameters' are expected)"
+        activations = [s for s in casts if length in s or batch * length in s]
+        assert activations == [], f"{setting}, {impl}: activations cast: {activations}"
+        assert out.dtype == torch.bfloat16
+        err = (out.float() - expected).abs().max().item()
+        assert err <= 0.03 * expected.abs().max().item(), f"{setting}, {impl}, seed {seed}: {err}"

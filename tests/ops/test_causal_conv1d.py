@@ -283,3 +283,45 @@ def test_cuda_kernel_matches_torch(dtype, seeds):
     out_t.backward(grad.to(dtype).cuda())
     for a, r in zip(args_c, args_t):
         torch.testing.assert_close(a.grad, r.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti-causal"])
+def test_cpp_16bit_inference_reads_and_writes_its_dtype(dtype, reverse, seeds):
+    """Without autograd a 16-bit x is read and the output written in its dtype (float32 weight and bias, math in
+    float32, as under CPU autocast): no cast of x, the same bits as the float32 kernel on the same values rounded
+    once, and the float64 reference within half an ulp of the output dtype (2^-8 of each value in bfloat16, 2^-10
+    in float16, plus 1e-6). Channel-last (a slice of a (B, L, 2C) projection) and contiguous x, 37 channels.
+    With autograd the call computes in float32 and the gradient reaches x in its dtype."""
+    backend_or_skip("cpp")
+    rtol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        w, b = torch.randn(37, 4, generator=g), torch.randn(37, generator=g)
+        xz = torch.randn(2, 29, 74, generator=g).to(dtype).transpose(1, 2)
+        for x in (xz[:, :37], xz[:, :37].contiguous()):
+            with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+                out = causal_conv1d(x, w, b, backend="cpp", reverse=reverse)
+            casts = [e.input_shapes for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")]
+            assert casts == [], f"x was copied: {casts}"
+            assert out.dtype == dtype and out.stride(1) == (1 if x.stride(1) == 1 else 29)
+            with torch.no_grad():
+                out32 = causal_conv1d(x.float(), w, b, backend="cpp", reverse=reverse)
+            assert torch.equal(out, out32.to(dtype)), f"seed {seed}"
+            xd = x.double().flip(-1) if reverse else x.double()
+            ref = causal_conv1d_reference(xd, w.double(), b.double())
+            ref = ref.flip(-1) if reverse else ref
+            torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=1e-6)
+        x = xz[:, :37].detach().requires_grad_()
+        out = causal_conv1d(x, w, b, backend="cpp", reverse=reverse)
+        out.backward(torch.ones_like(out))
+        assert out.dtype == dtype and x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+
+
+def test_cpp_16bit_dtype_rules_are_named():
+    backend_or_skip("cpp")
+    x = torch.randn(1, 8, 5).bfloat16()
+    with pytest.raises(RuntimeError, match="weight must be a contiguous \\(dim, K\\) tensor of x's compute dtype"):
+        cpu_kernels().causal_conv1d_fwd(x, torch.randn(8, 4).bfloat16(), torch.empty(0), True, False)
+    with pytest.raises(RuntimeError, match="causal_conv1d_bwd computes float32 and float64 inputs"):
+        cpu_kernels().causal_conv1d_bwd(x, x, torch.randn(8, 4), torch.empty(0), True, False)

@@ -54,7 +54,8 @@ def cpp_or_skip():
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.float64)], ids=["fp32", "fp64", "bf16-fp32res", "fp64res"])
+                                    (torch.float32, torch.float64), (torch.bfloat16,) * 2, (torch.float16, torch.float32)],
+                         ids=["fp32", "fp64", "bf16-fp32res", "fp64res", "bf16", "fp16-fp32res"])
 @pytest.mark.parametrize("dim", [37, 192])
 @pytest.mark.parametrize("options", [dict(residual=True, prenorm=True, residual_in_fp32=True),
                                      dict(residual=True, prenorm=True), dict(bias=True), dict()],
@@ -78,7 +79,7 @@ def test_cpp_backend_matches_reference(dtypes, dim, options, seeds):
         expected, actual = (expected, actual) if kw["prenorm"] else ((expected,), (actual,))
         for a, e in zip(actual, expected):
             assert a.dtype == e.dtype and a.shape == e.shape
-            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[e.dtype]
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[e.dtype]
             torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"seed {seed}: {m}")
 
 
@@ -268,3 +269,25 @@ def test_triton_kernel_matches_torch(dtype, seeds):
     for a, e in zip(args_k, args_t):
         if e is not None:
             torch.testing.assert_close(a.grad, e.grad, **tol)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("residual_in_fp32", [True, False], ids=["res-fp32", "res-as-is"])
+def test_cpp_16bit_rows_are_converted_in_registers(x_dtype, residual_in_fp32, seeds):
+    """A 16-bit x (the mixer's output under autocast) with a float32 residual stream (residual_in_fp32) or a residual
+    of x's dtype, and a float32 weight: no cast of x or the residual; out in x's dtype, the same bits as the float32
+    kernel on the same values rounded once; the residual out in its dtype, x + residual rounded once."""
+    cpp_or_skip()
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 9, 40, generator=g).to(x_dtype)
+        r = torch.randn(3, 9, 40, generator=g).to(torch.float32 if residual_in_fp32 else x_dtype)
+        w = torch.rand(40, generator=g) + 0.5
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            out, res = rms_norm(x, w, None, r, prenorm=True, residual_in_fp32=residual_in_fp32, backend="cpp")
+        casts = [e.input_shapes for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")]
+        assert casts == [], f"an input was copied: {casts}"
+        with torch.no_grad():
+            out32, res32 = rms_norm(x.float(), w, None, r.float(), prenorm=True, backend="cpp")
+        assert out.dtype == x_dtype and res.dtype == (torch.float32 if residual_in_fp32 else x_dtype)
+        assert torch.equal(out, out32.to(x_dtype)) and torch.equal(res, res32.to(res.dtype)), f"seed {seed}"

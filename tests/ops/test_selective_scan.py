@@ -719,3 +719,70 @@ def test_cuda_kernel_compiles_without_graph_breaks(seeds):
     want = torch.autograd.grad(loss(*inputs), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# The tolerance of a 16-bit output against the float64 reference on the same 16-bit inputs: the kernel's float32
+# error (below 1e-5 of the scale) plus one rounding to the output dtype (half an ulp: 2^-9 of a value in bfloat16,
+# 2^-11 in float16), taken relative to the output's largest value.
+HALF_RTOL = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["l2r", "r2l"])
+def test_cpp_16bit_inference_reads_and_writes_its_dtype(dtype, reverse, seeds):
+    """Without autograd the kernel takes 16-bit sequences (u, delta, B, C, z) as they are, computes in float32 (A,
+    D, delta_bias, delta_proj in float32, as Vim keeps them) and rounds its output once: no cast of a sequence, the
+    same bits as the float32 kernel on the same 16-bit values rounded, and the float64 reference on those values
+    within HALF_RTOL. Channel-last u (as in_proj's output), grouped B/C, a low-rank delta, dim 40 (a partial block),
+    both directions."""
+    cpp_or_skip()
+    dim, length, dstate, rank = 40, 37, 16, 3
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, scale=1.0):
+            return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+        u = rand(2, length, dim).to(dtype).transpose(1, 2)
+        factor, proj = rand(2, rank, length, scale=0.5).to(dtype), rand(dim, rank).float()
+        A = -torch.exp(rand(dim, dstate)).float()
+        B, C, z = rand(2, 2, dstate, length).to(dtype), rand(2, 2, dstate, length).to(dtype), rand(2, dim, length).to(dtype)
+        D, bias = rand(dim).float(), rand(dim, scale=0.3).float()
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            out, last = selective_scan_cpp(u, factor, A, B, C, D, z, bias, True, True, reverse=reverse,
+                                           delta_proj=proj)
+        casts = [e.input_shapes for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")]
+        assert casts == [], f"the kernel's inputs were copied: {casts}"
+        assert out.dtype == dtype and out.stride() == u.stride() and last.dtype == torch.float32
+        with torch.no_grad():
+            out32, last32 = selective_scan_cpp(u.float(), factor.float(), A, B.float(), C.float(), D, z.float(), bias,
+                                               True, True, reverse=reverse, delta_proj=proj)
+        assert torch.equal(out, out32.to(dtype)) and torch.equal(last, last32), f"seed {seed}"
+        # the float64 reference on the same values: right to left is the scan of the flipped sequences
+        wide = [t.double() for t in (u, proj.double() @ factor.double(), A, B, C, D, z, bias)]
+        flip = (0, 1, 3, 4, 6)        # u, delta, B, C, z
+        if reverse:
+            wide = [t.flip(-1) if i in flip else t for i, t in enumerate(wide)]
+        ref, ref_last = selective_scan_reference(*wide, delta_softplus=True, return_last_state=True)
+        ref = ref.flip(-1) if reverse else ref
+        assert_rel_close(out.double(), ref, HALF_RTOL[dtype], f"{dtype} out, seed {seed}")
+        assert_rel_close(last.double(), ref_last, 1e-5, f"{dtype} last state, seed {seed}")
+
+
+def test_cpp_16bit_op_schema_fake_and_dtype_errors(seeds):
+    """The op with 16-bit sequences passes torch's schema and fake-tensor checks (its output in u's dtype, the
+    last state in float32); parameters in another dtype than the compute dtype, and a 16-bit backward, are
+    refused naming the rule."""
+    cpp_or_skip()
+    u, delta, A, B, C, D, z, bias = make_inputs(2, 20, 9, 4, torch.float32, seeds[0])
+    half = [t.bfloat16() for t in (u, delta, B[:, None], C[:, None], z)]
+    op = cpu_kernels().scan_fwd.default
+    args = (half[0], half[1], A, half[2], half[3], D, half[4], bias, True, False, torch.empty(0))
+    with torch.no_grad():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="A, D, delta_bias and delta_proj must be CPU tensors of u's compute dtype"):
+        op(half[0], half[1], A.bfloat16(), *args[3:])
+    with pytest.raises(RuntimeError, match="u, delta, B, C and z must be CPU tensors of one floating dtype"):
+        op(half[0], delta, *args[2:])
+    with pytest.raises(RuntimeError, match="scan_bwd computes float32 and float64 inputs"):
+        cpu_kernels().scan_bwd(half[0], *args[:8], torch.empty(0), True, False)

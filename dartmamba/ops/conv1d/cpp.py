@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
-from .._common import register_flops
+from .._common import needs_grad, register_flops
 from .._jit import after_load, cpu_kernels, cpu_kernels_unavailable, register_cpp_backend
 from .checks import check_args, conv_bwd_flops, conv_flops
 
@@ -33,9 +33,13 @@ def unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activa
 def conv_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu", *,
              reverse: bool = False) -> Tensor:
     """The registered backend (arguments checked by the dispatcher): one call of ``causal_conv1d_fwd`` in the
-    promoted compute dtype (float32 at least); the casts are autograd ops."""
+    promoted compute dtype (float32 at least). A bfloat16 / float16 ``x`` is read and the output written in its dtype
+    (math in float32) unless autograd records the call (the backward computes in float32: x is cast first); the
+    weight and bias (parameter-sized) are cast to the compute dtype. The casts are autograd ops."""
     cdt = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    xc = x if x.dtype == cdt else x.to(cdt)
+    keep = (x.dtype in (torch.float16, torch.bfloat16) and cdt == torch.float32
+            and not needs_grad(x, weight, bias))
+    xc = x if keep or x.dtype == cdt else x.to(cdt)
     bc = x.new_empty(0, dtype=cdt) if bias is None else bias.to(cdt).contiguous()
     out = cpu_kernels().causal_conv1d_fwd(xc, weight.to(cdt).contiguous(), bc, activation in ("silu", "swish"),
                                           bool(reverse))
@@ -47,7 +51,8 @@ def causal_conv1d_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """The C++ kernel, called directly (checks its arguments and that it can run them).
 
     Shapes as :func:`~dartmamba.ops.causal_conv1d`; the result is in ``x.dtype``, channel-last when x's channels
-    are adjacent (else laid out as ``x``), math in float32 (float64 for float64 inputs). Raises
+    are adjacent (else laid out as ``x``), math in float32 (float64 for float64 inputs; bfloat16 / float16 ``x`` read
+    and written in its dtype). Raises
     :class:`~dartmamba.backends.BackendUnavailableError` when the kernel cannot be built.
     """
     check_args(x, weight, bias, activation)

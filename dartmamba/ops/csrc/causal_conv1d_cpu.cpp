@@ -41,7 +41,8 @@ struct ConvBlock {
   std::vector<T> w;        // (K, W): the taps of the block's channels
   Vectorized<T> bias;
 
-  void load(const Rows<T>& xr, const T* weight, const T* bias_ptr, const ConvShape& sh, int64_t task) {
+  template <typename S>
+  void load(const Rows<S>& xr, const T* weight, const T* bias_ptr, const ConvShape& sh, int64_t task) {
     const int W = sh.width;
     const int64_t K = sh.taps;
     b = task / sh.blocks, d0 = (task % sh.blocks) * W;
@@ -68,9 +69,9 @@ struct ConvBlock {
   }
 };
 
-template <typename T>
-void conv_forward(const Rows<T>& x, const T* weight, const T* bias, const ConvShape& sh, bool silu,
-                  const Rows<T>& out) {
+template <typename T, typename S>
+void conv_forward(const Rows<S>& x, const T* weight, const T* bias, const ConvShape& sh, bool silu,
+                  const Rows<S>& out) {
   using Vec = Vectorized<T>;
   const int W = sh.width;
   struct Scratch {
@@ -96,9 +97,9 @@ void conv_forward(const Rows<T>& x, const T* weight, const T* bias, const ConvSh
 // the same order as conv_forward (taps outside the sequence, zeros there, are skipped), so the same results.
 constexpr int64_t kRunSteps = 32, kPrefetchSteps = 4;
 
-template <typename T>
-void conv_forward_channels_last(const Rows<T>& x, const T* weight, const T* bias, const ConvShape& sh, bool silu,
-                                const Rows<T>& out) {
+template <typename T, typename S>
+void conv_forward_channels_last(const Rows<S>& x, const T* weight, const T* bias, const ConvShape& sh, bool silu,
+                                const Rows<S>& out) {
   using Vec = Vectorized<T>;
   const int W = sh.width;
   const int64_t K = sh.taps, L = sh.length, dim = sh.dim;
@@ -110,46 +111,42 @@ void conv_forward_channels_last(const Rows<T>& x, const T* weight, const T* bias
   const int64_t runs = (L + kRunSteps - 1) / kRunSteps;
   const T* taps_data = taps.data();
   const T* bias_data = bias_row.data();
-  const T* x_data = x.data;
-  T* out_data = out.data;
+  const S* x_data = x.data;
+  S* out_data = out.data;
   const int64_t xsb = x.sb, xst = x.st, osb = out.sb, ost = out.st;
   const bool reverse = sh.reverse;
   for_each_task(sh.batch * runs, [] { return 0; }, [=](int64_t task, int&) {
     const int64_t b = task / runs, t0 = (task % runs) * kRunSteps, t1 = std::min(L, t0 + kRunSteps);
-    const T* xb = x_data + b * xsb;
+    const S* xb = x_data + b * xsb;
     for (int64_t t = t0; t < t1; ++t) {
-      T* dst = out_data + b * osb + t * ost;
+      S* dst = out_data + b * osb + t * ost;
       // tap k reads x[first + k * step]: causal x[t - (K - 1) + k], reverse (anti-causal) x[t + (K - 1) - k]
       const int64_t first = reverse ? t + (K - 1) : t - (K - 1), step = reverse ? -1 : 1;
       int64_t k0 = 0, k1 = K;   // the taps inside the sequence
       while (k0 < K && (first + k0 * step < 0 || first + k0 * step >= L)) ++k0;
       while (k1 > k0 && (first + (k1 - 1) * step < 0 || first + (k1 - 1) * step >= L)) --k1;
-      const T* src = xb + (first + k0 * step) * xst;
+      const S* src = xb + (first + k0 * step) * xst;
       const int64_t src_step = step * xst;
       // the step that first reads a row reads it from memory: fetch the row kPrefetchSteps steps ahead
       const int64_t ahead = (reverse ? t + (K - 1) : t) + kPrefetchSteps;
       const char* next_row = ahead < L ? reinterpret_cast<const char*>(xb + ahead * xst) : nullptr;
       for (int64_t d = 0; d < dim; d += W) {
-        if (next_row != nullptr) __builtin_prefetch(next_row + d * sizeof(T), 0, 3);
+        if (next_row != nullptr) __builtin_prefetch(next_row + d * sizeof(S), 0, 3);
         const int n = static_cast<int>(std::min<int64_t>(W, dim - d));
         Vec acc = n == W ? Vec::loadu(bias_data + d) : Vec::loadu(bias_data + d, n);
-        const T* xs = src + d;
+        const S* xs = src + d;
         const T* ws = taps_data + k0 * dim + d;
         if (n == W) {
           for (int64_t k = k0; k < k1; ++k, xs += src_step, ws += dim) {
-            acc = at::vec::fmadd(Vec::loadu(ws), Vec::loadu(xs), acc);
+            acc = at::vec::fmadd(Vec::loadu(ws), load_as<T>(xs), acc);
           }
         } else {
           for (int64_t k = k0; k < k1; ++k, xs += src_step, ws += dim) {
-            acc = at::vec::fmadd(Vec::loadu(ws, n), Vec::loadu(xs, n), acc);
+            acc = at::vec::fmadd(Vec::loadu(ws, n), load_as<T>(xs, n), acc);
           }
         }
         if (silu) acc = acc * sigmoid(acc);
-        if (n == W) {
-          acc.store(dst + d);
-        } else {
-          acc.store(dst + d, n);
-        }
+        store_as(acc, dst + d, n);
       }
     }
   });
@@ -215,12 +212,15 @@ void conv_backward(const Rows<T>& dout, const Rows<T>& x, const T* weight, const
 
 void check_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "x must be a (batch, dim, L) CPU tensor");
+  // weight and bias in x's compute dtype (float32 for bfloat16 and float16 x)
+  const at::ScalarType io = x.scalar_type();
+  const at::ScalarType compute = (io == at::kBFloat16 || io == at::kHalf) ? at::kFloat : io;
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(1) && weight.size(1) >= 1 && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type(),
-              "weight must be a contiguous (dim, K) tensor of x's dtype");
+                  weight.scalar_type() == compute,
+              "weight must be a contiguous (dim, K) tensor of x's compute dtype");
   TORCH_CHECK(bias.numel() == 0 || (bias.dim() == 1 && bias.size(0) == x.size(1) && bias.is_contiguous() &&
-                                    bias.scalar_type() == x.scalar_type()),
-              "bias must be empty or a contiguous (dim,) tensor of x's dtype");
+                                    bias.scalar_type() == compute),
+              "bias must be empty or a contiguous (dim,) tensor of x's compute dtype");
 }
 
 // The output layout: channel-last when x's channels are adjacent (e.g. a (B, L, 2D) projection's slice), so that a
@@ -235,21 +235,22 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int width, b
   return ConvShape{x.size(0), x.size(1), x.size(2), weight.size(1), (x.size(1) + width - 1) / width, width, reverse};
 }
 
-// x: (batch, dim, L), any strides; weight: (dim, K); bias: (dim,) or empty. -> out laid out by like_input(x).
+// x: (batch, dim, L), any strides, any floating dtype; weight: (dim, K), bias: (dim,) or empty, in x's compute dtype.
+// -> out in x's dtype, laid out by like_input(x).
 at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool silu,
                              bool reverse) {
   check_conv(x, weight, bias);
   at::Tensor out = like_input(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_fwd", [&] {
-    using T = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "causal_conv1d_cpu_fwd", [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
     const ConvShape sh = conv_shape(x, weight, Vectorized<T>::size(), reverse);
     const T* b = bias.numel() > 0 ? bias.data_ptr<T>() : nullptr;
     if (x.stride(1) == 1 && out.stride(1) == 1) {
-      conv_forward_channels_last<T>(Rows<T>(x), weight.data_ptr<T>(), b, sh, silu, Rows<T>(out));
+      conv_forward_channels_last<T, S>(Rows<S>(x), weight.data_ptr<T>(), b, sh, silu, Rows<S>(out));
       return;
     }
-    conv_forward<T>(Rows<T>(x), weight.data_ptr<T>(), bias.numel() > 0 ? bias.data_ptr<T>() : nullptr, sh, silu,
-                    Rows<T>(out));
+    conv_forward<T, S>(Rows<S>(x), weight.data_ptr<T>(), b, sh, silu, Rows<S>(out));
   });
   return out;
 }
@@ -258,6 +259,8 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
 std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
                                           const at::Tensor& bias, bool silu, bool reverse) {
   check_conv(x, weight, bias);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "causal_conv1d_bwd computes float32 and float64 inputs (cast bfloat16 / float16 ones to float32 first)");
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout must match x");
   const int64_t batch = x.size(0), dim = x.size(1), K = weight.size(1);
   at::Tensor dx = like_input(x);

@@ -1,10 +1,15 @@
 // Pieces shared by dartmamba's C++ CPU kernels (selective_scan_cpu.cpp, causal_conv1d_cpu.cpp): inline vector math
 // (exp, sigmoid, softplus) on at::vec, (batch, channels, L) tensors addressed through their strides, and the moves
 // between such rows and time-major (L, W) scratch blocks of W adjacent channels, W = Vectorized<T>::size().
+//
+// Storage and compute types: tensors are stored as S (bfloat16, half, float or double) and computed in T =
+// compute_t<S> (float for the 16-bit types, else S). Every load converts S -> T and every store rounds T -> S (to
+// nearest even), so a kernel's scratch, state and sums are always T.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -179,6 +184,44 @@ inline Vectorized<T> softplus(const Vectorized<T>& x) {
   return Vec::blendv(out, x, x > Vec(static_cast<T>(kSoftplusThreshold)));
 }
 
+template <typename S> struct ComputeType { using type = S; };
+template <> struct ComputeType<c10::BFloat16> { using type = float; };
+template <> struct ComputeType<c10::Half> { using type = float; };
+template <typename S> using compute_t = typename ComputeType<S>::type;
+
+// Vectorized<T>::size() values at p (stored as S), converted to T.
+template <typename T, typename S>
+inline Vectorized<T> load_as(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vectorized<T>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float<S>(p, out);
+    return out;
+  }
+}
+
+// The first n values (the other lanes 0).
+template <typename T, typename S>
+inline Vectorized<T> load_as(const S* p, int n) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vectorized<T>::loadu(p, n);
+  } else {
+    T buf[Vectorized<T>::size()] = {};
+    for (int i = 0; i < n; ++i) buf[i] = static_cast<T>(p[i]);
+    return Vectorized<T>::loadu(buf);
+  }
+}
+
+template <typename S, typename T>
+inline void store_as(const Vectorized<T>& v, S* p, int n = Vectorized<T>::size()) {
+  if constexpr (std::is_same_v<S, T>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<S>(v, v).store(p, n);   // lanes [0, n) of the first half: v rounded
+  }
+}
+
 // A (batch, channels, L) tensor addressed through its strides; absent tensors have data == nullptr.
 template <typename T>
 struct Rows {
@@ -250,43 +293,43 @@ inline bool scatter_tiles(const float* src, int W, int64_t L, float* base, int64
 }
 #endif
 
-template <typename T>
-void gather(const Rows<T>& src, int64_t b, int64_t d0, int valid, int W, int64_t L, T* dst) {
+template <typename T, typename S>
+void gather(const Rows<S>& src, int64_t b, int64_t d0, int valid, int W, int64_t L, T* dst) {
   if (src.sd == 1 && valid == W) {   // channels adjacent (a channel-last layout): one vector per step
-    const T* base = src.row(b, d0);
-    for (int64_t t = 0; t < L; ++t) Vectorized<T>::loadu(base + t * src.st).store(dst + t * W);
+    const S* base = src.row(b, d0);
+    for (int64_t t = 0; t < L; ++t) load_as<T>(base + t * src.st).store(dst + t * W);
     return;
   }
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
     if (src.st == 1 && gather_tiles(src.row(b, d0), src.sd, valid, L, W, dst)) return;
   }
 #endif
   for (int j = 0; j < W; ++j) {
     if (j < valid) {
-      const T* row = src.row(b, d0 + j);
-      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = row[t * src.st];
+      const S* row = src.row(b, d0 + j);
+      for (int64_t t = 0; t < L; ++t) dst[t * W + j] = static_cast<T>(row[t * src.st]);
     } else {
       for (int64_t t = 0; t < L; ++t) dst[t * W + j] = T(0);
     }
   }
 }
 
-template <typename T>
-void scatter(const T* src, const Rows<T>& dst, int64_t b, int64_t d0, int valid, int W, int64_t L) {
+template <typename T, typename S>
+void scatter(const T* src, const Rows<S>& dst, int64_t b, int64_t d0, int valid, int W, int64_t L) {
   if (dst.sd == 1 && valid == W) {
-    T* base = dst.row(b, d0);
-    for (int64_t t = 0; t < L; ++t) Vectorized<T>::loadu(src + t * W).store(base + t * dst.st);
+    S* base = dst.row(b, d0);
+    for (int64_t t = 0; t < L; ++t) store_as(Vectorized<T>::loadu(src + t * W), base + t * dst.st);
     return;
   }
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
     if (dst.st == 1 && scatter_tiles(src, W, L, dst.row(b, d0), dst.sd, valid)) return;
   }
 #endif
   for (int j = 0; j < valid; ++j) {
-    T* row = dst.row(b, d0 + j);
-    for (int64_t t = 0; t < L; ++t) row[t * dst.st] = src[t * W + j];
+    S* row = dst.row(b, d0 + j);
+    for (int64_t t = 0; t < L; ++t) row[t * dst.st] = static_cast<S>(src[t * W + j]);
   }
 }
 
@@ -315,13 +358,14 @@ struct Prefetcher {
 
   void reset() { count = row = line = 0; }
   // rows d0 .. d0 + valid - 1 of `r` (to be read, or written: `for_write`)
-  void add(const Rows<T>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
+  template <typename S>
+  void add(const Rows<S>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
     if (r.data == nullptr || r.st != 1) return;
     for (int j = 0; j < valid && count < kMaxRows; ++j) {
       write[count] = for_write;
       rows[count++] = reinterpret_cast<const char*>(r.row(b, d0 + j));
     }
-    lines_per_row = (L * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    lines_per_row = (L * static_cast<int64_t>(sizeof(S)) + 63) / 64;
   }
   void start(int64_t steps) {
     const int64_t total = count * lines_per_row;

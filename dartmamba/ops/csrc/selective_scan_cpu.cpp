@@ -26,6 +26,10 @@
 // and dC (sums over channels) collect in (L, N, W) lane accumulators and are reduced over the lanes once per task; dA, dD and delta_bias's gradient (sums over the batch) go to partial sums per batch element. The
 // tasks are handed out dynamically (for_each_task), and every partial sum has one writer and is reduced in a fixed
 // order, so the results do not depend on the number of threads or on which thread ran what.
+//
+// Dtypes: the forward reads u, delta, B, C, z stored as S (bfloat16, half, float or double) and writes the output
+// as S; everything in between (the scratch rows, the state, the sums) is T = compute_t<S> (float for the 16-bit
+// types), and the parameters A, D, delta_bias, delta_proj come in T. The backward takes float and double only.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -43,13 +47,13 @@ using namespace dartmamba_cpu;
 
 
 // B or C: (batch, G, N, L) through strides.
-template <typename T>
+template <typename S>
 struct Proj {
-  const T* data;
+  const S* data;
   int64_t sb, sg, sn, st;
   explicit Proj(const at::Tensor& t)
-      : data(t.data_ptr<T>()), sb(t.stride(0)), sg(t.stride(1)), sn(t.stride(2)), st(t.stride(3)) {}
-  const T* at(int64_t b, int64_t g, int64_t t) const { return data + b * sb + g * sg + t * st; }  // [n * sn]
+      : data(t.data_ptr<S>()), sb(t.stride(0)), sg(t.stride(1)), sn(t.stride(2)), st(t.stride(3)) {}
+  const S* at(int64_t b, int64_t g, int64_t t) const { return data + b * sb + g * sg + t * st; }  // [n * sn]
 };
 
 struct Shape {
@@ -57,14 +61,15 @@ struct Shape {
   int width;                                                      // W, lanes per vector
 };
 
-// The inputs, shared by the forward and the backward.
-template <typename T>
+// The inputs, shared by the forward and the backward: the sequences (u, delta, z, B, C) stored as S, the
+// parameters (A, D, bias, delta_proj) in the compute type T.
+template <typename T, typename S = T>
 struct Inputs {
-  Rows<T> u, delta, z;
+  Rows<S> u, delta, z;
   const T* A;        // (dim, N) contiguous
   const T* D;        // (dim,) or nullptr
   const T* bias;     // (dim,) or nullptr
-  Proj<T> B, C;
+  Proj<S> B, C;
   bool softplus;
   bool reverse;      // run right to left
   const T* delta_proj = nullptr;   // (dim, R) contiguous: `delta` is then the (batch, R, L) factor of delta_proj @ delta
@@ -100,14 +105,17 @@ struct Block {
 
   // pre[t] = delta_proj[d0 .. d0 + W) @ factor[:, t], in memory order (the rows of the full delta, built in
   // registers: the (batch, dim, L) tensor is never written); terms added in order r = 0 .. R - 1.
-  void low_rank_delta(const Inputs<T>& in, const Shape& sh) {
+  template <typename S>
+  void low_rank_delta(const Inputs<T, S>& in, const Shape& sh) {
     using Vec = Vectorized<T>;
     const int W = sh.width;
     const int64_t L = sh.length, R = in.rank;
     if (factor_of != b) {   // the factor is shared by all channels of b: copy it once, contiguous per step
       factor.resize(L * R);
       for (int64_t t = 0; t < L; ++t) {
-        for (int64_t r = 0; r < R; ++r) factor[t * R + r] = in.delta.data[b * in.delta.sb + r * in.delta.sd + t * in.delta.st];
+        for (int64_t r = 0; r < R; ++r) {
+          factor[t * R + r] = static_cast<T>(in.delta.data[b * in.delta.sb + r * in.delta.sd + t * in.delta.st]);
+        }
       }
       factor_of = b;
     }
@@ -124,7 +132,8 @@ struct Block {
     }
   }
 
-  void load(const Inputs<T>& in, const Shape& sh, int64_t b_, int64_t g_, int64_t j) {
+  template <typename S>
+  void load(const Inputs<T, S>& in, const Shape& sh, int64_t b_, int64_t g_, int64_t j) {
     using Vec = Vectorized<T>;
     const int W = sh.width;
     const int64_t L = sh.length, N = sh.dstate;
@@ -133,9 +142,12 @@ struct Block {
       bc.resize(L * 2 * N);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t src = in.reverse ? L - 1 - t : t;
-        const T* Bp = in.B.at(b, g, src);
-        const T* Cp = in.C.at(b, g, src);
-        for (int64_t n = 0; n < N; ++n) bc[t * 2 * N + n] = Bp[n * in.B.sn], bc[t * 2 * N + N + n] = Cp[n * in.C.sn];
+        const S* Bp = in.B.at(b, g, src);
+        const S* Cp = in.C.at(b, g, src);
+        for (int64_t n = 0; n < N; ++n) {
+          bc[t * 2 * N + n] = static_cast<T>(Bp[n * in.B.sn]);
+          bc[t * 2 * N + N + n] = static_cast<T>(Cp[n * in.C.sn]);
+        }
       }
       bc_of = b * sh.groups + g;
     }
@@ -189,8 +201,8 @@ inline Task task_of(const Shape& sh, int64_t splits, int64_t index) {
 // Forward. NS: the state size at compile time (0: sh.dstate at run time), so that the N state vectors live in
 // registers for the common sizes.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T, int NS>
-void forward_block(const Inputs<T>& in, const Shape& sh, Block<T>& blk, const Rows<T>& out, T* last,
+template <typename T, typename S, int NS>
+void forward_block(const Inputs<T, S>& in, const Shape& sh, Block<T>& blk, const Rows<S>& out, T* last,
                    Prefetcher<T>& pf) {
   using Vec = Vectorized<T>;
   constexpr int kMaxN = NS > 0 ? NS : 256;
@@ -459,15 +471,17 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
                   const at::Tensor& delta_proj = at::Tensor()) {
   TORCH_CHECK(u.dim() == 3 && delta.dim() == 3, "u and delta must be (batch, dim, L) tensors");
   if (delta_proj.defined() && delta_proj.numel() > 0) {
-    TORCH_CHECK(delta_proj.dim() == 2 && delta_proj.size(0) == u.size(1) && delta_proj.is_contiguous() &&
-                    delta_proj.scalar_type() == u.scalar_type(),
-                "delta_proj must be a contiguous (dim, R) tensor of u's dtype");
+    TORCH_CHECK(delta_proj.dim() == 2 && delta_proj.size(0) == u.size(1) && delta_proj.is_contiguous(),
+                "delta_proj must be a contiguous (dim, R) tensor");
     TORCH_CHECK(delta.size(0) == u.size(0) && delta.size(1) == delta_proj.size(1) && delta.size(2) == u.size(2),
                 "with delta_proj, delta must be the (batch, R, L) factor");
   } else {
     TORCH_CHECK(delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) tensors");
   }
   TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be a contiguous (dim, N) tensor");
+  // the sequences share u's dtype; the parameters are in its compute dtype (float for bfloat16 / half)
+  const at::ScalarType io = u.scalar_type();
+  const at::ScalarType compute = (io == at::kBFloat16 || io == at::kHalf) ? at::kFloat : io;
   TORCH_CHECK(A.size(1) <= 256, "the state size N must be at most 256");
   for (const at::Tensor* t : {&B, &C}) {
     TORCH_CHECK(t->dim() == 4 && t->size(0) == u.size(0) && t->size(2) == A.size(1) && t->size(3) == u.size(2) &&
@@ -480,21 +494,26 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
     TORCH_CHECK(t->numel() == 0 || (t->dim() == 1 && t->size(0) == u.size(1) && t->is_contiguous()),
                 "D and delta_bias must be empty or contiguous (dim,) tensors");
   }
-  for (const at::Tensor* t : {&u, &delta, &A, &B, &C, &D, &z, &bias}) {
-    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == u.scalar_type() && t->device().is_cpu()),
-                "all scan inputs must be CPU tensors of one floating dtype");
+  for (const at::Tensor* t : {&u, &delta, &B, &C, &z}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == io && t->device().is_cpu()),
+                "u, delta, B, C and z must be CPU tensors of one floating dtype");
+  }
+  for (const at::Tensor* t : {&A, &D, &bias, &delta_proj}) {
+    TORCH_CHECK(!t->defined() || t->numel() == 0 || (t->scalar_type() == compute && t->device().is_cpu()),
+                "A, D, delta_bias and delta_proj must be CPU tensors of u's compute dtype (float32 for bfloat16 and "
+                "float16 u)");
   }
 }
 
-template <typename T>
-Inputs<T> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                    const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
-                    bool softplus, bool reverse, const at::Tensor& delta_proj = at::Tensor()) {
+template <typename T, typename S = T>
+Inputs<T, S> inputs_of(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                       const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                       bool softplus, bool reverse, const at::Tensor& delta_proj = at::Tensor()) {
   const bool low_rank = delta_proj.defined() && delta_proj.numel() > 0;
-  return Inputs<T>{Rows<T>(u), Rows<T>(delta), Rows<T>(z), A.data_ptr<T>(),
-                   D.numel() > 0 ? D.data_ptr<T>() : nullptr, bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
-                   Proj<T>(B), Proj<T>(C), softplus, reverse, low_rank ? delta_proj.data_ptr<T>() : nullptr,
-                   low_rank ? delta_proj.size(1) : 0};
+  return Inputs<T, S>{Rows<S>(u), Rows<S>(delta), Rows<S>(z), A.data_ptr<T>(),
+                      D.numel() > 0 ? D.data_ptr<T>() : nullptr, bias.numel() > 0 ? bias.data_ptr<T>() : nullptr,
+                      Proj<S>(B), Proj<S>(C), softplus, reverse, low_rank ? delta_proj.data_ptr<T>() : nullptr,
+                      low_rank ? delta_proj.size(1) : 0};
 }
 
 // The state sizes compiled in (Mamba's 16, and 8); others run with N known at run time only.
@@ -520,8 +539,8 @@ struct ForwardScratch {
   Prefetcher<T> pf;
 };
 
-template <typename T, int NS>
-void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* last) {
+template <typename T, typename S, int NS>
+void run_forward(const Inputs<T, S>& in, const Shape& sh, const Rows<S>& out, T* last) {
   const int64_t splits = splits_of(sh, kForwardTasks);
   for_each_task(sh.batch * sh.groups * splits, [] { return ForwardScratch<T>(); },
                 [&](int64_t index, ForwardScratch<T>& scratch) {
@@ -534,13 +553,13 @@ void run_forward(const Inputs<T>& in, const Shape& sh, const Rows<T>& out, T* la
         if (j + 1 < task.j1) {
           const int64_t d1 = task.g * sh.per_group + (j + 1) * sh.width;
           const int valid = static_cast<int>(std::min<int64_t>(sh.width, sh.per_group - (j + 1) * sh.width));
-          for (const Rows<T>* r : {&in.delta, &in.u, &in.z}) {
+          for (const Rows<S>* r : {&in.delta, &in.u, &in.z}) {
             if (r != &in.delta || in.delta_proj == nullptr) pf.add(*r, task.b, d1, valid, sh.length);
           }
           pf.add(out, task.b, d1, valid, sh.length, true);
         }
         pf.start(sh.length);
-        forward_block<T, NS>(in, sh, blk, out, last, pf);
+        forward_block<T, S, NS>(in, sh, blk, out, last, pf);
       }
   });
 }
@@ -588,19 +607,21 @@ void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, con
 
 // u, delta, z: (batch, dim, L), any strides; A: (dim, N); B, C: (batch, G, N, L), any strides; D, delta_bias:
 // (dim,) or empty; delta_proj: empty, or (dim, R) with delta the (batch, R, L) factor of delta_proj @ delta (any
-// strides). -> (out (batch, dim, L) laid out as u, last_state (batch, dim, N) contiguous).
+// strides). u, delta, B, C, z in one dtype (bfloat16, half, float or double), the others in its compute dtype.
+// -> (out (batch, dim, L) laid out as u, in u's dtype; last_state (batch, dim, N) contiguous, compute dtype).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                                  const at::Tensor& delta_bias, bool softplus, bool reverse,
                                  const at::Tensor& delta_proj) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj);
   at::Tensor out = at::empty_like(u, at::MemoryFormat::Preserve);   // laid out as u (when u is dense)
-  at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
-    const Shape sh = shape_of(u, A, B, Vectorized<scalar_t>::size());
-    const Inputs<scalar_t> in = inputs_of<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                                                    delta_proj);
-    WITH_STATE_SIZE(sh.dstate, (run_forward<scalar_t, NS>(in, sh, Rows<scalar_t>(out), last.data_ptr<scalar_t>())));
+  at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, A.options());   // in the compute dtype
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "selective_scan_cpu_fwd", [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const Shape sh = shape_of(u, A, B, Vectorized<T>::size());
+    const Inputs<T, S> in = inputs_of<T, S>(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, delta_proj);
+    WITH_STATE_SIZE(sh.dstate, (run_forward<T, S, NS>(in, sh, Rows<S>(out), last.data_ptr<T>())));
   });
   return {out, last};
 }
@@ -612,6 +633,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
                                  const at::Tensor& z, const at::Tensor& delta_bias, const at::Tensor& dlast,
                                  bool softplus, bool reverse) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
+              "scan_bwd computes float32 and float64 inputs (cast bfloat16 / float16 ones to float32 first)");
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
   TORCH_CHECK(dlast.numel() == 0 || (dlast.is_contiguous() && dlast.numel() == u.size(0) * u.size(1) * A.size(1) &&
                                      dlast.scalar_type() == u.scalar_type()),

@@ -1,5 +1,7 @@
 """The ``"cpp"`` backend of RMSNorm: a C++ forward for CPU tensors (``csrc/rms_norm_cpu.cpp``, built with the scan's
-kernels): one pass over each row instead of six torch ops. Forward only: calls that need a gradient take
+kernels): one pass over each row instead of six torch ops, math in float32 (float64 when any input is float64) for
+inputs of any floating dtype, each read and written in its own dtype (bfloat16 / float16 rows are converted in
+registers, not copied). Forward only: calls that need a gradient take
 ``"torch"`` (:func:`unsupported` says so). One path: the C++-registered op ``torch.ops.<ext>.rms_norm_fwd``, whose fake
 implementation and FLOP formula are registered once when the library loads.
 """
@@ -30,12 +32,13 @@ def norm_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual:
     cdt = compute_dtype(x, weight, bias, residual)
     empty = x.new_empty(0, dtype=cdt)
     out, residual_out = cpu_kernels().rms_norm_fwd(
-        rows(x.to(cdt)), weight.to(cdt).contiguous(), empty if bias is None else bias.to(cdt).contiguous(),
-        empty if residual is None else rows(residual.to(cdt)), float(eps), bool(prenorm))
-    out = out.view(x.shape).to(x.dtype)
+        rows(x), weight.to(cdt).contiguous(), empty if bias is None else bias.to(cdt).contiguous(),
+        empty if residual is None else rows(residual), float(eps), bool(prenorm),
+        residual_dtype(x, residual, residual_in_fp32))
+    out = out.view(x.shape)
     if not prenorm:
         return out
-    return out, residual_out.view(x.shape).to(residual_dtype(x, residual, residual_in_fp32))
+    return out, residual_out.view(x.shape)
 
 
 def rms_norm_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
@@ -50,9 +53,9 @@ def rms_norm_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resid
     return norm_cpp(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
 
 
-def _fake_fwd(x, weight, bias, residual, eps, store_residual):
+def _fake_fwd(x, weight, bias, residual, eps, store_residual, residual_dtype):
     rows_, dim = x.shape                                    # contiguous (rows, dim), as the kernel allocates
-    return [x.new_empty((rows_, dim)), x.new_empty((rows_ if store_residual else 0, dim))]
+    return [x.new_empty((rows_, dim)), x.new_empty((rows_ if store_residual else 0, dim), dtype=residual_dtype)]
 
 
 def _register(namespace: str) -> None:

@@ -8,6 +8,12 @@ The kernel handles every layout mode itself: ``reverse`` (right to left, reversi
 output is laid out as ``u``). The backward does not take the low-rank delta: a call that needs a gradient gets it
 multiplied out first, under autograd, and the op runs without it (a mode of the one op, not a second path).
 
+Dtypes: the state and every sum are float32 (float64 when an input is float64). bfloat16 / float16 sequences (u,
+delta, B, C, z sharing one such dtype: a bf16 model, or activations under CPU autocast) are read and the output
+written in that dtype by the kernel itself, so inference makes no float32 copy of them; the parameters (A, D,
+delta_bias, delta_proj) are cast to float32 (parameter-sized). The backward computes in float32: a call that autograd
+records takes float32 copies of 16-bit sequences first (the casts are autograd ops).
+
 How the kernel works: the vector lanes run over adjacent channels of one group, so B_t and C_t are broadcast
 scalars and the recurrence, the output and the adjoint are vertical vector arithmetic with the state in registers;
 the decays exp(dt A) are inline 2^(dt A log2 e) (in float with AVX-512: a 16-entry table in a register and a degree-3
@@ -29,6 +35,7 @@ from .checks import check_args, grads_like, grouped, scan_bwd_flops, scan_fwd_fl
 CAPABILITIES = frozenset({"reverse", "low_rank_delta", "any_strides"})
 _MAX_DSTATE = 256          # the kernel keeps the state in a fixed-size register array
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
@@ -43,25 +50,37 @@ def unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softpl
     return None
 
 
-def _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj) -> list[Tensor]:
-    """All in the compute dtype (``delta_proj`` counts too); B, C grouped (views); A, D, delta_bias contiguous;
+def storage_dtype(*sequences: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The 16-bit dtype the kernel reads and writes the sequences in, when they all share one (else None: they are
+    computed in the compute dtype)."""
+    dtypes = {t.dtype for t in sequences if t is not None}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _HALF_DTYPES else None
+
+
+def _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj, low_precision: bool = True) -> list[Tensor]:
+    """The kernel's arguments: the sequences (u, delta, B, C, z) in their shared bfloat16 / float16 dtype (read and
+    written in it: the state and the sums stay float32), else all in the compute dtype; the parameters (A, D,
+    delta_bias, delta_proj: parameter-sized) in the compute dtype. B, C grouped (views); A, D, delta_bias contiguous;
     absent ones 0-element. The casts are autograd ops, so gradients reach the inputs in their own dtypes."""
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    sdt = (storage_dtype(u, delta, B, C, z) if low_precision and cdt == torch.float32 else None) or cdt
 
-    def cast(t):
-        return u.new_empty(0, dtype=cdt) if t is None else t if t.dtype == cdt else t.to(cdt)
+    def cast(t, dtype=cdt):
+        return u.new_empty(0, dtype=dtype) if t is None else t if t.dtype == dtype else t.to(dtype)
 
-    return [cast(u), cast(delta), cast(A).contiguous(), grouped(cast(B)), grouped(cast(C)), cast(D).contiguous(),
-            cast(z), cast(delta_bias).contiguous(), cast(delta_proj).contiguous()]
+    return [cast(u, sdt), cast(delta, sdt), cast(A).contiguous(), grouped(cast(B, sdt)), grouped(cast(C, sdt)),
+            cast(D).contiguous(), cast(z, sdt), cast(delta_bias).contiguous(), cast(delta_proj).contiguous()]
 
 
 def scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
              return_last_state: bool = False, *, reverse: bool = False, delta_proj: Optional[Tensor] = None):
     """The registered backend (arguments checked by the dispatcher): one call of ``scan_fwd``."""
-    if delta_proj is not None and needs_grad(u, delta, A, B, C, D, z, delta_bias, delta_proj):
+    grad = needs_grad(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    if delta_proj is not None and grad:
         delta, delta_proj = full_from_low_rank(delta_proj, delta), None
-    args = _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    # the backward computes in float32: a call autograd records takes float32 copies of 16-bit sequences
+    args = _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj, low_precision=not grad)
     out, last = cpu_kernels().scan_fwd(*args[:8], bool(delta_softplus), bool(reverse), args[8])
     return with_state(out if out.dtype == u.dtype else out.to(u.dtype), last, return_last_state)
 
@@ -73,7 +92,8 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     """The C++ kernel, called directly (checks its arguments and that it can run them).
 
     Same arguments, shapes and result as :func:`~dartmamba.ops.selective_scan` (grouped B, C included); any strides
-    (the output is laid out as ``u``). CPU tensors; math in float32 (float64 when any input is float64); gradients
+    (the output is laid out as ``u``, in its dtype). CPU tensors; math in float32 (float64 when any input is
+    float64), 16-bit sequences read and written in their dtype without autograd (see the module doc); gradients
     flow to every tensor argument and from the last state. Nothing is saved for the backward but the inputs (the
     backward recomputes the states). Built at first use (a C++ compiler and ninja are needed; see
     :mod:`dartmamba.ops._jit`); raises :class:`~dartmamba.backends.BackendUnavailableError` when it cannot run.
@@ -90,7 +110,8 @@ def selective_scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 # Registered once, when the library loads
 # ----------------------------------------------------------------------------------------------------------------
 def _fake_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, delta_proj):
-    return [torch.empty_like(u), u.new_empty((u.shape[0], u.shape[1], A.shape[1]))]   # out laid out as u
+    # out laid out as u, in its dtype; the last state in the compute dtype (A's)
+    return [torch.empty_like(u), A.new_empty((u.shape[0], u.shape[1], A.shape[1]))]
 
 
 def _fake_bwd(dout, u, delta, A, B, C, D, z, delta_bias, dlast, softplus, reverse):
