@@ -2,7 +2,9 @@
 
 Atomic writes. Every writer puts the bytes in a temporary file in the destination folder (same file system),
 flushes and fsyncs it, gives it ordinary permissions, then ``os.replace``-s it over the final name, so a reader (or a
-resumed run after ``kill -9``) sees either the old file or the new one, never a half-written one.
+resumed run after ``kill -9``) sees either the old file or the new one, never a half-written one. A write that meets
+a full disk removes its temporary file and raises :class:`DiskFullError` (an ``OSError``, ENOSPC) naming the file,
+the bytes it needed and the bytes free.
 
 Checkpoints. :func:`read_state_dict` reads a ``.safetensors`` or torch file (hustvl/Vim and DeiT files hold the
 tensors under ``"model"``); :func:`write_safetensors` writes ours (the model's config and any metadata inside).
@@ -30,16 +32,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, MutableMapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_state_dict",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "read_state_dict", "DiskFullError",
+           "free_bytes", "format_bytes", "space_errno",
            "read_safetensors", "read_safetensors_header", "unwrap_state_dict", "write_safetensors", "tensor_digest",
            "digest_mismatch", "verify_digests", "verify_and_strip_digests", "CorruptCheckpointError", "STATE_DICT_KEYS",
            "CONFIG_KEY", "DIGEST_KEY", "DIGEST_TENSOR"]
@@ -77,9 +82,50 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (its nearest existing
+    folder); None where that cannot be read."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "an unknown amount"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+class DiskFullError(OSError):
+    """Writing ``path`` failed for lack of space (ENOSPC or EDQUOT): one line naming the file, the bytes it needed
+    (``needed``, None: not known) and the bytes free after the partial file was removed (``free``)."""
+
+    def __init__(self, path: str, needed: int | None, code: int = errno.ENOSPC):
+        self.path, self.needed, self.free = path, needed, free_bytes(path)
+        need = "" if needed is None else f" needs {format_bytes(needed)},"
+        message = (f"{path}: no space left on device: writing it{need} {format_bytes(self.free)} free in "
+                   f"{os.path.dirname(path)}")
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return type(self), (self.path, self.needed, self.errno)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, needed: int | None = None):
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
+    ``needed``: the bytes to be written, for the message of :class:`DiskFullError` (raised instead of an
+    ``OSError`` ENOSPC / EDQUOT, after the temporary file is gone).
 
         with atomic_path("model.safetensors") as tmp:
             save_file(state, tmp)
@@ -96,14 +142,31 @@ def atomic_path(path: str | os.PathLike):
         os.chmod(tmp, _default_mode())          # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
         fsync_dir(folder)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        space = space_errno(exc)
+        if space is not None and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path, needed, space) from exc
         raise
 
 
+def space_errno(exc: BaseException) -> int | None:
+    """ENOSPC / EDQUOT when ``exc`` or an exception it was raised from is such an OSError (safetensors' writer
+    reports it wrapped), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.errno
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return errno.EDQUOT if "quota" in str(exc) else errno.ENOSPC
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=len(data)) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
 
@@ -378,5 +441,7 @@ def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, *, co
     header[DIGEST_KEY] = json.dumps({"algorithm": DIGEST_ALGORITHM, "tensors": digests})
     if config is not None if digest_tensor is None else digest_tensor:
         payload[DIGEST_TENSOR] = _digest_tensor(digests)
-    with atomic_path(path) as tmp:
+    needed = sum(v.numel() * v.element_size() for v in payload.values())
+    needed += len(json.dumps(header)) + 128 * len(payload)          # the header: metadata + one entry per tensor
+    with atomic_path(path, needed=needed) as tmp:
         save_file(payload, tmp, metadata=header)

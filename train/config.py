@@ -662,5 +662,10 @@ def config_to_dict(cfg: RunConfig) -> dict:
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write the resolved config as YAML, atomically (a temp file in the same folder, then ``os.replace``)."""
     from dartmamba.files import atomic_write_text
+    from .errors import file_error
 
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:          # a full disk (with the bytes needed and free), a read-only folder
+        raise file_error(path, exc, "writing", needed=len(text.encode())) from None

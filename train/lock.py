@@ -15,8 +15,11 @@ import json
 import os
 import socket
 import sys
+import tempfile
 
-__all__ = ["OutputDirLock", "OutputDirLocked", "LOCK_FILE"]
+from .errors import OutputDirUnusable
+
+__all__ = ["OutputDirLock", "OutputDirLocked", "LOCK_FILE", "check_output_dir"]
 
 LOCK_FILE = ".dartmamba-run.lock"
 _HELD: dict[int, "OutputDirLock"] = {}     # fd -> lock, closed in forked children
@@ -38,6 +41,37 @@ class OutputDirLocked(RuntimeError):
     """Another live run holds the output directory."""
 
 
+def check_output_dir(out_dir: str) -> None:
+    """``out_dir`` can hold a run: it is a folder, or can be made one, in which files can be created. Probes by
+    creating (and removing) a temporary file or folder, so it leaves nothing behind; OutputDirUnusable in one line
+    naming the path and the cause (a file in the way, a read-only file system, no permission)."""
+    path = os.path.abspath(out_dir)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "it" if existing == path else existing
+        kind = "a regular file, not a folder" if os.path.isfile(existing) else "not a folder"
+        raise OutputDirUnusable(f"output.dir {path}: {what} is {kind}; move it away or choose another output.dir",
+                                path)
+    try:
+        if existing == path:
+            fd, probe = tempfile.mkstemp(prefix=".dartmamba-probe-", dir=path)
+            os.close(fd)
+            os.remove(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".dartmamba-probe-", dir=existing))
+    except OSError as exc:
+        raise _unusable(path, existing, exc) from None
+
+
+def _unusable(path: str, folder: str, exc: OSError) -> OutputDirUnusable:
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    doing = "create files in it" if folder == path else f"create it in {folder}"
+    return OutputDirUnusable(f"output.dir {path}: cannot {doing} ({reason}); make it writable or choose another "
+                             f"output.dir", path)
+
+
 def _describe(owner: dict) -> str:
     keys = ("pid", "host", "started")
     if not all(k in owner for k in keys):
@@ -55,8 +89,12 @@ class OutputDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> "OutputDirLock":
-        os.makedirs(self.out_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            check_output_dir(self.out_dir)            # says why in one line
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

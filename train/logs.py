@@ -2,7 +2,9 @@
 log interval), ``summary.csv`` (one row per epoch), optional TensorBoard, and optional per-rank files.
 
 On resume, ``steps.csv`` keeps only the rows up to the checkpoint's update count and ``summary.csv`` is rewritten
-from the checkpoint's history, so the files read as if the run had never stopped.
+from the checkpoint's history, so the files read as if the run had never stopped. A file that cannot be read
+(not UTF-8 text, not CSV, no ``step`` column, a step that is not an integer) or written (a full disk) is a
+one-line :class:`~dartmamba_train.errors.RunFileError` naming it.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import os
 import sys
 
 from dartmamba.files import atomic_write_text
+from .errors import CorruptRunFile, file_error
 
-__all__ = ["RunLogger", "format_seconds", "read_csv"]
+__all__ = ["RunLogger", "format_seconds", "read_csv", "check_logs"]
 
 # epochs are counted from 1 in the files; "step" is the number of optimizer updates done
 STEP_FIELDS = ["epoch", "step", "loss", "lr", "img_per_s", "data_ms"]
@@ -28,15 +31,53 @@ def format_seconds(seconds: float) -> str:
 
 
 def read_csv(path: str) -> list[dict]:
-    """Complete rows of a CSV file (a line cut short by a kill is dropped)."""
+    """Complete rows of a CSV file (a line cut short by a kill is dropped); CorruptRunFile naming the file when it is
+    not UTF-8 text or not CSV."""
     if not os.path.isfile(path):
         return []
-    with open(path, newline="") as handle:
-        text = handle.read()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-    rows = list(csv.DictReader(io.StringIO(text)))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            text = handle.read()
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise file_error(path, exc, "reading") from None
     return [r for r in rows if None not in r.values() and None not in r]
+
+
+def _corrupt(path: str, cause: str) -> CorruptRunFile:
+    return CorruptRunFile(f"{path}: cannot read the run's log ({cause}); move the file aside (the run then starts "
+                          f"a new one) or restore it from a copy", path)
+
+
+def _rows_up_to(path: str, resume_step: int) -> list[dict]:
+    """The rows of a log CSV with ``step`` <= ``resume_step``; CorruptRunFile naming the file and the bad row."""
+    rows = read_csv(path)
+    if rows and "step" not in rows[0]:
+        raise _corrupt(path, f"no 'step' column; its header is {','.join(rows[0])!r}")
+    kept = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            step = int(row["step"])
+        except ValueError:
+            raise _corrupt(path, f"line {number}: step {row['step'][:40]!r} is not an integer") from None
+        if step <= resume_step:
+            kept.append(row)
+    return kept
+
+
+def check_logs(out_dir: str, resume_step: int | None = None) -> None:
+    """Before a resume: the run's ``steps.csv`` (and per-rank CSVs) can be read and cut at ``resume_step``
+    (None: any step), so the resumed run cannot fail on them; CorruptRunFile naming the file otherwise."""
+    paths = [os.path.join(out_dir, "steps.csv")]
+    ranks = os.path.join(out_dir, "ranks")
+    if os.path.isdir(ranks):
+        paths += [os.path.join(ranks, name) for name in sorted(os.listdir(ranks)) if name.endswith(".csv")]
+    for path in paths:
+        _rows_up_to(path, resume_step if resume_step is not None else 2**62)
 
 
 def _csv_text(fields: list[str], rows: list[dict]) -> str:
@@ -45,6 +86,13 @@ def _csv_text(fields: list[str], rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise file_error(path, exc, "writing", needed=len(text.encode())) from None
 
 
 def _fmt(value) -> str:
@@ -66,7 +114,7 @@ class RunLogger:
         if self.is_main:
             os.makedirs(out_dir, exist_ok=True)
             self._restart_csv(self.steps_path, STEP_FIELDS, resume_step)
-            atomic_write_text(self.summary_path, _csv_text(SUMMARY_FIELDS, [
+            _write(self.summary_path, _csv_text(SUMMARY_FIELDS, [
                 {k: _fmt(v) for k, v in row.items()} for row in (history or [])]))
             if tensorboard:
                 try:
@@ -82,15 +130,18 @@ class RunLogger:
     @staticmethod
     def _restart_csv(path: str, fields: list[str], resume_step: int | None) -> None:
         """A fresh file, or on resume the rows up to ``resume_step`` (rewritten atomically)."""
-        rows = [] if resume_step is None else [r for r in read_csv(path) if int(r["step"]) <= resume_step]
-        atomic_write_text(path, _csv_text(fields, rows))
+        rows = [] if resume_step is None else _rows_up_to(path, resume_step)
+        _write(path, _csv_text(fields, rows))
 
     @staticmethod
     def _append(path: str, fields: list[str], row: dict) -> None:
-        with open(path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n").writerow(
-                {k: _fmt(v) for k, v in row.items()})
-            handle.flush()
+        line = _csv_text(fields, [{k: _fmt(v) for k, v in row.items()}]).split("\n", 1)[1]
+        try:
+            with open(path, "a", newline="", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+        except OSError as exc:
+            raise file_error(path, exc, "appending a row to", needed=len(line.encode())) from None
 
     # -- progress ------------------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -140,7 +191,7 @@ class RunLogger:
         """Rewrite ``summary.csv`` from the run's history (atomic) and print the last row."""
         if not self.is_main:
             return
-        atomic_write_text(self.summary_path, _csv_text(SUMMARY_FIELDS, [
+        _write(self.summary_path, _csv_text(SUMMARY_FIELDS, [
             {k: _fmt(v) for k, v in row.items()} for row in history]))
         row = history[-1]
         parts = [f"epoch {row['epoch']} done in {format_seconds(row['epoch_time_s'])}",
