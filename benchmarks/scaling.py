@@ -46,7 +46,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +65,7 @@ FLOP_COLUMNS = ["gflops", "gflops_scorer_trunk", "gflops_scorer_head", "gflops_r
                 "gflops_embed", "gflops_backbone", "gflops_scan", "gflops_head", "params_m"]
 SPEED_FIELDS = ["img_per_s", "latency_ms", "peak_mem_mib", "batch", "amp", "compile", "device", "status"]
 COLUMNS = (KEY_COLUMNS + FLOP_COLUMNS + [f"infer_{f}" for f in SPEED_FIELDS] + [f"train_{f}" for f in SPEED_FIELDS]
-           + ["accuracy", "accuracy_status", "train_info", "updated"])
+           + ["accuracy", "accuracy_status", "train_info", "job_status", "updated"])
 
 
 @dataclass
@@ -102,12 +102,20 @@ def make_cells(families, sizes, tokenizers, tokens, common: dict | None = None, 
 # The CSV store
 # ----------------------------------------------------------------------------------------------------------------
 class Store:
-    """Rows keyed by cell, persisted to one CSV with an atomic rewrite on every update."""
+    """Rows keyed by cell, persisted to one CSV. Every update is a merge: under an exclusive lock of
+    ``<csv>.lock`` (``fcntl.flock``, held by the kernel: released however the process dies) the file is read
+    again, the cell's values are merged into its row, and the file is rewritten atomically (temporary file +
+    rename). So jobs of a fanned-out study that finish at the same time, in different processes or on different
+    machines sharing the folder, lose nothing, and a reader never sees a partial file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         self.extra_columns: list[str] = []
+        self.reload()
+
+    def reload(self) -> None:
+        self.rows, self.extra_columns = {}, []
         if self.path.exists():
             with open(self.path, newline="") as fh:
                 for row in csv.DictReader(fh):
@@ -119,14 +127,23 @@ class Store:
         return self.rows.get(cell.key, {})
 
     def update(self, cell: Cell, values: dict) -> None:
-        row = self.rows.setdefault(cell.key, {})
-        row.update({"cell": cell.key, "family": cell.family, "size": cell.size, "tokenizer": cell.tokenizer,
-                    "tokens": cell.tokens, "model": cell.model,
-                    "model_kwargs": json.dumps(cell.model_kwargs, sort_keys=True)})
-        row.update(values)
-        row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.extra_columns += [k for k in values if k not in COLUMNS and k not in self.extra_columns]
-        self.save()
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.reload()                       # what other jobs merged since
+                row = self.rows.setdefault(cell.key, {})
+                row.update({"cell": cell.key, "family": cell.family, "size": cell.size, "tokenizer": cell.tokenizer,
+                            "tokens": cell.tokens, "model": cell.model,
+                            "model_kwargs": json.dumps(cell.model_kwargs, sort_keys=True)})
+                row.update(values)
+                row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                self.extra_columns += [k for k in values if k not in COLUMNS and k not in self.extra_columns]
+                self.save()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def save(self) -> None:
         atomic_write_text(self.path, csv_text(list(self.rows.values()), COLUMNS + self.extra_columns))
@@ -300,6 +317,117 @@ def run_study(cells: list[Cell], metrics, out_dir: str | Path, *, speed_opts: di
     if result.stopped:
         log(f"stopped early ({result.stopped}): {result.remaining} measurements left; rerun the same command to "
             f"resume")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fan-out: a job per cell (submitit: SLURM, or local processes)
+# ----------------------------------------------------------------------------------------------------------------
+EXECUTORS = ("local", "slurm")
+
+
+def cell_done(row: dict, metrics, device: str | None = None, retry_failed: bool = False) -> bool:
+    """Every metric of the cell is done, or its job failed (and failures are not retried)."""
+    if str(row.get("job_status") or "").startswith("failed") and not retry_failed:
+        return True
+    return all(is_done(row, metric, device, retry_failed) for metric in metrics)
+
+
+def _train_fn_from_spec(spec: dict | None) -> Callable[[dict], dict] | None:
+    if not spec:
+        return None
+    return train_fn_from_path(spec["fn"]) if spec.get("fn") else train_fn_from_command(spec["cmd"])
+
+
+def run_cell_job(out_dir: str, cell: dict, metrics: list, speed_opts: dict | None, train_spec: dict | None,
+                 train_kwargs: dict | None, retry_failed: bool) -> dict:
+    """One job of a fanned-out study: measure the cell's missing metrics (each merged into ``scaling.csv`` as it
+    finishes, :class:`Store`), write the cell's row to ``cells/<cell>.json``, mark its ``job_status`` ok. Returns
+    the row."""
+    one = Cell(**cell)
+    fn = _train_fn_from_spec(train_spec) if "accuracy" in metrics else None
+    run_study([one], metrics, out_dir, speed_opts=speed_opts, train_fn=fn, train_kwargs=train_kwargs,
+              retry_failed=retry_failed, plots=False)
+    store = Store(Path(out_dir) / "scaling.csv")
+    store.update(one, {"job_status": "ok"})
+    row = store.get(one)
+    (Path(out_dir) / "cells").mkdir(exist_ok=True)
+    atomic_write_text(Path(out_dir) / "cells" / f"{one.key}.json", json.dumps(row, indent=1, sort_keys=True))
+    return row
+
+
+def run_study_jobs(cells: list[Cell], metrics, out_dir: str | Path, *, executor: str, max_parallel: int | None = None,
+                   speed_opts: dict | None = None, train_spec: dict | None = None, train_kwargs: dict | None = None,
+                   retry_failed: bool = False, job_opts: dict | None = None, poll_s: float = 1.0, plots: bool = True,
+                   log=print, pool=None) -> StudyResult:
+    """:func:`run_study` fanned out: one submitit job per unfinished cell (``executor`` ``"slurm"``, or ``"local"``
+    processes), at most ``max_parallel`` at a time; each job merges its results into ``scaling.csv`` itself
+    (:func:`run_cell_job`), so the study survives this process. A cell whose job fails is recorded in
+    ``job_status`` and skipped by reruns unless ``retry_failed``. Progress lines count done / running / failed /
+    pending. ``train_spec``: ``{"fn": "module:function"}`` or ``{"cmd": template}`` (jobs rebuild the function).
+    ``job_opts``: ``time`` (minutes), ``cpus``, ``gpus``, ``partition``, ``account``. ``pool``: a submitit-like
+    executor to use instead (``submit(fn, *args)`` -> a job with ``done()``, ``exception()``, ``job_id``)."""
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"metrics must be among {METRICS}, got {metric!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if max_parallel is not None and max_parallel < 1:
+        raise ValueError(f"max_parallel must be an integer >= 1, got {max_parallel}")
+    if "accuracy" in metrics and not (train_spec and (train_spec.get("fn") or train_spec.get("cmd"))):
+        raise ValueError("the accuracy metric needs a train_fn (--train-fn or --train-cmd)")
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir / "scaling.csv")
+    todo = [cell for cell in cells if not cell_done(store.get(cell), metrics, None, retry_failed)]
+    result = StudyResult(skipped=len(cells) - len(todo))
+    opts = {"time": 60, "cpus": 1, "gpus": 0, **(job_opts or {})}
+    if pool is None:
+        import submitit
+
+        pool = submitit.AutoExecutor(folder=str(out_dir / "jobs" / "%j"), cluster=executor)
+        params = dict(name="scaling", nodes=1, tasks_per_node=1, cpus_per_task=int(opts["cpus"]),
+                      timeout_min=int(opts["time"]))
+        if opts["gpus"]:
+            params["gpus_per_node"] = int(opts["gpus"])
+        if executor == "slurm":
+            params.update({f"slurm_{k}": opts[k] for k in ("partition", "account") if opts.get(k)})
+        pool.update_parameters(**params)
+    job_fn = importlib.import_module("benchmarks.scaling").run_cell_job   # by module name, also from a script run
+    pending, running, failed = list(todo), {}, 0
+    last = None
+    log(f"{len(todo)} cell(s) to run as {executor} jobs ({result.skipped} already done), at most "
+        f"{max_parallel or len(todo)} at a time; job logs in {out_dir / 'jobs'}")
+    try:
+        while pending or running:
+            while pending and (max_parallel is None or len(running) < max_parallel):
+                cell = pending.pop(0)
+                job = pool.submit(job_fn, str(out_dir), asdict(cell), list(metrics), speed_opts, train_spec,
+                                  train_kwargs, retry_failed)
+                running[job] = cell
+            for job in [j for j in running if j.done()]:
+                cell = running.pop(job)
+                error = job.exception()
+                if error is None:
+                    result.done += 1
+                else:
+                    failed += 1
+                    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+                    why = f"failed: job {job.job_id}: {lines[-1][:200] if lines else type(error).__name__}"
+                    store.update(cell, {"job_status": why})
+                    log(f"{cell.key}: {why} (log: {out_dir / 'jobs' / str(job.job_id)})")
+            state = (result.done, len(running), failed, len(pending))
+            if state != last:
+                log(f"progress: {result.done} done / {len(running)} running / {failed} failed / {len(pending)} "
+                    f"pending")
+                last = state
+            if running:
+                time.sleep(poll_s)
+    finally:
+        store.reload()
+        result.remaining = sum(1 for c in cells if not cell_done(store.get(c), metrics, None, retry_failed))
+        if plots:
+            write_outputs(out_dir, log=log)
     return result
 
 
@@ -566,6 +694,15 @@ def parse_args(argv=None):
     parser.add_argument("--train-cmd", default=None, help="shell command template for the accuracy metric")
     parser.add_argument("--train-kwargs", default=None, help="JSON passed to train_fn with each cell")
     parser.add_argument("--plots-only", action="store_true", help="only redraw plots and summary from the CSV")
+    jobs = parser.add_argument_group("fan-out: a job per cell (submitit)")
+    jobs.add_argument("--executor", choices=EXECUTORS, default=None,
+                      help="run each cell as a job: on SLURM, or as local processes (default: cells in this process)")
+    jobs.add_argument("--max-parallel", type=int, default=None, help="jobs running at a time (default: all)")
+    jobs.add_argument("--job-time", type=int, default=60, help="each job's time limit in minutes (default 60)")
+    jobs.add_argument("--job-cpus", type=int, default=1, help="CPUs per job (default 1)")
+    jobs.add_argument("--job-gpus", type=int, default=0, help="GPUs per job (default 0)")
+    jobs.add_argument("--partition", default=None, help="SLURM partition of the jobs")
+    jobs.add_argument("--account", default=None, help="SLURM account of the jobs")
     return parser.parse_args(argv)
 
 
@@ -591,6 +728,20 @@ def main(argv=None) -> int:
             raise SystemExit("--metrics accuracy needs --train-fn module:function or --train-cmd TEMPLATE")
     speed = {"batch_size": args.batch_size, "device": args.device, "amp": args.amp, "compile": args.compile or False,
              "warmup": args.warmup, "repeats": args.repeats, "iters": args.iters}
+    if args.executor:
+        for name in ("max_parallel", "job_time", "job_cpus"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+        result = run_study_jobs(cells, args.metrics, out_dir, executor=args.executor, max_parallel=args.max_parallel,
+                                speed_opts=speed, train_spec={"fn": args.train_fn, "cmd": args.train_cmd},
+                                train_kwargs=parse_json_arg(args.train_kwargs, "--train-kwargs"),
+                                retry_failed=args.retry_failed,
+                                job_opts={"time": args.job_time, "cpus": args.job_cpus, "gpus": args.job_gpus,
+                                          "partition": args.partition, "account": args.account})
+        print(f"\n{result.done} cell job(s) finished, {result.skipped} cell(s) already done, {result.remaining} left; "
+              f"CSV: {out_dir / 'scaling.csv'}\n")
+        return 0 if result.remaining == 0 else 1
     result = run_study(cells, args.metrics, out_dir, speed_opts=speed, train_fn=train_fn,
                        train_kwargs=parse_json_arg(args.train_kwargs, "--train-kwargs"), time_budget=args.time_budget,
                        max_cells=args.max_cells, retry_failed=args.retry_failed)

@@ -28,18 +28,22 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from dartmamba.files import (CONFIG_KEY, atomic_write_text, digest_mismatch, fsync_dir, read_safetensors,
-                             read_safetensors_header, read_state_dict, write_safetensors)
-from .distributed import DistInfo, barrier
+from dartmamba.files import (CONFIG_KEY, DiskFullError, atomic_write_text, digest_mismatch, format_bytes, free_bytes,
+                             fsync_dir, read_safetensors, read_safetensors_header, read_state_dict, space_errno,
+                             write_safetensors)
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .engine import EngineParts, consolidated_state_dict
+from .errors import CheckpointError, CorruptRunFile, DiskFull, OutputDirUnusable, RunFileError, file_error
 
 __all__ = ["TrainerState", "save_checkpoint", "find_checkpoint", "load_checkpoint", "check_resumable", "checkpoint_root",
            "check_same_model", "check_fresh_output", "move_aside", "previous_run_files", "repair_published",
-           "last_checkpoint", "first_nonfinite", "CheckpointError", "OutputNotEmpty", "NonFiniteWeights", "CRASH_ENV"]
+           "last_checkpoint", "first_nonfinite", "check_run_files", "CheckpointError", "OutputNotEmpty",
+           "NonFiniteWeights", "RunFileError", "CorruptRunFile", "DiskFull", "OutputDirUnusable", "CRASH_ENV"]
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -50,10 +54,6 @@ EMA_FILE = "model_ema.safetensors"
 # Fault injection for the atomicity tests: with DARTMAMBA_TRAIN_CRASH_AT=<point>@<epoch> the process SIGKILLs itself
 # at that point of the save after that epoch (points: save:staged, save:renamed, save:pointed).
 CRASH_ENV = "DARTMAMBA_TRAIN_CRASH_AT"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 class OutputNotEmpty(CheckpointError):
@@ -77,13 +77,33 @@ class TrainerState:
     zero_stage: int = 0
     precision: str = "fp32"
     skipped: int = 0                     # micro-batches skipped for a non-finite loss (train.nonfinite=skip)
+    # a mid-epoch checkpoint (preemption, train/preempt.py): micro-steps of epoch ``epoch`` already done, and that
+    # epoch's running sums at the stop (loss sums and counts of the epoch and of the open log interval)
+    micro_in_epoch: int = 0
+    epoch_partial: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainerState":
-        return cls(**json.loads(text))
+        """ValueError saying what is wrong: not JSON, not an object, a key unknown, a count not an integer."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = [key for key in data if key not in known]
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} (expected {', '.join(known)})")
+        for key in ("epoch", "global_step", "world_size", "zero_stage", "skipped"):
+            if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0):
+                raise ValueError(f"{key!r} must be a non-negative integer, got {data[key]!r}")
+        if not isinstance(data.get("history", []), list):
+            raise ValueError(f"'history' must be a list, got {type(data['history']).__name__}")
+        return cls(**data)
 
 
 def checkpoint_root(out_dir: str) -> str:
@@ -133,15 +153,22 @@ def _model_config(parts: EngineParts) -> dict | None:
 
 
 def _publish(src: str, dst: str) -> None:
-    """Make ``dst`` a hard link to (or copy of) ``src``, replacing it atomically."""
+    """Make ``dst`` a hard link to (or copy of) ``src``, replacing it atomically (a failed copy is removed)."""
     tmp = f"{dst}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         os.remove(tmp)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if space_errno(exc) is not None:
+            raise DiskFullError(dst, os.path.getsize(src), space_errno(exc)) from exc
+        raise
 
 
 def _tags(root: str) -> list[str]:
@@ -160,41 +187,153 @@ def save_checkpoint(parts: EngineParts, ema, state: TrainerState, out_dir: str, 
     if bad is not None:
         raise NonFiniteWeights(f"the weights after epoch {state.epoch} are not finite ({bad}); not saved")
     root = checkpoint_root(out_dir)
-    tag = tag_for_epoch(state.epoch)
+    tag = tag_for_epoch(state.epoch) + (f"-micro{state.micro_in_epoch:06d}" if state.micro_in_epoch else "")
     staging_root = os.path.join(root, STAGING)
     staging = os.path.join(staging_root, tag)
+    needed = _checkpoint_bytes(parts, model_state, ema_state, dist.world_size)
+    error = None
     if dist.is_main:
-        os.makedirs(root, exist_ok=True)
-        _clear_leftovers(root)
-        os.makedirs(staging_root, exist_ok=True)
-    barrier()
-    parts.engine.save_checkpoint(staging_root, tag=tag, client_state={}, save_latest=False)
-    if dist.is_main:
-        config = _model_config(parts)
-        write_safetensors(model_state, os.path.join(staging, MODEL_FILE), config=config)
-        if ema_state is not None:
-            write_safetensors(ema_state, os.path.join(staging, EMA_FILE), config=config)
-        atomic_write_text(os.path.join(staging, STATE_FILE), state.to_json())
-        fsync_dir(staging)
-    barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            _clear_leftovers(root)
+            os.makedirs(staging_root, exist_ok=True)
+        except OSError as exc:
+            error = file_error(exc.filename or root, exc, "creating")
+    if not _any_rank_failed(error, dist):            # (also the barrier before DeepSpeed writes)
+        try:
+            parts.engine.save_checkpoint(staging_root, tag=tag, client_state={}, save_latest=False)
+        except Exception as exc:        # torch reports a full disk as "unexpected pos ..." (a RuntimeError)
+            error = _staging_error(exc, staging_root, needed)
+            if error is None:
+                shutil.rmtree(staging_root, ignore_errors=True)
+                raise
+    if dist.is_main and error is None:
+        try:
+            config = _model_config(parts)
+            write_safetensors(model_state, os.path.join(staging, MODEL_FILE), config=config)
+            if ema_state is not None:
+                write_safetensors(ema_state, os.path.join(staging, EMA_FILE), config=config)
+            atomic_write_text(os.path.join(staging, STATE_FILE), state.to_json())
+            fsync_dir(staging)
+        except OSError as exc:
+            error = _staging_error(exc, staging_root, needed)
+    if _any_rank_failed(error, dist):
+        if dist.is_main:
+            shutil.rmtree(staging_root, ignore_errors=True)      # nothing half-written stays behind
+        raise _save_failed(error, root, tag, needed)
     if dist.is_main:
         _crash_point("save:staged", state.epoch)
         final = os.path.join(root, tag)
-        _remove_tree(final)             # a complete but unreferenced copy from a run killed after its rename
-        os.replace(staging, final)
-        fsync_dir(root)
+        try:
+            _set_aside_or_remove(root, tag)
+            os.replace(staging, final)
+            fsync_dir(root)
+        except OSError as exc:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            raise _save_failed(file_error(exc.filename or final, exc, "renaming"), root, tag, needed) from None
         shutil.rmtree(staging_root, ignore_errors=True)    # DeepSpeed's helper scripts; the rename is done
         _crash_point("save:renamed", state.epoch)
-        atomic_write_text(os.path.join(root, "last"), tag)
-        if is_best:
-            atomic_write_text(os.path.join(root, "best"), tag)
-        _crash_point("save:pointed", state.epoch)
-        _publish_top_level(out_dir, root, tag, "last", ema is not None)
-        if is_best:
-            _publish_top_level(out_dir, root, tag, "best", ema is not None)
-        _prune(root, keep_last)
+        try:
+            atomic_write_text(os.path.join(root, "last"), tag)
+            if is_best:
+                atomic_write_text(os.path.join(root, "best"), tag)
+            _crash_point("save:pointed", state.epoch)
+            _publish_top_level(out_dir, root, tag, "last", ema is not None)
+            if is_best:
+                _publish_top_level(out_dir, root, tag, "best", ema is not None)
+            _prune(root, keep_last)
+        except OSError as exc:
+            raise file_error(getattr(exc, "path", None) or exc.filename or root, exc, "writing",
+                             hint=f"checkpoint {final} is complete; resume=auto resumes from it and publishes "
+                                  f"last/best again") from None
     barrier()
     return tag
+
+
+# -- a failed save: one line naming the file and the cause; the previous checkpoint stays in charge ----------------
+def _any_rank_failed(error, dist: DistInfo) -> bool:
+    """Whether ``error`` is set on any rank (one all-reduce, which also keeps the ranks in step: a rank that failed
+    alone must not leave the others waiting in a barrier)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=dist.device)
+    return bool(all_reduce_sum(flag).item())
+
+
+def _checkpoint_bytes(parts: EngineParts, model_state: dict, ema_state: dict | None, world_size: int) -> int:
+    """About how many bytes one checkpoint takes: DeepSpeed's model file, the optimizer state (every rank's
+    partition), ZeRO's fp32 master weights, ``model.safetensors`` and the EMA file."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    weights = size(model_state.values())
+    optimizer = sum(size(values.values()) for values in parts.optimizer.state.values())
+    if parts.zero_stage > 0:
+        optimizer = optimizer * world_size + sum(v.numel() * 4 for v in model_state.values())
+    return 2 * weights + optimizer + size((ema_state or {}).values())
+
+
+def _newest_file(folder: str) -> str | None:
+    newest, when = None, -1
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except OSError:
+                continue
+            if mtime > when:
+                newest, when = path, mtime
+    return newest
+
+
+def _staging_error(exc: BaseException, staging_root: str, needed: int) -> RunFileError | None:
+    """The typed error of a failed write into the staging folder (None: not a file problem). Torch's writer reports
+    a full disk without an errno ("unexpected pos ..."): a write error while less than the checkpoint's size is free
+    counts as a full disk. Called before the staging folder is removed (its newest file is the one that failed)."""
+    if isinstance(exc, DiskFullError):
+        return DiskFull(str(exc), exc.path, needed, exc.free)
+    text = str(exc)
+    free = free_bytes(staging_root)
+    torch_write = isinstance(exc, RuntimeError) and ("unexpected pos" in text or "write" in text.lower())
+    if space_errno(exc) is not None or (torch_write and free is not None and free < needed):
+        path = (exc.filename if isinstance(exc, OSError) and exc.filename else None) or _newest_file(staging_root) \
+            or staging_root
+        return DiskFull(f"{path}: no space left on device", path, needed)
+    if isinstance(exc, OSError):
+        return file_error(exc.filename or staging_root, exc, "writing")
+    return None
+
+
+def _save_failed(error: RunFileError | None, root: str, tag: str, needed: int) -> CheckpointError:
+    """One line: what failed (the file, the cause; for a full disk the bytes needed, and free once the partial
+    checkpoint is gone) and that the previous checkpoint is untouched."""
+    previous = _read_pointer(root, "last")
+    kept = (f"the previous checkpoint {os.path.join(root, previous)} is intact and still published"
+            if previous else "no earlier checkpoint exists")
+    if error is None:
+        return CheckpointError(f"saving checkpoint {tag} failed on another rank (its own message says why); "
+                               f"nothing was published; {kept}")
+    if isinstance(error, DiskFull):
+        free = free_bytes(root)
+        return DiskFull(f"saving checkpoint {tag} failed: {error.path}: no space left on device: the checkpoint "
+                        f"needs about {format_bytes(needed)}, {format_bytes(free)} is free in {root}; the partial "
+                        f"checkpoint was removed and nothing was published; {kept}; free space, then "
+                        + ("resume=auto continues from it" if previous else "start the run again"),
+                        error.path, needed, free)
+    return type(error)(f"saving checkpoint {tag} failed: {error}; the partial checkpoint was removed and nothing "
+                       f"was published; {kept}", error.path)
+
+
+def _set_aside_or_remove(root: str, tag: str) -> None:
+    """Clear the way for ``tag``: an intact copy (a run killed after its rename) is removed; a damaged one (passed
+    over by resume=auto) is kept as ``damaged-<tag>-<UTC time>``, as it may still be repaired by hand."""
+    final = os.path.join(root, tag)
+    if not os.path.exists(final):
+        return
+    if _intact(root, tag) is None:
+        _remove_tree(final)
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    os.replace(final, os.path.join(root, f"damaged-{tag}-{stamp}"))
 
 
 def _publish_top_level(out_dir: str, root: str, tag: str, name: str, with_ema: bool) -> None:
@@ -266,18 +405,58 @@ def move_aside(out_dir: str) -> str | None:
     return target
 
 
+def _pt_problem(folder: str, crc: bool = False) -> str | None:
+    """The first DeepSpeed ``.pt`` file of ``folder`` that is truncated or not a readable archive, described as
+    ``"<path> is ..."`` (None: all open). Reads each file's zip directory (at its end, so any truncation shows);
+    ``crc``: also every entry's CRC-32 (reads the whole file; torch.load itself does not check them, so a flipped
+    byte in the optimizer state would load silently). Files in torch's legacy (non-zip) format are not checked."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
+    except OSError as exc:
+        return f"{folder}: {os.strerror(exc.errno).lower() if exc.errno else exc}"
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+            if not magic:
+                return f"{path} is empty (0 bytes)"
+            if magic == b"PK\x03\x04":
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip() if crc else None
+                if bad is not None:
+                    return f"{path} is corrupt (its entry {bad} does not match its CRC-32)"
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+            return f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _intact(root: str, tag: str) -> str | None:
-    """Why checkpoint ``tag`` cannot be resumed (None: it can): its state file parses and its model file's tensors
-    match their digests."""
+    """Why checkpoint ``tag`` cannot be resumed (None: it can): its state file parses, its DeepSpeed files open and
+    its model file's tensors match their digests."""
     try:
         read_state(root, tag)
-    except (OSError, ValueError, TypeError) as exc:
-        return f"{STATE_FILE}: {type(exc).__name__}: {exc}"
+    except CheckpointError as exc:
+        return str(exc)
+    problem = _pt_problem(os.path.join(root, tag), crc=True)
+    if problem is not None:
+        return problem
     try:
         read_safetensors(os.path.join(root, tag, MODEL_FILE), "checkpoint")
     except (OSError, ValueError) as exc:
         return str(exc)
     return None
+
+
+def _readable(root: str, tag: str) -> str | None:
+    """The cheap part of :func:`_intact` (no tensor read): the state file parses and the DeepSpeed files open."""
+    if not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+        return f"it has no {STATE_FILE}"
+    try:
+        read_state(root, tag)
+    except CheckpointError as exc:
+        return str(exc)
+    return _pt_problem(os.path.join(root, tag))
 
 
 def _pointer_problem(root: str) -> str:
@@ -289,7 +468,9 @@ def _pointer_problem(root: str) -> str:
         return f"{path} is empty"
     if tag not in _tags(root):
         return f"{path} names {tag[:60]!r}, which is not a checkpoint there"
-    return f"{path} names {tag}, which has no {STATE_FILE}"
+    if not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+        return f"{path} names {tag}, which has no {STATE_FILE}"
+    return f"{path} names {tag}, which is damaged"
 
 
 def _scan(root: str) -> tuple[str | None, list[str]]:
@@ -301,6 +482,18 @@ def _scan(root: str) -> tuple[str | None, list[str]]:
             return tag, passed
         passed.append(f"{tag}: {problem}")
     return None, passed
+
+
+def check_run_files(out_dir: str, found: tuple[str, str] | None) -> None:
+    """Preflight of the run's files: output.dir can hold the run (a folder, or one can be made, where files can be
+    created) and, when resuming ``found`` (root, tag), the run's logs can be cut at that checkpoint's update count.
+    Writes nothing; RunFileError (OutputDirUnusable, CorruptRunFile) in one line naming the file."""
+    from .lock import check_output_dir
+    from .logs import check_logs
+
+    check_output_dir(out_dir)
+    if found is not None:
+        check_logs(out_dir, read_state(*found).global_step)
 
 
 def last_checkpoint(out_dir: str) -> str | None:
@@ -315,15 +508,16 @@ def find_checkpoint(resume: str | None, out_dir: str, notes: list | None = None)
     the run has none yet), or a path to a checkpoint tag directory or a checkpoints/ folder with a ``last`` pointer.
     Returns (checkpoints root, tag) or None.
 
-    With ``"auto"`` and the pointer missing or naming no checkpoint, the newest intact tag (:func:`_intact`) is
-    taken and why is appended to ``notes``; with tags but none intact, CheckpointError. Nothing is deleted."""
+    With ``"auto"`` and the pointer missing, naming no checkpoint or a damaged one (its state file or DeepSpeed
+    files do not parse, :func:`_readable`), the newest intact tag (:func:`_intact`) is taken and why is appended to
+    ``notes``; with tags but none intact, CheckpointError. Nothing is deleted."""
     if resume is None:
         return None
     if resume == "auto":
         root = checkpoint_root(out_dir)
         tag = _read_pointer(root, "last")
-        if tag in _tags(root) and os.path.isfile(os.path.join(root, tag, STATE_FILE)):
-            return root, tag                 # load_checkpoint verifies it
+        if tag in _tags(root) and _readable(root, tag) is None:
+            return root, tag                 # load_checkpoint verifies its weights
         if not _tags(root):
             return None
         problem = _pointer_problem(root)
@@ -348,14 +542,35 @@ def find_checkpoint(resume: str | None, out_dir: str, notes: list | None = None)
 
 
 def read_state(root: str, tag: str) -> TrainerState:
-    with open(os.path.join(root, tag, STATE_FILE)) as handle:
-        return TrainerState.from_json(handle.read())
+    """The trainer state of checkpoint ``tag``; CorruptRunFile naming the file when it does not parse."""
+    path = os.path.join(root, tag, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return TrainerState.from_json(handle.read())
+    except FileNotFoundError:
+        raise CorruptRunFile(f"{path}: missing: the checkpoint is incomplete; {_other_tag_hint(root)}", path) from None
+    except (OSError, ValueError) as exc:      # UnicodeDecodeError is a ValueError
+        cause = str(exc) if type(exc) is ValueError else f"{type(exc).__name__}: {exc}"
+        raise CorruptRunFile(f"{path}: not a readable trainer state: {cause}; {_other_tag_hint(root)}", path) \
+            from None
+
+
+def _other_tag_hint(root: str) -> str:
+    return (f"restore the file from a copy, or resume from another checkpoint (resume={root}/epochNNNN; resume=auto "
+            f"takes the newest intact one when the 'last' pointer names none)")
+
+
+def _check_pt_files(root: str, tag: str, crc: bool = False) -> None:
+    problem = _pt_problem(os.path.join(root, tag), crc)
+    if problem is not None:
+        raise CorruptRunFile(f"resume: {problem}; {_other_tag_hint(root)}", os.path.join(root, tag))
 
 
 def check_resumable(root: str, tag: str, *, world_size: int, zero_stage: int, precision: str) -> TrainerState:
     """The checkpoint's partitioning must match this run's (checked before anything is written)."""
     folder = os.path.join(root, tag)
     state = read_state(root, tag)
+    _check_pt_files(root, tag)
     partitioned = state.zero_stage > 0 or state.precision == "bf16"
     if partitioned and state.world_size != world_size:
         raise CheckpointError(f"resume: {folder} was written by {state.world_size} process(es) with ZeRO stage "
@@ -430,8 +645,22 @@ def load_checkpoint(parts: EngineParts, ema, root: str, tag: str, dist: DistInfo
     restored weights and the EMA against the digests saved with them. Every rank calls."""
     folder = os.path.join(root, tag)
     state = check_resumable(root, tag, world_size=dist.world_size, zero_stage=parts.zero_stage, precision=precision)
-    path, _ = parts.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False, load_module_strict=True)
+    error = None
+    if dist.is_main:                    # every entry's CRC (one rank reads the files; the others wait for its word)
+        try:
+            _check_pt_files(root, tag, crc=True)
+        except CorruptRunFile as exc:
+            error = exc
+    if _any_rank_failed(error, dist):
+        raise error or CorruptRunFile(f"resume: a DeepSpeed file of {folder} is damaged (rank 0 names it)", folder)
+    try:
+        path, _ = parts.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False, load_module_strict=True)
+    except Exception as exc:            # torch: "PytorchStreamReader failed reading zip archive ..."
+        _check_pt_files(root, tag)      # names the damaged file, else the error is not a file's
+        if isinstance(exc, OSError):
+            raise file_error(exc.filename or folder, exc, "reading", hint=_other_tag_hint(root)) from None
+        raise
     if path is None:
         raise CheckpointError(f"resume: DeepSpeed could not load {folder}")
     _verify_restored(parts, folder)

@@ -13,7 +13,10 @@ ranges, data paths, the model's name and arguments, the DeepSpeed JSON and its k
 resume from, the batch against the data set) before any process group starts or a file is written; a problem is
 one line on stderr and exit status 2. A second run into an output.dir in use stops the same way, and so does a
 fresh run into an output.dir holding a previous run's checkpoints (``resume=auto`` continues that run,
-``output.overwrite=true`` moves its files aside into ``previous-<UTC time>/`` and starts over).
+``output.overwrite=true`` moves its files aside into ``previous-<UTC time>/`` and starts over). So does every file
+of the run that cannot be written or read: output.dir a file or read-only, a full disk during a save (the bytes
+needed and free; the previous checkpoint stays in charge), a corrupt ``steps.csv``, ``trainer_state.json`` or
+DeepSpeed ``.pt`` file (resume=auto passes over a damaged checkpoint to the newest intact one).
 
 Exit status 3: the training diverged (a NaN or inf loss or weights, with ``train.nonfinite=stop``); one line names
 the update, its learning rate and the last finite checkpoint. Nothing non-finite is ever saved.
@@ -21,6 +24,7 @@ the update, its learning rate and the last finite checkpoint. Nothing non-finite
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "parse_args"]
@@ -35,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="set by the deepspeed launcher; leave it out otherwise")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
+    from .submit import add_submit_arguments
+
+    add_submit_arguments(parser)            # --submit slurm|local and its job options (train/submit.py)
     return parser.parse_args(argv)
 
 
@@ -55,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
         return 0
-    from .checkpoint import CheckpointError
+    if args.submit:
+        from .submit import submit
+
+        return submit(args, cfg)
+    from .checkpoint import CheckpointError, check_run_files
     from .lock import OutputDirLocked
     from .loop import TrainingDiverged, preflight, run
 
     try:
         checked = preflight(cfg)
+        check_run_files(os.path.abspath(cfg.output.dir), checked.found)   # output.dir writable, logs readable
     except ConfigError as err:
         print(f"dartmamba-train: config error: {err}", file=sys.stderr)
         return 2
@@ -71,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg, local_rank=args.local_rank, checked=checked)
-    except (OutputDirLocked, HubFileUnavailable) as err:   # another run owns output.dir; a Hub file is missing offline
+    # output.dir in use; a Hub file missing offline; a run file unreadable or unwritable (a full disk, a corrupt
+    # checkpoint file): one line each
+    except (OutputDirLocked, HubFileUnavailable, CheckpointError) as err:
         print(f"dartmamba-train: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

@@ -1,7 +1,12 @@
 """Process-group setup for one process without a launcher, or many under ``deepspeed`` / ``torchrun``.
 
 The DeepSpeed launcher (and torchrun) export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT and pass
-``--local_rank=N``. A plain ``python train/train.py`` gets single-process defaults (rank 0 of 1 on 127.0.0.1 and a
+``--local_rank=N``. Tasks started by SLURM's ``srun`` (``srun -N2 --ntasks-per-node=4 python train/train.py ...``: no
+pdsh or ssh) take them from SLURM's variables (:func:`slurm_launch_env`): RANK = SLURM_PROCID, WORLD_SIZE =
+SLURM_STEP_NUM_TASKS, LOCAL_RANK = SLURM_LOCALID, LOCAL_WORLD_SIZE = this node's share of SLURM_STEP_TASKS_PER_NODE,
+MASTER_ADDR = the step's first node (``scontrol show hostnames $SLURM_STEP_NODELIST``), MASTER_PORT = a port
+derived from the job id (the same on every task), unless set. A launcher's own RANK wins (the deepspeed launcher
+inside an allocation). A plain ``python train/train.py`` gets single-process defaults (rank 0 of 1 on 127.0.0.1 and a
 free port), so DeepSpeed never falls back to MPI discovery.
 
 On CPU the process group is gloo, and DeepSpeed's shared-memory all-reduce op (a JIT build of minutes on first
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "apply_env_defaults", "record_default_threads",
-           "configure_threads", "init_distributed", "barrier", "all_reduce_mean", "all_reduce_sum"]
+__all__ = ["DistInfo", "ThreadChoice", "launch_rank_and_world", "slurm_launch_env", "apply_env_defaults",
+           "record_default_threads", "configure_threads", "init_distributed", "barrier", "all_reduce_mean",
+           "all_reduce_sum"]
 
 # {"threads": torch's intra-op count before the user's code could change it}, once recorded
 _DEFAULT: dict = {}
@@ -73,8 +79,62 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list (``scontrol show hostnames``; without scontrol, its first entry expanded
+    by hand: ``node[03-05,9],gpu1`` -> ``node03``)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()[0]
+    return _first_of_hostlist(nodelist)
+
+
+def _first_of_hostlist(nodelist: str) -> str:
+    """The first host of a SLURM host list, expanded by hand (``node[03-05,9],gpu1`` -> ``node03``)."""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = nodelist[:nodelist.index("]")].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """This node's task count from SLURM's compressed form (``2(x3),1``: nodes 0-2 run 2 tasks, node 3 one)."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def slurm_launch_env(environ=None) -> dict[str, str]:
+    """The launcher variables of a task started by ``srun`` (see the module docstring); {} outside an ``srun``
+    step (a batch script's own shell has no SLURM_STEP_NUM_TASKS) or where a launcher already set RANK."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if env.get("SLURM_STEP_TASKS_PER_NODE"):
+        out["LOCAL_WORLD_SIZE"] = str(_tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"], int(env.get("SLURM_NODEID", 0))))
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if "MASTER_ADDR" not in env and nodes:
+        out["MASTER_ADDR"] = _first_host(nodes)
+    if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+        step = env.get("SLURM_STEP_ID", "0")
+        out["MASTER_PORT"] = str(20000 + (int(env["SLURM_JOB_ID"]) * 7 + (int(step) if step.isdigit() else 0)) % 20000)
+    return out
+
+
 def launch_rank_and_world() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) as the launcher set them (0, 1 without one), before any process group exists."""
+    """(RANK, WORLD_SIZE) as the launcher (or ``srun``) set them (0, 1 without one), before any process group
+    exists."""
+    slurm = slurm_launch_env()
+    if slurm:
+        return int(slurm["RANK"]), int(slurm["WORLD_SIZE"])
     return (_env_int("RANK") if "RANK" in os.environ else 0,
             _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1)
 
@@ -85,6 +145,7 @@ def apply_env_defaults(local_rank: int | None = None) -> None:
     ``local_rank`` is the launcher's ``--local_rank`` argument (it wins over a missing LOCAL_RANK). A multi-process
     world (WORLD_SIZE > 1) must come with MASTER_ADDR and MASTER_PORT from its launcher.
     """
+    os.environ.update(slurm_launch_env())
     if local_rank is not None and local_rank >= 0:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     world = os.environ.setdefault("WORLD_SIZE", "1")

@@ -6,6 +6,10 @@ before mixup / dropout / drop-path draw from them, data samples are pure functio
 the sample order is a DistributedSampler(seed, epoch). So an epoch is a function of the state at its start: a run
 killed at any point and resumed from its last checkpoint (saved at epoch ends) replays the same losses on CPU.
 
+Preemption (:mod:`.preempt`). SIGTERM / SIGUSR1 set a flag that is read between updates (agreed across ranks without
+a device sync); the run then saves a mid-epoch checkpoint holding the epoch's micro-step and running sums, and
+exits 75. The resumed epoch starts its sampler past the consumed indices, so it replays the same losses.
+
 Divergence. Every micro-step's loss goes into a device-side sum and a device-side "first non-finite update" flag
 (no host sync); both are read at each log interval (and so before every save, which follows an epoch's last
 interval). With ``train.nonfinite=stop`` a non-finite interval raises :class:`TrainingDiverged` naming the update,
@@ -36,8 +40,10 @@ from .engine import (EngineParts, build_deepspeed_config, check_init_checkpoint,
                      resolved_lr, shape_model, train_micro_step)
 from .lock import OutputDirLock
 from .logs import RunLogger, format_seconds
+from .preempt import (REQUEUE_EXIT_CODE, SIGNALS_ENV, Preempted, PreemptionHandler, StopAgreement, parse_signals,
+                      requeue_slurm_job)
 
-__all__ = ["RunResult", "Preflight", "run", "preflight", "seed_step", "evaluate", "TrainingDiverged"]
+__all__ = ["RunResult", "Preflight", "run", "preflight", "seed_step", "evaluate", "TrainingDiverged", "Preempted"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -121,22 +127,56 @@ def _eval_batches(length: int, world_size: int, batch_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
+class _SkipSampler(torch.utils.data.Sampler):
+    """The indices of ``sampler`` from position ``start`` on (a resumed epoch's remaining samples)."""
+
+    def __init__(self, sampler, start: int):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.start)
+
+
+def _loader_from(loader, micro: int):
+    """``loader`` (an epoch's, :func:`train_loader`) without its first ``micro`` batches: the same loader on the
+    remaining indices of its sampler, so the skipped samples are never loaded."""
+    if micro == 0:
+        return loader
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=_SkipSampler(loader.sampler, micro * loader.batch_size),
+        drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn, persistent_workers=False)
+
+
 def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle, dist: DistInfo, mixup, loss_fn,
-                     state: TrainerState, logger: RunLogger, timing: dict) -> dict:
+                     state: TrainerState, logger: RunLogger, timing: dict, stop: StopAgreement | None = None,
+                     start_step: int = 0) -> dict:
+    """One epoch, or its rest after a mid-epoch checkpoint (``state.micro_in_epoch`` > 0, ``state.epoch_partial``:
+    the running sums at the stop). When ``stop`` agrees on a preemption between two updates of the epoch, returns
+    ``{"stopped": partial sums}`` at once (the caller saves); at the epoch's last update the epoch finishes."""
     engine, t = parts.engine, cfg.train
     engine.train()
     micro_steps = steps_per_epoch(bundle, cfg, dist.world_size)
     updates = micro_steps // t.grad_accum
-    loader = train_loader(bundle, cfg, dist.rank, dist.world_size, epoch)
+    start_micro, partial = state.micro_in_epoch, state.epoch_partial or {}
+    loader = _loader_from(train_loader(bundle, cfg, dist.rank, dist.world_size, epoch), start_micro)
     logger.start_epoch(epoch, t.epochs, updates)
-    interval_loss = torch.zeros((), dtype=torch.float32, device=dist.device)   # summed on device, read at intervals
+    logger.advance(start_micro // t.grad_accum)
+    # summed on device, read at intervals
+    interval_loss = torch.full((), partial.get("interval_loss", 0.0), dtype=torch.float32, device=dist.device)
     # the first update of the interval whose loss was not finite (-1: none), kept on the device: no host sync
-    first_bad = torch.full((), -1, dtype=torch.int64, device=dist.device)
+    first_bad = torch.full((), partial.get("first_bad", -1), dtype=torch.int64, device=dist.device)
     lr_of = {}                                          # update -> its learning rate, for the divergence message
     skip = t.nonfinite == "skip"
-    interval_micro, interval_used, interval_data, epoch_loss, epoch_micro, images_seen = 0, 0, 0.0, 0.0, 0, 0
+    interval_micro, interval_used = partial.get("interval_micro", 0), partial.get("interval_used", 0)
+    interval_data = 0.0
+    epoch_loss, epoch_micro = partial.get("epoch_loss", 0.0), partial.get("epoch_micro", 0)
+    images_seen = partial.get("images_seen", 0)
     epoch_start = interval_start = fetch_start = time.perf_counter()
-    for micro, (images, targets) in enumerate(loader):
+    for micro, (images, targets) in enumerate(loader, start=start_micro):
         if micro >= micro_steps:
             break
         interval_data += time.perf_counter() - fetch_start          # time spent waiting for this batch
@@ -200,6 +240,14 @@ def _train_one_epoch(epoch: int, cfg: RunConfig, parts: EngineParts, ema, bundle
                 first_bad.fill_(-1)
                 lr_of = {}
                 interval_micro, interval_used, interval_data, interval_start = 0, 0, 0.0, time.perf_counter()
+            if stop is not None:
+                stop.handler.after_update(start_step, state.global_step)
+                # the epoch's last update finishes the epoch (evaluation, the epoch's checkpoint) instead
+                if update_in_epoch < updates and stop.poll():
+                    return {"stopped": {"micro": micro + 1, "interval_loss": interval_loss.item(),
+                                        "first_bad": int(first_bad), "interval_micro": interval_micro,
+                                        "interval_used": interval_used, "epoch_loss": epoch_loss,
+                                        "epoch_micro": epoch_micro, "images_seen": images_seen}}
         fetch_start = time.perf_counter()
     logger.end_epoch()
     seconds = time.perf_counter() - epoch_start
@@ -235,6 +283,31 @@ def _diverged_message(what: str, lr: float | None, cfg: RunConfig, detail: str |
              if previous else "no checkpoint was saved")
     return (f"training diverged: {what}{lr_text}{'; ' + detail if detail else ''}; nothing non-finite was saved; "
             f"{where}; train.nonfinite=skip skips such micro-batches instead")
+
+
+def _save(cfg: RunConfig, parts: EngineParts, ema, state: TrainerState, out_dir: str, dist: DistInfo,
+          is_best: bool) -> str:
+    try:
+        return save_checkpoint(parts, ema, state, out_dir, dist, is_best=is_best, keep_last=cfg.train.keep_last)
+    except NonFiniteWeights as err:
+        raise TrainingDiverged(_diverged_message(f"{err} (update {state.global_step})",
+                                                 parts.optimizer.param_groups[0]["lr"], cfg)) from None
+
+
+def _preempted(cfg: RunConfig, parts: EngineParts, ema, state: TrainerState, out_dir: str, dist: DistInfo,
+               logger: RunLogger, handler: PreemptionHandler, where: str, save: bool = True) -> None:
+    """Save (every rank), let rank 0 requeue the SLURM job where asked to, and raise :class:`Preempted`."""
+    tag = _save(cfg, parts, ema, state, out_dir, dist, is_best=False) if save else last_checkpoint(out_dir)
+    folder = os.path.join(out_dir, "checkpoints", tag) if save else tag
+    signum = handler.name if handler.requested else "another rank's signal"
+    message = (f"preempted ({signum}): stopped after {where}; saved {folder}; resume=auto continues from it; "
+               f"exit status {REQUEUE_EXIT_CODE}")
+    logger.info(message)
+    if dist.is_main:
+        done = requeue_slurm_job()
+        if done:
+            logger.info(done)
+    raise Preempted(message, folder)
 
 
 def _evaluate_all(cfg: RunConfig, parts: EngineParts, ema, bundle, dist: DistInfo) -> dict:
@@ -278,6 +351,7 @@ def preflight(cfg: RunConfig) -> Preflight:
     (present, its tensors fit), the DeepSpeed config (file present, keys known to DeepSpeed) and the batch against
     the training set. Raises ConfigError, FileNotFoundError or CheckpointError naming the problem."""
     check_data_paths(cfg)
+    _signals()
     if cfg.output.overwrite and cfg.resume is not None:
         raise ConfigError(f"output.overwrite: true starts a new run; it cannot be combined with resume={cfg.resume} "
                           f"(set one of them)")
@@ -319,10 +393,30 @@ def run(cfg: RunConfig, local_rank: int | None = None, checked: Preflight | None
             lock.release()
 
 
+def _signals() -> list:
+    try:
+        return parse_signals(os.environ.get(SIGNALS_ENV))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResult:
+    signals = _signals()
+    dist = init_distributed(local_rank)
+    handler = PreemptionHandler(signals).install()       # a signal from here on stops at an update boundary
+    try:
+        return _run_installed(cfg, checked, dist, handler)
+    finally:
+        handler.restore()
+
+
+def _run_installed(cfg: RunConfig, checked: Preflight, dist: DistInfo, handler: PreemptionHandler) -> RunResult:
     found, bundle = checked.found, checked.bundle
     out_dir = os.path.abspath(cfg.output.dir)
-    dist = init_distributed(local_rank)
+    group = None
+    if dist.world_size > 1:      # the ranks agree on a stop over CPU tensors: no device synchronisation
+        group = torch.distributed.new_group(backend="gloo")
+    stop = StopAgreement(handler, group, dist.world_size)
     t = cfg.train
     ds_config = build_deepspeed_config(cfg, dist.world_size)
     seed_step(t.seed, 1)
@@ -370,12 +464,24 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
     if dist.allocator is not None:
         logger.info(f"allocator: {dist.allocator}")
 
+    logger.info(handler.describe())
+
     timing = {"updates": 0.0, "seconds": 0.0}
     start = time.perf_counter()
+    start_step = state.global_step
     try:
         for epoch in range(state.epoch, t.epochs):
             row = {"epoch": epoch + 1}
-            row.update(_train_one_epoch(epoch, cfg, parts, ema, bundle, dist, mixup, loss_fn, state, logger, timing))
+            result = _train_one_epoch(epoch, cfg, parts, ema, bundle, dist, mixup, loss_fn, state, logger, timing,
+                                      stop, start_step)
+            if "stopped" in result:
+                logger.end_epoch()
+                state.micro_in_epoch, state.epoch_partial = result["stopped"]["micro"], result["stopped"]
+                _preempted(cfg, parts, ema, state, out_dir, dist, logger, handler,
+                           f"update {state.global_step} (epoch {epoch + 1}, micro-batch {state.micro_in_epoch} of "
+                           f"{steps_per_epoch(bundle, cfg, dist.world_size)})")
+            state.micro_in_epoch, state.epoch_partial = 0, {}
+            row.update(result)
             last = epoch + 1 == t.epochs
             if (epoch + 1) % t.eval_interval == 0 or last:
                 row.update(_evaluate_all(cfg, parts, ema, bundle, dist))
@@ -389,12 +495,13 @@ def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResul
             if is_best:
                 state.best_metric, state.best_epoch = metric, epoch
             logger.epoch_summary(state.history)
-            if (epoch + 1) % t.save_interval == 0 or last:
-                try:
-                    save_checkpoint(parts, ema, state, out_dir, dist, is_best=is_best, keep_last=t.keep_last)
-                except NonFiniteWeights as err:
-                    raise TrainingDiverged(_diverged_message(f"{err} (update {state.global_step})",
-                                                             parts.optimizer.param_groups[0]["lr"], cfg)) from None
+            saved = (epoch + 1) % t.save_interval == 0 or last
+            if saved:
+                _save(cfg, parts, ema, state, out_dir, dist, is_best)
+            if not last and stop.settle():          # a signal during the epoch's last update, evaluation or save
+                _preempted(cfg, parts, ema, state, out_dir, dist, logger, handler, f"the end of epoch {epoch + 1}",
+                           save=not saved)
+        stop.close()
     finally:
         logger.close()
     seconds = time.perf_counter() - start

@@ -118,3 +118,92 @@ def test_exponents_and_checks():
     assert exps["deit"]["infer_time"] == pytest.approx(1.3)
     checks = scaling.scaling_checks(list(exps.values()))
     assert all("ok" in line and "MISS" not in line for line in checks) and len(checks) == 2
+
+
+def _merge_many(path, worker, queue):
+    cells = [scaling.Cell("vim", "tiny", "fixed", 100 * worker + i, "m", {}) for i in range(5)]
+    store = scaling.Store(path)
+    for i, cell in enumerate(cells):
+        store.update(cell, {"gflops": f"{worker}.{i}"})
+    queue.put(worker)
+
+
+def test_concurrent_jobs_merge_into_the_csv_without_losing_rows(tmp_path):
+    """Four processes merging 5 cells each at the same time: all 20 rows land, each with its own value."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_merge_many, args=(tmp_path / "scaling.csv", w, queue)) for w in range(4)]
+    for proc in procs:
+        proc.start()
+    assert sorted(queue.get(timeout=120) for _ in procs) == [0, 1, 2, 3]
+    for proc in procs:
+        proc.join(timeout=60)
+    rows = read(tmp_path / "scaling.csv")
+    assert {key: row["gflops"] for key, row in rows.items()} == {
+        f"vim-tiny-fixed-{100 * w + i}": f"{w}.{i}" for w in range(4) for i in range(5)}
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("scaling.csv", "scaling.csv.lock")]
+
+
+class _Job:
+    def __init__(self, job_id, error):
+        self.job_id, self.error = job_id, error
+
+    def done(self):
+        return True
+
+    def exception(self):
+        return self.error
+
+
+class _InlinePool:
+    """A submitit-like executor running each job at submission, in this process (tests the orchestration)."""
+
+    def __init__(self, fail=()):
+        self.fail, self.submitted = set(fail), []
+
+    def submit(self, fn, out_dir, cell, *rest):
+        self.submitted.append(cell["tokens"])
+        if cell["tokens"] in self.fail:
+            return _Job(len(self.submitted), RuntimeError(f"Traceback ...\nOSError: node lost ({cell['tokens']})"))
+        fn(out_dir, cell, *rest)
+        return _Job(len(self.submitted), None)
+
+
+def test_fan_out_records_failed_jobs_skips_done_cells_and_retries(tmp_path):
+    cells = scaling.make_cells(["vim"], ["ti"], ["fixed"], [16, 36, 64], TINY_VIM, TINY_FIXED, TINY_DART)
+    accuracy = {16: 10.0, 36: 22.0, 64: 40.0}     # tokens * 10 // 16
+    spec = {"cmd": "python3 -c \"import json, sys; json.dump({'top1': int(sys.argv[2]) * 10 // 16 * 1.0}, "
+                   "open(sys.argv[1] + '/metrics.json', 'w'))\" {workdir} {tokens}"}
+    lines = []
+    pool = _InlinePool(fail={36})
+    result = scaling.run_study_jobs(cells, ["accuracy"], tmp_path, executor="local", train_spec=spec, pool=pool,
+                                    max_parallel=2, poll_s=0, plots=False, log=lines.append)
+    assert pool.submitted == [16, 36, 64] and (result.done, result.skipped, result.remaining) == (2, 0, 0)
+    rows = read(tmp_path / "scaling.csv")
+    assert {k: (r["accuracy"], r["job_status"]) for k, r in rows.items()} == {
+        "vim-tiny-fixed-16": ("10.0", "ok"), "vim-tiny-fixed-64": ("40.0", "ok"),
+        "vim-tiny-fixed-36": ("", "failed: job 2: OSError: node lost (36)")}
+    assert json.loads((tmp_path / "cells" / "vim-tiny-fixed-64.json").read_text())["accuracy"] == "40.0"
+    assert "progress: 2 done / 0 running / 1 failed / 0 pending" in lines
+    # a rerun skips finished and failed cells; --retry-failed resubmits the failed one only
+    again = _InlinePool()
+    assert scaling.run_study_jobs(cells, ["accuracy"], tmp_path, executor="local", train_spec=spec, pool=again,
+                                  poll_s=0, plots=False, log=lines.append).skipped == 3 and again.submitted == []
+    retried = scaling.run_study_jobs(cells, ["accuracy"], tmp_path, executor="local", train_spec=spec, pool=again,
+                                     retry_failed=True, poll_s=0, plots=False, log=lines.append)
+    assert again.submitted == [36] and retried.done == 1 and retried.remaining == 0
+    rows = read(tmp_path / "scaling.csv")
+    assert {k: float(r["accuracy"]) for k, r in rows.items()} == {f"vim-tiny-fixed-{n}": a for n, a in accuracy.items()}
+    assert rows["vim-tiny-fixed-36"]["job_status"] == "ok"
+
+
+def test_fan_out_arguments_are_checked(tmp_path):
+    cells = tiny_cells()[:1]
+    with pytest.raises(ValueError, match=r"^executor must be one of \('local', 'slurm'\), got 'pbs'$"):
+        scaling.run_study_jobs(cells, ["flops"], tmp_path, executor="pbs")
+    with pytest.raises(ValueError, match=r"^max_parallel must be an integer >= 1, got 0$"):
+        scaling.run_study_jobs(cells, ["flops"], tmp_path, executor="local", max_parallel=0)
+    with pytest.raises(SystemExit, match=r"^--max-parallel: expected an integer >= 1, got 0$"):
+        scaling.main(["--out", str(tmp_path), "--metrics", "flops", "--executor", "local", "--max-parallel", "0"])
