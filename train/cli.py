@@ -18,13 +18,16 @@ of the run that cannot be written or read: output.dir a file or read-only, a ful
 needed and free; the previous checkpoint stays in charge), a corrupt ``steps.csv``, ``trainer_state.json`` or
 DeepSpeed ``.pt`` file (resume=auto passes over a damaged checkpoint to the newest intact one).
 
+Exit status 75 (``EX_TEMPFAIL``): preempted by SIGTERM / SIGUSR1 (``train.preempt_signals``); a checkpoint of the
+current update was saved and ``resume=auto`` continues exactly (``train.preempt_requeue=true`` also runs ``scontrol
+requeue`` under SLURM). ``--submit slurm|local`` submits the run through submitit instead (docs/cluster.md).
+
 Exit status 3: the training diverged (a NaN or inf loss or weights, with ``train.nonfinite=stop``); one line names
 the update, its learning rate and the last finite checkpoint. Nothing non-finite is ever saved.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["main", "parse_args"]
@@ -66,13 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         from .submit import submit
 
         return submit(args, cfg)
-    from .checkpoint import CheckpointError, check_run_files
+    from .checkpoint import CheckpointError
     from .lock import OutputDirLocked
     from .loop import TrainingDiverged, preflight, run
 
     try:
         checked = preflight(cfg)
-        check_run_files(os.path.abspath(cfg.output.dir), checked.found)   # output.dir writable, logs readable
     except ConfigError as err:
         print(f"dartmamba-train: config error: {err}", file=sys.stderr)
         return 2

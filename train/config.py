@@ -286,6 +286,10 @@ class TrainConfig(_Section):
     save_interval: Count = 1                        # epochs
     keep_last: Count = 2                            # DeepSpeed checkpoints kept besides the best
     nonfinite: _one_of("stop", "skip") = "stop"     # a NaN/inf loss: stop the run, or skip that micro-batch
+    # signals that save a checkpoint after the current update and exit 75 (docs/cluster.md); null: the environment's
+    # DARTMAMBA_PREEMPT_SIGNALS, else "TERM,USR1"; "none" handles none
+    preempt_signals: Optional[str] = None
+    preempt_requeue: bool = False                   # after that save, rank 0 runs scontrol requeue (under SLURM)
     ema: EmaConfig = Field(default_factory=EmaConfig)
 
 

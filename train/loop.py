@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint import (NonFiniteWeights, TrainerState, check_fresh_output, check_resumable, check_same_model,
-                         find_checkpoint, first_nonfinite, last_checkpoint, load_checkpoint, move_aside,
+from .checkpoint import (NonFiniteWeights, TrainerState, check_fresh_output, check_resumable, check_run_files,
+                         check_same_model, find_checkpoint, first_nonfinite, last_checkpoint, load_checkpoint, move_aside,
                          repair_published, save_checkpoint)
 from .config import ConfigError, RunConfig, save_config
 from .data import (DataBundle, build_data, check_data_paths, mix_seed, model_data_config, steps_per_epoch,
@@ -304,7 +304,7 @@ def _preempted(cfg: RunConfig, parts: EngineParts, ema, state: TrainerState, out
                f"exit status {REQUEUE_EXIT_CODE}")
     logger.info(message)
     if dist.is_main:
-        done = requeue_slurm_job()
+        done = requeue_slurm_job(cfg.train.preempt_requeue)
         if done:
             logger.info(done)
     raise Preempted(message, folder)
@@ -351,13 +351,14 @@ def preflight(cfg: RunConfig) -> Preflight:
     (present, its tensors fit), the DeepSpeed config (file present, keys known to DeepSpeed) and the batch against
     the training set. Raises ConfigError, FileNotFoundError or CheckpointError naming the problem."""
     check_data_paths(cfg)
-    _signals()
+    _signals(cfg)
     if cfg.output.overwrite and cfg.resume is not None:
         raise ConfigError(f"output.overwrite: true starts a new run; it cannot be combined with resume={cfg.resume} "
                           f"(set one of them)")
     notes = []
     out_dir = os.path.abspath(cfg.output.dir)
     found = find_checkpoint(cfg.resume, out_dir, notes)
+    check_run_files(out_dir, found)                 # output.dir can hold the run; the logs to continue are readable
     if found is None and not cfg.output.overwrite:
         check_fresh_output(out_dir)
     _, world_size = launch_rank_and_world()
@@ -393,17 +394,21 @@ def run(cfg: RunConfig, local_rank: int | None = None, checked: Preflight | None
             lock.release()
 
 
-def _signals() -> list:
+def _signals(cfg: RunConfig) -> list:
+    """The preemption signals: ``train.preempt_signals`` when set, else the environment's, else TERM and USR1."""
+    configured = cfg.train.preempt_signals
     try:
+        if configured is not None:
+            return parse_signals(configured, source="train.preempt_signals")
         return parse_signals(os.environ.get(SIGNALS_ENV))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
 def _run(cfg: RunConfig, local_rank: int | None, checked: Preflight) -> RunResult:
-    signals = _signals()
+    signals = _signals(cfg)
     dist = init_distributed(local_rank)
-    handler = PreemptionHandler(signals).install()       # a signal from here on stops at an update boundary
+    handler = PreemptionHandler(signals, requeue=cfg.train.preempt_requeue).install()       # a signal from here on stops at an update boundary
     try:
         return _run_installed(cfg, checked, dist, handler)
     finally:

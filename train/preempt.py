@@ -9,10 +9,12 @@ asynchronously: the reduction started at update ``k`` is waited for at update ``
 synchronised and the network round trip overlaps an update's compute. Every rank reads the same reduced value of
 the same round, so all stop after the same update (one update after the signal at most).
 
-Settings (environment variables, read when a run starts):
+Settings, read when a run starts:
 
-- ``DARTMAMBA_PREEMPT_SIGNALS``: comma-separated signal names (``TERM,USR1``, the default; ``none`` handles none).
-- ``DARTMAMBA_PREEMPT_REQUEUE=1``: after the save, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` (under SLURM).
+- ``train.preempt_signals`` (else the environment's ``DARTMAMBA_PREEMPT_SIGNALS``): comma-separated signal names
+  (``TERM,USR1``, the default; ``none`` handles none).
+- ``train.preempt_requeue: true`` (or ``DARTMAMBA_PREEMPT_REQUEUE=1``): after the save, rank 0 runs ``scontrol
+  requeue $SLURM_JOB_ID`` (under SLURM).
 
 Exit status :data:`REQUEUE_EXIT_CODE` (75, ``EX_TEMPFAIL`` of sysexits.h: "temporary failure, retry") means "saved,
 resume me": a batch script requeues on it (``[ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID``), and
@@ -51,8 +53,9 @@ class Preempted(SystemExit):
         return self.message
 
 
-def parse_signals(text: str | None) -> list[signal.Signals]:
-    """``"TERM,USR1"`` -> [SIGTERM, SIGUSR1]; ``"none"`` or ``""`` -> []. ValueError names a bad entry."""
+def parse_signals(text: str | None, source: str = SIGNALS_ENV) -> list[signal.Signals]:
+    """``"TERM,USR1"`` -> [SIGTERM, SIGUSR1]; ``"none"`` or ``""`` -> []. ValueError names a bad entry and ``source``
+    (where the text came from)."""
     text = (DEFAULT_SIGNALS if text is None else text).strip()
     if text.lower() in ("", "none"):
         return []
@@ -61,7 +64,7 @@ def parse_signals(text: str | None) -> list[signal.Signals]:
         name = part.strip().upper()
         name = name if name.startswith("SIG") else f"SIG{name}"
         if name in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, name):
-            raise ValueError(f"{SIGNALS_ENV}: {part.strip()!r} is not a catchable signal name; expected a "
+            raise ValueError(f"{source}: {part.strip()!r} is not a catchable signal name; expected a "
                              f"comma-separated list such as TERM,USR1 (or none)")
         out.append(signal.Signals[name])
     return out
@@ -72,8 +75,9 @@ class PreemptionHandler:
     previous handlers on :meth:`restore`. Only the main thread can install handlers; elsewhere nothing is installed
     (``installed`` is False) and the run cannot be preempted gracefully."""
 
-    def __init__(self, signals: list[signal.Signals]):
+    def __init__(self, signals: list[signal.Signals], requeue: bool = False):
         self.signals, self.signum, self._previous = list(signals), None, {}
+        self.requeue = requeue                          # train.preempt_requeue
         self.installed = False
         self._signal_at = sorted(int(x) for x in os.environ.get(SIGNAL_AT_ENV, "").split(",") if x.strip())
 
@@ -105,7 +109,7 @@ class PreemptionHandler:
             return "preemption: not handled (training does not run in the main thread)"
         names = ", ".join(s.name for s in self.signals)
         return (f"preemption: {names} save a checkpoint after the current update and exit {REQUEUE_EXIT_CODE}"
-                + (" after scontrol requeue" if requeue_requested() else ""))
+                + (" after scontrol requeue" if requeue_requested(self.requeue) else ""))
 
     def after_update(self, start_step: int, global_step: int) -> None:
         """Test hook (:data:`SIGNAL_AT_ENV`): signal this process after the chosen update."""
@@ -163,19 +167,20 @@ class StopAgreement:
         self._finish()
 
 
-def requeue_requested() -> bool:
-    return os.environ.get(REQUEUE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def requeue_requested(configured: bool = False) -> bool:
+    """``train.preempt_requeue`` (``configured``) or :data:`REQUEUE_ENV` set to a true value."""
+    return configured or os.environ.get(REQUEUE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def requeue_slurm_job() -> str | None:
+def requeue_slurm_job(configured: bool = False) -> str | None:
     """``scontrol requeue $SLURM_JOB_ID`` when asked to (:data:`REQUEUE_ENV`) and under SLURM. Returns what was
     done (for the log), or None when nothing was asked."""
-    if not requeue_requested():
+    if not requeue_requested(configured):
         return None
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and \
         f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
     if not job:
-        return f"{REQUEUE_ENV} is set but this is not a SLURM job (no SLURM_JOB_ID): not requeued"
+        return f"requeue was asked for but this is not a SLURM job (no SLURM_JOB_ID): not requeued"
     try:
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -326,7 +326,7 @@ def test_cli_reports_config_errors_before_any_work(tmp_path, tiny_recipe, capsys
                                ["epochs", "batch_size", "eval_batch_size", "grad_accum", "clip_grad", "precision",
                                 "compile", "compile_scope", "compile_backend", "compile_mode", "seed",
                                 "steps_per_epoch", "log_interval", "eval_interval", "save_interval", "keep_last",
-                                "nonfinite", "ema"])))
+                                "nonfinite", "preempt_signals", "preempt_requeue", "ema"])))
     assert not out_dir.exists()
 
 

@@ -85,8 +85,8 @@ def test_signals_at_the_first_and_at_epoch_edges_then_resume_reproduces_the_run(
     assert_same_run(out, reference)
 
 
-def test_signal_names_are_checked(monkeypatch):
-    from dartmamba_train.config import ConfigError
+def test_signal_names_are_checked(recipe, monkeypatch):
+    from dartmamba_train.config import ConfigError, load_config
     from dartmamba_train.loop import _signals
     from dartmamba_train.preempt import parse_signals
 
@@ -95,7 +95,11 @@ def test_signal_names_are_checked(monkeypatch):
     monkeypatch.setenv("DARTMAMBA_PREEMPT_SIGNALS", "TERM,KILL")
     with pytest.raises(ConfigError, match=r"^DARTMAMBA_PREEMPT_SIGNALS: 'KILL' is not a catchable signal name; "
                                           r"expected a comma-separated list such as TERM,USR1 \(or none\)$"):
-        _signals()
+        _signals(load_config(recipe))
+    # the config's value wins over the environment's, and its errors name the config key
+    assert _signals(load_config(recipe, ["train.preempt_signals=USR2"])) == [signal.SIGUSR2]
+    with pytest.raises(ConfigError, match=r"^train.preempt_signals: 'STOP' is not a catchable signal name"):
+        _signals(load_config(recipe, ["train.preempt_signals=TERM,STOP"]))
 
 
 def _agree(rank: int, port: int, signal_round: int, queue) -> None:
