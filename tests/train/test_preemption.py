@@ -127,7 +127,9 @@ def test_ranks_agree_on_the_update_to_stop_at():
 
     from tests.train.test_launcher import free_port
 
-    ctx = multiprocessing.get_context("fork")         # CPU tensors and gloo only: forking is safe, and quick
+    # spawn, not fork: a forked child would inherit a default process group that earlier in-process tests of the
+    # suite left initialised
+    ctx = multiprocessing.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_agree, args=(rank, port, 2, queue)) for rank in (0, 1)]
     for proc in procs:
