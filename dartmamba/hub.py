@@ -119,8 +119,13 @@ def save_pretrained(model, folder, *, safe_serialization=True, model_config: dic
                          f"got a {type(model).__name__} without one")
     if not isinstance(folder, (str, os.PathLike)):
         raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    from .compat.timm import MODEL_ARGS_ATTRIBUTE, RECORDS_MODEL_ARGS
+
+    extra = {} if data_config is None else {"data_config": data_config}
+    if not RECORDS_MODEL_ARGS:          # timm < 1.0.31 does not read the model's record itself: hand it over
+        extra["model_args"] = dict(getattr(model, MODEL_ARGS_ATTRIBUTE, None) or {})
     timm.models.save_for_hf(model, folder, model_config=model_config, safe_serialization=safe_serialization,
-                            data_config=data_config)
+                            **extra)
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config.get("model_args", {}).pop("num_classes", None)

@@ -22,12 +22,28 @@ from __future__ import annotations
 
 from typing import Callable
 
+import timm.models
 from timm.models import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
-from timm.models._input import update_model_input_size as record_input_size
 
-__all__ = ["MODEL_ARGS_ATTRIBUTE", "feature_take_indices", "record_input_size", "recorded_model_args",
-           "resolve_pretrained_cfg"]
+try:
+    from timm.models._input import update_model_input_size as _update_model_input_size
+except ImportError:        # timm < 1.0.31 (the GPU image's 1.0.29) keeps no input traits or model_args to update
+    _update_model_input_size = None
+
+__all__ = ["MODEL_ARGS_ATTRIBUTE", "RECORDS_MODEL_ARGS", "feature_take_indices", "record_input_size",
+           "recorded_model_args", "resolve_pretrained_cfg"]
+
+# timm >= 1.0.31 records construction arguments (create_model writes them, get_model_args / save_for_hf read them);
+# older timm saves no model_args unless they are passed to save_for_hf, so a Hub round trip of non-default settings
+# needs timm >= 1.0.31 (or dartmamba.hub.save_pretrained, which passes them itself)
+RECORDS_MODEL_ARGS = hasattr(timm.models, "get_model_args")
+
+
+def record_input_size(model, img_size) -> None:
+    """timm's ``update_model_input_size(model, img_size)`` where timm has it (>= 1.0.31); nothing to record before."""
+    if _update_model_input_size is not None:
+        _update_model_input_size(model, img_size)
 
 MODEL_ARGS_ATTRIBUTE = "_model_args"       # timm's name; a model class binds recorded_model_args(...) to it
 _STORE = "_dartmamba_timm_model_args"      # where the property keeps what timm wrote (in the instance __dict__)

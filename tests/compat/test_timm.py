@@ -47,6 +47,8 @@ def test_resolve_pretrained_cfg_is_public_and_resolves_a_tag_with_an_overlay():
         f"overlay are no longer applied")
 
 
+@pytest.mark.skipif(not shims.RECORDS_MODEL_ARGS, reason="timm < 1.0.31 records no construction arguments "
+                    "(the shim's fallback is tested below)")
 def test_recorded_model_args_is_what_timm_writes_and_reads_construction_arguments_through(tmp_path):
     """timm.create_model writes the factory keywords into the model's ``_model_args`` and get_model_args /
     save_for_hf read it back: our property sees both (the saved config's model_args are what it returns)."""
@@ -76,3 +78,22 @@ def test_recorded_model_args_is_what_timm_writes_and_reads_construction_argument
     args = json.loads((tmp_path / "config.json").read_text())["model_args"]
     assert args["embed_dim"] == 32 and args["num_classes"] == 1000, (
         f"shim recorded_model_args: save_for_hf no longer writes the model's _model_args as model_args: {args}")
+
+
+def test_the_input_size_and_model_args_shims_match_the_installed_timm():
+    """timm >= 1.0.31 has update_model_input_size and get_model_args; 1.0.29 (the GPU image) has neither, and the
+    shims then record nothing instead of failing at import."""
+    import timm.models
+
+    has_input = True
+    try:
+        import timm.models._input  # noqa: F401
+    except ImportError:
+        has_input = False
+    assert shims.RECORDS_MODEL_ARGS == hasattr(timm.models, "get_model_args")
+    assert (shims._update_model_input_size is not None) == has_input, (
+        "shim record_input_size: timm.models._input.update_model_input_size moved or appeared")
+    if has_input:
+        assert parameters(shims._update_model_input_size)[:2] == ["model", "img_size"], (
+            f"shim record_input_size: timm's update_model_input_size now takes "
+            f"{parameters(shims._update_model_input_size)}; VisionMamba.set_input_size passes (model, img_size)")
