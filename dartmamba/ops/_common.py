@@ -11,6 +11,7 @@ An op declares its modes once; a backend registered without one gets the adapter
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Callable, Optional
 
@@ -128,3 +129,29 @@ def unit_stride(sequences: tuple[int, ...]) -> Callable[[Callable], Callable]:
             return fn(*args, **kwargs)
         return run
     return adapter
+
+
+class TritonKernels:
+    """The Triton kernels of one op's ``"triton"`` backend: ``module`` is imported at first use (importing dartmamba
+    never imports triton); ``probe`` names one of its kernels, whose type says whether they run interpreted."""
+
+    def __init__(self, module: str, probe: str):
+        self.module, self.probe = module, probe
+
+    @functools.cached_property
+    def kernels(self):
+        return importlib.import_module(self.module)
+
+    def interpreted(self) -> bool:
+        """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when they were imported)."""
+        return type(getattr(self.kernels, self.probe)).__name__ == "InterpretedFunction"
+
+    def unavailable(self) -> Optional[str]:
+        """Why the kernels cannot run here, or None."""
+        try:
+            self.kernels
+        except Exception as exc:  # a missing or broken triton must not break the other backends
+            return f"cannot import triton ({type(exc).__name__}: {exc}); pip install triton"
+        if not self.interpreted() and not torch.cuda.is_available():
+            return "CUDA is not available (and TRITON_INTERPRET=1 was not set for the interpreter)"
+        return None

@@ -114,17 +114,28 @@ def test_batch_score_norm_names_the_image_that_spoiled_the_batch():
         f"reach 1e+30, and score_norm='batch' standardises the scores over the whole batch; {OVERFLOW}")
 
 
-def test_nonfinite_scorer_weights_are_named_instead_of_the_images():
-    """Finite, ordinary images and a NaN in the scorer (a diverged training step): the error says so."""
+def scorer_error_on_ordinary_images(spoil) -> str:
+    """The message of a tokenizer whose scorer ``spoil(module)`` damaged, on finite images whose values reach 2."""
     module = tokenizer()
     with torch.no_grad():
-        module.scorer.trunk.layers[4].weight[3] = float("nan")
+        spoil(module)
     images = torch.randn(2, 3, 64, 64).clamp(-2, 2)
     images[0, 0, 0, 0] = 2.0
     with pytest.raises(ValueError) as err:
         module(images)
-    assert str(err.value) == (
-        "images: the DART scorer produced non-finite scores for image 0 (its values reach 2; scores[0, 0, 0] = nan): "
+    return str(err.value)
+
+
+ORDINARY = ("images: the DART scorer produced non-finite scores for image 0 (its values reach 2; "
+            "scores[0, 0, 0] = nan): ")
+
+
+def test_nonfinite_scorer_weights_are_named_instead_of_the_images():
+    """Finite, ordinary images and a NaN in the scorer (a diverged training step): the error says so."""
+    def spoil(module):
+        module.scorer.trunk.layers[4].weight[3] = float("nan")
+
+    assert scorer_error_on_ordinary_images(spoil) == ORDINARY + (
         "the scorer's own weights are not finite (tensor 'trunk.layers.4.weight' holds NaN or inf), e.g. after a "
         "diverged training step")
 
@@ -141,14 +152,9 @@ def test_given_scores_are_still_named_as_scores():
 def test_finite_but_huge_scorer_weights_with_ordinary_images_blame_the_weights():
     """Ordinary images, finite weights scaled by 1e30 (a diverging run): the scorer overflows; the error says the
     images are fine and points at the weights."""
-    module = tokenizer()
-    with torch.no_grad():
+    def spoil(module):
         module.scorer.trunk.layers[0].weight.mul_(1e30)
-    images = torch.randn(2, 3, 64, 64).clamp(-2, 2)
-    images[0, 0, 0, 0] = 2.0
-    with pytest.raises(ValueError) as err:
-        module(images)
-    assert str(err.value) == (
-        "images: the DART scorer produced non-finite scores for image 0 (its values reach 2; scores[0, 0, 0] = nan): "
+
+    assert scorer_error_on_ordinary_images(spoil) == ORDINARY + (
         "the images and the scorer's weights are finite and the pixel values moderate, so the scorer's weights are "
         "likely too large (a diverging run?)")

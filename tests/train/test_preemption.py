@@ -5,53 +5,30 @@ the last update of an epoch and the first update of the next one; and the ranks 
 update to stop at."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from dartmamba_train.logs import read_csv
 
-from tests.train.train_helpers import REPO, TRAIN_SCRIPT, run_train, train_env, write_recipe
+from tests.train.train_helpers import REPO, TRAIN_SCRIPT, run_train, train_env
+from tests.train.train_helpers import assert_same_run as same_run
+from tests.train.train_helpers import recipe_and_reference
 
 pytest.importorskip("deepspeed")
 
 # 2 epochs of 6 updates, a loss logged at every update
 RECIPE = dict(train={"epochs": 2, "batch_size": 32, "compile": False, "precision": "fp32", "log_interval": 1,
                      "keep_last": 1, "seed": 3})
-TIMING = {"img_per_s", "data_ms", "epoch_time_s"}
 
 
-def strip_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    return write_recipe(tmp_path_factory.mktemp("recipe") / "preempt.yaml", **RECIPE)
-
-
-@pytest.fixture(scope="module")
-def reference(recipe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    run_train(["--config", recipe, f"output.dir={out}"])
-    return out
+recipe, reference = recipe_and_reference("preempt.yaml", **RECIPE)
 
 
 def assert_same_run(out, ref):
-    steps, ref_steps = read_csv(os.path.join(out, "steps.csv")), read_csv(os.path.join(ref, "steps.csv"))
-    assert [int(r["step"]) for r in ref_steps] == list(range(1, 13))
-    assert strip_timing(steps) == strip_timing(ref_steps)          # loss and lr strings, update by update
-    summary, ref_summary = read_csv(os.path.join(out, "summary.csv")), read_csv(os.path.join(ref, "summary.csv"))
-    assert len(summary) == 2 and strip_timing(summary) == strip_timing(ref_summary)   # epoch train loss, accuracy
-    final = load_file(os.path.join(out, "last.safetensors"))
-    ref_final = load_file(os.path.join(ref, "last.safetensors"))
-    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+    same_run(out, ref, updates=12, epochs=2)
 
 
 def test_signals_at_the_first_and_at_epoch_edges_then_resume_reproduces_the_run(recipe, reference, tmp_path):

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from dartmamba_train.logs import read_csv
 
-from tests.train.train_helpers import TRAIN_SCRIPT, REPO, run_train, snapshot, train_env, write_recipe
+from tests.train.train_helpers import TRAIN_SCRIPT, REPO, run_train, snapshot, train_env
+from tests.train.train_helpers import assert_same_run as same_run
+from tests.train.train_helpers import recipe_and_reference
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -25,35 +27,13 @@ RESUME_RECIPE = dict(train={"epochs": 3, "batch_size": 32, "compile": False, "pr
                      data={"kind": "canvas", "num_workers": 0,
                            "canvas": {"canvas_size": 32, "object_size": [12, 16], "num_distractors": [1, 2],
                                       "train_length": 640, "val_length": 48}})
-TIMING = {"img_per_s", "data_ms", "epoch_time_s"}
 
 
-def strip_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    return write_recipe(tmp_path_factory.mktemp("recipe") / "resume.yaml", **RESUME_RECIPE)
-
-
-@pytest.fixture(scope="module")
-def reference(recipe, tmp_path_factory):
-    """The uninterrupted run."""
-    out = tmp_path_factory.mktemp("reference")
-    run_train(["--config", recipe, f"output.dir={out}"])
-    return out
+recipe, reference = recipe_and_reference("resume.yaml", **RESUME_RECIPE)
 
 
 def assert_same_run(out, ref):
-    steps, ref_steps = read_csv(os.path.join(out, "steps.csv")), read_csv(os.path.join(ref, "steps.csv"))
-    assert len(ref_steps) == 60 and [int(r["step"]) for r in ref_steps] == list(range(1, 61))
-    assert strip_timing(steps) == strip_timing(ref_steps)           # loss and lr strings, digit for digit
-    summary, ref_summary = read_csv(os.path.join(out, "summary.csv")), read_csv(os.path.join(ref, "summary.csv"))
-    assert strip_timing(summary) == strip_timing(ref_summary) and len(summary) == 3
-    final, ref_final = load_file(os.path.join(out, "last.safetensors")), load_file(os.path.join(ref, "last.safetensors"))
-    assert final.keys() == ref_final.keys()
-    assert all(torch.equal(final[k], ref_final[k]) for k in final)
+    same_run(out, ref, updates=60, epochs=3)
 
 
 def test_kill9_mid_epoch_then_resume_reproduces_the_run(recipe, reference, tmp_path):

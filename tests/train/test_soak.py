@@ -40,7 +40,7 @@ import time
 
 import pytest
 
-from tests.train.train_helpers import (read_text, start_train, train_env, wait_for_log, weights_digest,
+from tests.train.train_helpers import (read_text, start_train, strip_timing, train_env, wait_for_log, weights_digest,
                                        write_recipe)
 
 pytest.importorskip("deepspeed")
@@ -53,7 +53,6 @@ RECIPE = dict(train={"keep_last": KEEP_LAST, "seed": 11},
                     "canvas": {"canvas_size": 32, "object_size": [12, 16], "num_distractors": [1, 2],
                                "train_length": 32 * UPDATES_PER_EPOCH, "val_length": 32}})
 SAVE_POINTS = ("save:staged", "save:renamed", "save:pointed")
-TIMING = {"img_per_s", "data_ms", "epoch_time_s"}
 TAG = re.compile(r"^epoch(\d{4})$")
 UPDATE_LINE = re.compile(r"\(update (\d+)\)")
 PROCESS_TIMEOUT_S = 300
@@ -81,10 +80,6 @@ def epoch_of(tag: str | None) -> int:
 
 def tail(path, lines: int = 25) -> str:
     return "\n".join(read_text(path).splitlines()[-lines:])
-
-
-def strip_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 class Observation:

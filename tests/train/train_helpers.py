@@ -173,3 +173,46 @@ def weights_digest(path) -> str:
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
+
+
+TIMING = {"img_per_s", "data_ms", "epoch_time_s"}       # the log columns that differ between identical runs
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def assert_same_run(out, ref, *, updates: int, epochs: int) -> None:
+    """The run in ``out`` is the uninterrupted run ``ref``: steps.csv (loss and lr strings, update by update: one
+    row per update), summary.csv (one row per epoch) and the final weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dartmamba_train.logs import read_csv
+
+    steps, ref_steps = read_csv(os.path.join(out, "steps.csv")), read_csv(os.path.join(ref, "steps.csv"))
+    assert [int(r["step"]) for r in ref_steps] == list(range(1, updates + 1))
+    assert strip_timing(steps) == strip_timing(ref_steps)
+    summary, ref_summary = read_csv(os.path.join(out, "summary.csv")), read_csv(os.path.join(ref, "summary.csv"))
+    assert len(summary) == epochs and strip_timing(summary) == strip_timing(ref_summary)
+    final = load_file(os.path.join(out, "last.safetensors"))
+    ref_final = load_file(os.path.join(ref, "last.safetensors"))
+    assert final.keys() == ref_final.keys() and all(torch.equal(final[k], ref_final[k]) for k in final)
+
+
+def recipe_and_reference(file_name: str, **sections):
+    """Module-scoped fixtures ``recipe`` (the tiny recipe with ``sections`` merged, written as ``file_name``) and
+    ``reference`` (the output folder of its uninterrupted run): ``recipe, reference = recipe_and_reference(...)``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def recipe(tmp_path_factory):
+        return write_recipe(tmp_path_factory.mktemp("recipe") / file_name, **sections)
+
+    @pytest.fixture(scope="module")
+    def reference(recipe, tmp_path_factory):
+        out = tmp_path_factory.mktemp("reference")
+        run_train(["--config", recipe, f"output.dir={out}"])
+        return out
+
+    return recipe, reference

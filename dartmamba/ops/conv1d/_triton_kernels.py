@@ -21,18 +21,25 @@ def _pre(x_base, w_ptr, offs_d, mask_d, pos, bias, sx_l, L, DIM, KW: tl.constexp
 
 
 @triton.jit
-def conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, DIM, sx_b, sx_d, sx_l, so_b, so_d, so_l,
-                    KW: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _program_tile(b_ptr, DIM, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The program's tile (grid: L tiles, channel blocks, batch): its L tile index, batch row, positions [L],
+    channels [D] and their mask, and the bias of those channels (zeros without one)."""
     pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0)
+    return pid_l, pid_b, offs_l, offs_d, mask_d, bias
+
+
+@triton.jit
+def conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, DIM, sx_b, sx_d, sx_l, so_b, so_d, so_l,
+                    KW: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_l, pid_b, offs_l, offs_d, mask_d, bias = _program_tile(b_ptr, DIM, HAS_BIAS, BLOCK_D, BLOCK_L)
     acc = _pre(x_ptr + pid_b * sx_b + offs_d * sx_d, w_ptr, offs_d, mask_d, offs_l, bias, sx_l, L, DIM, KW)
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -48,15 +55,7 @@ def conv_bwd_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, DI
                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx[t] = sum_k w[k] g[t + KW - 1 - k] with g = dout * act'(pre) recomputed at the KW shifted positions;
     dweight and dbias partial sums per program, float32 (batch * n_tiles, dim, KW) and (batch * n_tiles, dim)."""
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0)
+    pid_l, pid_b, offs_l, offs_d, mask_d, bias = _program_tile(b_ptr, DIM, HAS_BIAS, BLOCK_D, BLOCK_L)
     x_base = x_ptr + pid_b * sx_b + offs_d * sx_d
     g_base = dout_ptr + pid_b * sg_b + offs_d * sg_d
     dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)

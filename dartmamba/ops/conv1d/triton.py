@@ -13,14 +13,13 @@ fakes, registered autograd and FLOP formulas (``torch.compile`` traces them; not
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ... import backends
-from .._common import register_flops
+from .._common import TritonKernels, register_flops
 from .checks import check_args, conv_bwd_flops, conv_flops
 
 CAPABILITIES = frozenset({"any_strides"})
@@ -30,28 +29,13 @@ _WIDTHS = (2, 3, 4)
 BLOCKS_GPU, BLOCKS_INTERPRETED = (32, 64), (32, 16)
 
 
-@functools.cache
+_TRITON = TritonKernels("dartmamba.ops.conv1d._triton_kernels", "conv_fwd_kernel")
+interpreted = _TRITON.interpreted
+triton_unavailable = backends.cached_check(_TRITON.unavailable)
+
+
 def _kernels():
-    from . import _triton_kernels
-    return _triton_kernels
-
-
-def interpreted() -> bool:
-    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when they were imported)."""
-    return type(_kernels().conv_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _unavailable() -> Optional[str]:
-    try:
-        _kernels()
-    except Exception as exc:  # a missing or broken triton must not break the other backends
-        return f"cannot import triton ({type(exc).__name__}: {exc}); pip install triton"
-    if not interpreted() and not torch.cuda.is_available():
-        return "CUDA is not available (and TRITON_INTERPRET=1 was not set for the interpreter)"
-    return None
-
-
-triton_unavailable = backends.cached_check(_unavailable)
+    return _TRITON.kernels
 
 
 def unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",

@@ -28,6 +28,29 @@ def _step(raw, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _program_channels(a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's channels (grid: channel blocks, batch): its batch row, channels [D] and their mask, their B/C
+    group, states [N] and masks, A [D, N], delta_bias and D [D] (zeros where absent)."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    group = (pid_d * BLOCK_D) // PER_GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(a_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(dd_ptr + offs_d, mask=mask_d, other=0.0)
+    return pid_b, offs_d, mask_d, group, offs_n, mask_n, mask_dn, A, bias, skip
+
+
+@triton.jit
 def _tile(u_base, dt_base, b_base, c_base, mask_d, offs_n, mask_n, offs_l, mask_l, A2, bias,
           su_l, sdt_l, sb_n, sb_l, sc_n, sc_l, SOFTPLUS: tl.constexpr):
     """Load one tile and form the recurrence's terms: u, raw delta, dt [D, L]; B, C [N, L]; decay exp(dt A) and
@@ -53,21 +76,9 @@ def scan_fwd_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dd_ptr, z_ptr, bias_ptr,
                     sz_b, sz_d, sz_l,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    group = (pid_d * BLOCK_D) // PER_GROUP
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(a_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0) * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(dd_ptr + offs_d, mask=mask_d, other=0.0)
+    pid_b, offs_d, mask_d, group, offs_n, mask_n, mask_dn, A, bias, skip = _program_channels(
+        a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
+    A2 = A * LOG2E
     u_base = u_ptr + pid_b * su_b + offs_d * su_d
     dt_base = dt_ptr + pid_b * sdt_b + offs_d * sdt_d
     b_base = b_ptr + pid_b * sb_b + group * sb_g
@@ -110,22 +121,9 @@ def scan_bwd_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dd_ptr, z_ptr, bias_ptr,
     adjoint lambda_t = dL/dh_t = C_t dy_t + exp(dt_{t+1} A) lambda_{t+1} by a reverse scan carried across tiles.
     Per-channel sums (dA, dD, ddelta_bias) are written per batch row (summed on the host side, deterministic);
     dB, dC are sums over the group's channels: atomic adds into float32 (batch, G, N, L)."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    group = (pid_d * BLOCK_D) // PER_GROUP
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(a_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    pid_b, offs_d, mask_d, group, offs_n, mask_n, mask_dn, A, bias, skip = _program_channels(
+        a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
     A2 = A * LOG2E
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(dd_ptr + offs_d, mask=mask_d, other=0.0)
     u_base = u_ptr + pid_b * su_b + offs_d * su_d
     dt_base = dt_ptr + pid_b * sdt_b + offs_d * sdt_d
     b_base = b_ptr + pid_b * sb_b + group * sb_g

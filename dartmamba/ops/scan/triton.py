@@ -30,14 +30,13 @@ Design, for speed on the GPU:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ... import backends
-from .._common import register_flops
+from .._common import TritonKernels, register_flops
 from .checks import check_args, grads_like, grouped, scan_bwd_flops, scan_fwd_flops, with_state
 
 CAPABILITIES = frozenset({"any_strides"})
@@ -48,28 +47,13 @@ _MAX_DSTATE = 256
 BLOCK_L_GPU, BLOCK_L_INTERPRETED = 32, 16
 
 
-@functools.cache
+_TRITON = TritonKernels("dartmamba.ops.scan._triton_kernels", "scan_fwd_kernel")
+interpreted = _TRITON.interpreted
+triton_unavailable = backends.cached_check(_TRITON.unavailable)
+
+
 def _kernels():
-    from . import _triton_kernels
-    return _triton_kernels
-
-
-def interpreted() -> bool:
-    """Whether the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when they were imported)."""
-    return type(_kernels().scan_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _unavailable() -> Optional[str]:
-    try:
-        _kernels()
-    except Exception as exc:  # a missing or broken triton must not break the other backends
-        return f"cannot import triton ({type(exc).__name__}: {exc}); pip install triton"
-    if not interpreted() and not torch.cuda.is_available():
-        return "CUDA is not available (and TRITON_INTERPRET=1 was not set for the interpreter)"
-    return None
-
-
-triton_unavailable = backends.cached_check(_unavailable)
+    return _TRITON.kernels
 
 
 def unsupported(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
