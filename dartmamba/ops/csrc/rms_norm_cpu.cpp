@@ -24,6 +24,17 @@ using namespace dartmamba_cpu;
 
 constexpr int64_t kRowsPerTask = 16;
 
+// 1 / sqrt(mean square + eps) of a row of `dim` values: the vector lanes' partial sums plus the scalar tail's.
+template <typename T>
+T row_rstd(const Vectorized<T>& squares, T tail, int64_t dim, double eps) {
+  constexpr int W = Vectorized<T>::size();
+  T lanes[W];
+  squares.store(lanes);
+  for (int l = 0; l < W; ++l) tail += lanes[l];
+  const T mean = tail / static_cast<T>(dim);
+  return T(1) / std::sqrt(mean + static_cast<T>(eps));
+}
+
 template <typename T>
 void rms_norm_rows(const T* x, int64_t x_stride, const T* residual, int64_t r_stride, const T* weight,
                    const T* bias, double eps, int64_t rows, int64_t dim, T* out, T* residual_out) {
@@ -49,11 +60,7 @@ void rms_norm_rows(const T* x, int64_t x_stride, const T* residual, int64_t r_st
         s[j] = v;
         tail += v * v;
       }
-      T lanes[W];
-      squares.store(lanes);
-      for (int l = 0; l < W; ++l) tail += lanes[l];
-      const T mean = tail / static_cast<T>(dim);
-      const T rstd = T(1) / std::sqrt(mean + static_cast<T>(eps));
+      const T rstd = row_rstd(squares, tail, dim, eps);
       const Vec rv(rstd);
       T* o = out + row * dim;
       j = 0;
@@ -140,11 +147,7 @@ void rms_norm_rows_converted(const at::Tensor& x, const at::Tensor& residual, co
         tail += v * v;
       }
       if (store_residual) store_row(s.data(), rot, dim, rop + row * ro_step);
-      T lanes[W];
-      squares.store(lanes);
-      for (int l = 0; l < W; ++l) tail += lanes[l];
-      const T mean = tail / static_cast<T>(dim);
-      const T rstd = T(1) / std::sqrt(mean + static_cast<T>(eps));
+      const T rstd = row_rstd(squares, tail, dim, eps);
       const Vec rv(rstd);
       j = 0;
       for (; j + W <= dim; j += W) {

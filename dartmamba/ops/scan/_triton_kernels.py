@@ -51,6 +51,14 @@ def _program_channels(a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _sequence_bases(u_ptr, dt_ptr, b_ptr, c_ptr, pid_b, offs_d, group, su_b, su_d, sdt_b, sdt_d, sb_b, sb_g,
+                    sc_b, sc_g):
+    """Where the program's sequences start: u and delta [D] (one row per channel), B and C (the group's slice)."""
+    return (u_ptr + pid_b * su_b + offs_d * su_d, dt_ptr + pid_b * sdt_b + offs_d * sdt_d,
+            b_ptr + pid_b * sb_b + group * sb_g, c_ptr + pid_b * sc_b + group * sc_g)
+
+
+@triton.jit
 def _tile(u_base, dt_base, b_base, c_base, mask_d, offs_n, mask_n, offs_l, mask_l, A2, bias,
           su_l, sdt_l, sb_n, sb_l, sc_n, sc_l, SOFTPLUS: tl.constexpr):
     """Load one tile and form the recurrence's terms: u, raw delta, dt [D, L]; B, C [N, L]; decay exp(dt A) and
@@ -79,10 +87,8 @@ def scan_fwd_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dd_ptr, z_ptr, bias_ptr,
     pid_b, offs_d, mask_d, group, offs_n, mask_n, mask_dn, A, bias, skip = _program_channels(
         a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
     A2 = A * LOG2E
-    u_base = u_ptr + pid_b * su_b + offs_d * su_d
-    dt_base = dt_ptr + pid_b * sdt_b + offs_d * sdt_d
-    b_base = b_ptr + pid_b * sb_b + group * sb_g
-    c_base = c_ptr + pid_b * sc_b + group * sc_g
+    u_base, dt_base, b_base, c_base = _sequence_bases(u_ptr, dt_ptr, b_ptr, c_ptr, pid_b, offs_d, group,
+                                                      su_b, su_d, sdt_b, sdt_d, sb_b, sb_g, sc_b, sc_g)
     out_base = out_ptr + (pid_b * DIM + offs_d) * L
     ckpt_base = ckpt_ptr + ((pid_b * DIM + offs_d[:, None]) * n_chunks) * N + offs_n[None, :]
     lanes = tl.arange(0, BLOCK_L)
@@ -124,10 +130,8 @@ def scan_bwd_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dd_ptr, z_ptr, bias_ptr,
     pid_b, offs_d, mask_d, group, offs_n, mask_n, mask_dn, A, bias, skip = _program_channels(
         a_ptr, bias_ptr, dd_ptr, DIM, N, PER_GROUP, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
     A2 = A * LOG2E
-    u_base = u_ptr + pid_b * su_b + offs_d * su_d
-    dt_base = dt_ptr + pid_b * sdt_b + offs_d * sdt_d
-    b_base = b_ptr + pid_b * sb_b + group * sb_g
-    c_base = c_ptr + pid_b * sc_b + group * sc_g
+    u_base, dt_base, b_base, c_base = _sequence_bases(u_ptr, dt_ptr, b_ptr, c_ptr, pid_b, offs_d, group,
+                                                      su_b, su_d, sdt_b, sdt_d, sb_b, sb_g, sc_b, sc_g)
     row = (pid_b * DIM + offs_d) * L                                 # contiguous (batch, dim, L) buffers
     gbase = (pid_b * G + group) * N * L                              # float32 (batch, G, N, L) dB, dC
     ckpt_base = ckpt_ptr + ((pid_b * DIM + offs_d[:, None]) * n_chunks) * N + offs_n[None, :]
