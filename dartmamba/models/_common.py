@@ -162,7 +162,8 @@ def effective_model_args(model, recorded: dict) -> dict:
     - ``num_classes``, ``global_pool``: the head's now (``reset_classifier``); ``img_size``: the tokenizer's
       (``set_input_size``);
     - for a DART tokenizer (image or video): ``num_tokens``, ``grid_size`` and, in ``tokenizer_cfg`` (``dart_cfg``
-      folded in), the scorer's ``trunk``, ``head`` (image) / ``first_frame_score`` (video), ``score_norm``,
+      folded in), the scorer's ``trunk``, ``head`` (image) / ``score_mode`` and ``first_frame_score`` (video),
+      ``score_norm``,
       ``scorer_input_size``, ``trunk_bn_eps`` (MobileNetV3 trunks), ``num_rows``, ``sampling``, ``uniform_scores``, and
       ``trunk_weights="random"``: the saved weights hold the trunk, so loading fetches nothing;
     - ``scorer_dtype`` as a name (JSON); placement and weight-source keywords dropped.
@@ -191,7 +192,11 @@ def effective_model_args(model, recorded: dict) -> dict:
                        num_rows=tokenizer.num_rows, sampling=tokenizer.sampling,
                        uniform_scores=bool(tokenizer.uniform_scores), trunk_weights="random")
         if isinstance(tokenizer, VideoDartTokenizer):
-            options["first_frame_score"] = scorer.first_frame_score
+            options["score_mode"] = scorer.score_mode
+            if scorer.first_frame_score is None:
+                options.pop("first_frame_score", None)
+            else:
+                options["first_frame_score"] = scorer.first_frame_score
         else:
             options["head"] = scorer.head_version
         if scorer.trunk_bn_eps is not None:

@@ -45,7 +45,7 @@ class VideoMamba(MambaBackbone):
         num_tokens: tokens of an adaptive tokenizer (video DART: default T * h * w, the grid's count).
         grid_size: per-frame grid (DART: score cells, default ``img_size / patch_size``).
         tokenizer_cfg: the tokenizer's own options (video DART: trunk, score_norm, scorer_input_size,
-            trunk_weights, trunk_bn_eps, first_frame_score, sampling, backends, uniform_scores, num_rows; grid:
+            trunk_weights, trunk_bn_eps, score_mode, first_frame_score, sampling, backends, uniform_scores, num_rows; grid:
             tubelet_size).
         global_pool: ``"token"`` (the class token, VideoMamba's) or ``"avg"`` (mean of the other tokens).
         bimamba_impl: how each mixer runs its two scan directions (as :class:`~dartmamba.models.vim.VisionMamba`).

@@ -8,8 +8,8 @@ or a small module, and the image code they reuse:
 stage                               shape                                                code
 ==================================  ===================================================  ===========================
 per-frame trunk features            (B, C, T, H, W) -> (B, T, C', h, w)                  :meth:`VideoScorer.features`
-temporal-difference strength        -> (B, T - 1, h, w)                                  :class:`TemporalDifferenceHead`
-scores over the frame stack         -> (B, T * Gh, Gw) (frame 0: a constant)             :func:`video_scores`
+content / motion strength           -> (B, T, h, w) (authors: (B, T - 1, h, w))          :class:`SpatiotemporalHead`
+scores over the frame stack         -> (B, T * Gh, Gw) (authors: frame 0 a constant)     :func:`video_scores`
 geometry over the frame stack       R = int(sqrt(N / T) * T) bands, N token edges        :func:`~.partition.partition`
 patches                             (B, C, T * H, W) -> (B, N, C, p, p)                  :func:`~.resample.resample_patches`
 embedding + positions               Conv3d(C, D, (1, p, p)) as one GEMM; spatial (repeated over T) + temporal (repeated
@@ -21,10 +21,19 @@ dispatch of the image stages (the Triton kernels on CUDA where they take the sha
 unchanged. Bands are cut over the whole stack, so a band (and a token in it) may straddle two frames, as in the
 authors' code.
 
-Scores, exactly as the authors': frozen MobileNetV3-small cut at stride 16 (torchvision ``features[:8]``, 48
-channels, 14 x 14 at 224) on every frame; ``d_t = f_t - f_{t-1}`` for t = 1 .. T-1; strength
-``sum_c ReLU(motion(d_t))_c * sigmoid(gate(mean f))_c`` (the mean over frames 1 .. T-1 and all cells);
-standardised over the whole video (per sample), then ``sigmoid((s - 1) * 1.5)``; frame 0 gets a constant 0.5.
+Two ways to score (``score_mode``), on the per-frame features of a frozen MobileNetV3-small cut at stride 16
+(torchvision ``features[:8]``, 48 channels, 14 x 14 at 224; or the trainable ``tiny_cnn``):
+
+- ``"content"`` (the default for new models, :class:`SpatiotemporalHead`): every frame, frame 0 included, is scored
+  from its own content on one scale: its motion against each neighbouring frame (frame 0 against frame 1),
+  ``mean_n sum_c ReLU(motion(f_t - f_n))_c * g_c``, plus a learned share of spatial detail ``sum_c f_t,c * g_c``
+  (its weight starts at 0), ``g = sigmoid(gate(mean f))`` over all frames; standardised over the whole video, then
+  ``sigmoid((s - 1) * 1.5)``. A static region scores the same in every frame, so tokens follow what moves.
+- ``"authors"`` (:class:`TemporalDifferenceHead`, exactly the authors' formula, for their checkpoints):
+  ``d_t = f_t - f_{t-1}`` for t = 1 .. T-1; strength ``sum_c ReLU(motion(d_t))_c * sigmoid(gate(mean f))_c`` (the
+  mean over frames 1 .. T-1 and all cells); standardised over the whole video (per sample), then
+  ``sigmoid((s - 1) * 1.5)``; frame 0 gets a constant 0.5. With few frames the constant draws the tokens to frame 0
+  (docs/video.md measures it).
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ from .scorer import DartScorer, standardise_scores
 from .validation import as_pair, autocast_enabled, check_token_counts
 
 __all__ = ["VideoGridTokenizer", "VideoDartTokenizer", "VideoDartTokens", "VideoScorer", "TemporalDifferenceHead",
-           "stack_frames", "unstack_frames", "video_num_rows", "spatiotemporal_pos_embed", "video_scores",
+           "SpatiotemporalHead", "SCORE_MODES", "resolve_score_mode", "stack_frames", "unstack_frames", "video_num_rows", "spatiotemporal_pos_embed", "video_scores",
            "tokens_per_frame", "check_video"]
 
 VIDEO_TRUNK = "mobilenetv3_small_s16"     # the authors' trunk: torchvision mobilenet_v3_small features[:8]
@@ -56,6 +65,8 @@ VIDEO_TRUNK = "mobilenetv3_small_s16"     # the authors' trunk: torchvision mobi
 _OFFICIAL_UNUSED_STAGES = (8, 9, 10)
 _OFFICIAL_SCORER = "score_backbone.features."
 _OFFICIAL_HEAD = {"score_head1.": "scorer.head.motion.", "score_head2.": "scorer.head.gate."}
+SCORE_MODES = ("content", "authors")
+_AUTHORS_FIRST_FRAME_SCORE = 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,23 +116,27 @@ def spatiotemporal_pos_embed(spatial: Tensor, temporal: Tensor) -> Tensor:
     return (temporal[:, :, None, :] + spatial[:, None, :, :]).flatten(1, 2)
 
 
-def video_scores(strength: Tensor, score_norm: str = "sample", first_frame_score: float = 0.5) -> Tensor:
-    """Motion strengths -> positive scores over the frame stack (the authors' squash).
+def video_scores(strength: Tensor, score_norm: str = "sample", first_frame_score: float | None = 0.5) -> Tensor:
+    """Strengths -> positive scores over the frame stack, all frames standardised together, then squashed with
+    ``sigmoid((s - 1) * 1.5)`` (the authors' squash).
 
     Args:
-        strength: (B, T - 1, Gh, Gw) raw strength of frames 1 .. T-1 (T - 1 may be 0: a single frame).
+        strength: with ``first_frame_score`` a number (the authors'): (B, T - 1, Gh, Gw), the raw strength of frames
+            1 .. T-1 (T - 1 may be 0: a single frame); with ``first_frame_score=None`` (content scoring):
+            (B, T, Gh, Gw), every frame's.
         score_norm: ``"sample"`` (one mean / std per video, the authors') or ``"batch"`` (one over the batch).
-        first_frame_score: the constant score of frame 0, which has no previous frame (authors: 0.5).
+        first_frame_score: the constant score of frame 0, which has no previous frame (authors: 0.5), or ``None``.
 
     Returns:
-        (B, T * Gh, Gw): frame 0 at ``first_frame_score``, then ``sigmoid((standardised - 1) * 1.5)``.
+        (B, T * Gh, Gw).
     """
-    batch, moving, grid_h, grid_w = strength.shape
+    batch, frames, grid_h, grid_w = strength.shape
+    squashed = (torch.sigmoid((standardise_scores(strength.reshape(batch, frames * grid_h, grid_w), score_norm)
+                               - 1.0) * 1.5) if frames else strength.new_zeros(batch, 0, grid_w))
+    if first_frame_score is None:
+        return squashed
     first = strength.new_full((batch, grid_h, grid_w), float(first_frame_score))
-    if moving == 0:
-        return first
-    standardised = standardise_scores(strength.reshape(batch, moving * grid_h, grid_w), score_norm)
-    return torch.cat([first, torch.sigmoid((standardised - 1.0) * 1.5)], dim=1)
+    return torch.cat([first, squashed], dim=1)
 
 
 def tokens_per_frame(geometry: DartGeometry, num_frames: int) -> Tensor:
@@ -157,34 +172,103 @@ class TemporalDifferenceHead(nn.Module):
         return torch.einsum("bthwc,bc->bthw", F.relu(self.motion(difference)), gate)
 
 
+class SpatiotemporalHead(nn.Module):
+    """Every frame's strength from its own content, on one scale: motion against its neighbours plus spatial detail.
+
+    (B, T, C, h, w) -> (B, T, h, w)::
+
+        motion_t = mean over n in {t - 1, t + 1} (those that exist) of sum_c ReLU(motion(f_t - f_n))_c * g_c
+        detail_t = sum_c f_t,c * g_c
+        strength_t = motion_t + detail_weight * detail_t,       g = sigmoid(gate(mean of f over frames and cells))
+
+    Frame 0 is measured against frame 1 and the last frame against the one before, so a region that never changes
+    scores alike in every frame and one frame cannot collect the tokens by position alone. ``detail_weight`` starts
+    at 0 (at initialisation tokens follow motion; training decides how much static detail is worth), and a
+    single-frame clip scores by detail only. Parameters: ``motion`` and ``gate`` as :class:`TemporalDifferenceHead`
+    (C -> C each), ``detail_weight`` (shape (1,)).
+    """
+
+    def __init__(self, chans: int, device=None, dtype=None):
+        super().__init__()
+        self.motion = nn.Linear(chans, chans, device=device, dtype=dtype)
+        self.gate = nn.Linear(chans, chans, device=device, dtype=dtype)
+        # shape (1,), not (): DeepSpeed's parameter broadcast views every parameter as bytes, which a 0-d tensor refuses
+        self.detail_weight = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+
+    def forward(self, features: Tensor) -> Tensor:
+        frames = features.movedim(2, -1)                                             # (B, T, h, w, C)
+        gate = torch.sigmoid(self.gate(frames.mean(dim=(1, 2, 3))))[:, None, None, None]   # (B, 1, 1, 1, C)
+        strength = self.detail_weight * (frames * gate).sum(-1)                      # (B, T, h, w)
+        if frames.shape[1] < 2:
+            return strength
+        # motion(f_t - f_n) = W (f_t - f_n) + b: the previous neighbour's term uses W d_t, the next one's -W d_{t+1}
+        change = F.linear(frames[:, 1:] - frames[:, :-1], self.motion.weight)         # W d_t, t = 1 .. T-1
+        after = (F.relu(change + self.motion.bias) * gate).sum(-1)                   # frames 1 .. T-1 vs previous
+        before = (F.relu(self.motion.bias - change) * gate).sum(-1)                  # frames 0 .. T-2 vs next
+        pad = after.new_zeros(after[:, :1].shape)
+        neighbours = torch.full((frames.shape[1],), 2.0, device=after.device, dtype=after.dtype)
+        neighbours[0] = neighbours[-1] = 1.0
+        motion = (torch.cat([pad, after], 1) + torch.cat([before, pad], 1)) / neighbours[:, None, None]
+        return strength + motion
+
+
+def resolve_score_mode(score_mode: str | None, first_frame_score) -> tuple[str, float | None]:
+    """-> (score mode, first-frame constant or None). ``score_mode=None`` means ``"authors"`` when a
+    ``first_frame_score`` is given (configs saved before content scoring existed recorded one) and ``"content"``
+    otherwise."""
+    if score_mode is None:
+        score_mode = "content" if first_frame_score is None else "authors"
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+    if score_mode == "content":
+        if first_frame_score is not None:
+            raise ValueError(f"first_frame_score: score_mode='content' scores frame 0 from its content; a constant "
+                             f"first-frame score ({first_frame_score!r}) belongs to score_mode='authors'")
+        return score_mode, None
+    if first_frame_score is None:
+        first_frame_score = _AUTHORS_FIRST_FRAME_SCORE
+    if isinstance(first_frame_score, bool) or not isinstance(first_frame_score, (int, float)) \
+            or not first_frame_score > 0:
+        raise ValueError(f"first_frame_score must be a number > 0, got {first_frame_score!r}")
+    return score_mode, float(first_frame_score)
+
+
 class VideoScorer(DartScorer):
     """Video (B, C, T, H, W) -> positive scores over the frame stack (B, T * Gh, Gw).
 
     The image scorer's trunk handling (frozen trunks in eval mode under ``no_grad``, skipped by ``init_weights``;
-    ``input_size``, ``channels_last``, ``trunk_dtype``) on every frame, with :class:`TemporalDifferenceHead` and
-    :func:`video_scores` instead of an image head. Strengths are resized to the ``grid_size`` (Gh, Gw) per frame
-    (bilinear, before standardisation) when the trunk's grid differs.
+    ``input_size``, ``channels_last``, ``trunk_dtype``) on every frame, with a video head and :func:`video_scores`
+    instead of an image head: :class:`SpatiotemporalHead` for ``score_mode="content"`` (the default),
+    :class:`TemporalDifferenceHead` and the constant ``first_frame_score`` (default 0.5) for ``"authors"``; see
+    :func:`resolve_score_mode`. Strengths are resized to the ``grid_size`` (Gh, Gw) per frame (bilinear, before
+    standardisation) when the trunk's grid differs.
     """
 
     def __init__(self, grid_size: tuple[int, int], trunk: str = VIDEO_TRUNK, score_norm: str = "sample",
-                 input_size=None, in_chans: int = 3, trunk_weights: str | None = None, first_frame_score: float = 0.5,
-                 channels_last: bool = False, trunk_dtype=None, trunk_bn_eps: float | None = None, device=None,
-                 dtype=None):
-        if not isinstance(first_frame_score, (int, float)) or not first_frame_score > 0:
-            raise ValueError(f"first_frame_score must be a number > 0, got {first_frame_score!r}")
-        super().__init__(grid_size, trunk=trunk, head="temporal", score_norm=score_norm, input_size=input_size,
+                 input_size=None, in_chans: int = 3, trunk_weights: str | None = None,
+                 first_frame_score: float | None = None, channels_last: bool = False, trunk_dtype=None,
+                 trunk_bn_eps: float | None = None, score_mode: str | None = None, device=None, dtype=None):
+        score_mode, first_frame_score = resolve_score_mode(score_mode, first_frame_score)
+        super().__init__(grid_size, trunk=trunk, head=score_mode, score_norm=score_norm, input_size=input_size,
                          in_chans=in_chans, trunk_weights=trunk_weights, channels_last=channels_last,
                          trunk_dtype=trunk_dtype, trunk_bn_eps=trunk_bn_eps, device=device, dtype=dtype)
-        self.first_frame_score = float(first_frame_score)
+        self.score_mode, self.first_frame_score = score_mode, first_frame_score
 
     @staticmethod
     def check_head(head: str) -> None:
-        if head != "temporal":
-            raise ValueError(f"a video scorer's head is 'temporal', got {head!r}")
+        if head not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {head!r}")
 
     @staticmethod
     def build_head(head: str, chans: int, hidden: int, device=None, dtype=None) -> nn.Module:
-        return TemporalDifferenceHead(chans, device=device, dtype=dtype)
+        head_class = SpatiotemporalHead if head == "content" else TemporalDifferenceHead
+        return head_class(chans, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        super().init_weights()
+        if isinstance(self.head, SpatiotemporalHead):
+            self.head.detail_weight.zero_()
 
     def features(self, video: Tensor) -> Tensor:
         """Per-frame trunk features. (B, C, T, H, W) -> (B, T, C', h, w)."""
@@ -192,7 +276,8 @@ class VideoScorer(DartScorer):
         return rearrange(self.trunk_features(frames), "(b t) c h w -> b t c h w", b=video.shape[0])
 
     def raw_scores(self, video: Tensor) -> Tensor:
-        """Motion strength of frames 1 .. T-1 on the score grid. (B, C, T, H, W) -> (B, T - 1, Gh, Gw)."""
+        """Strength on the score grid: (B, C, T, H, W) -> (B, T, Gh, Gw) (content) or (B, T - 1, Gh, Gw), the
+        motion of frames 1 .. T-1 (authors)."""
         strength = self.head(self.features(video))
         if strength.shape[1] and tuple(strength.shape[-2:]) != self.grid_size:
             strength = F.interpolate(strength, size=self.grid_size, mode="bilinear", align_corners=False)
@@ -295,7 +380,10 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
         trunk, score_norm, scorer_input_size, trunk_weights, scorer_channels_last, scorer_dtype, trunk_bn_eps: see
             :class:`VideoScorer` / :class:`~dartmamba.tokenizer.DartScorer` (trunk default ``mobilenetv3_small_s16``,
             frozen; ``tiny_cnn`` is a trainable stand-in for small clips).
-        first_frame_score: the constant score of frame 0 (authors: 0.5).
+        score_mode: ``"content"`` (every frame scored from its content, :class:`SpatiotemporalHead`; the default)
+            or ``"authors"`` (their formula: frame 0 at the constant ``first_frame_score``, for their checkpoints);
+            ``None``: ``"authors"`` when ``first_frame_score`` is given, else ``"content"``.
+        first_frame_score: the constant score of frame 0 with ``score_mode="authors"`` (default 0.5).
         sampling: ``"paper"`` or ``"center"`` (see :mod:`~dartmamba.tokenizer.resample`).
         resample_backend, partition_backend, posembed_backend: as :class:`~dartmamba.tokenizer.DartTokenizer`.
         uniform_scores: ignore the scorer, constant scores (with N = T * Gh * Gw: the fixed grid, resampled).
@@ -307,11 +395,11 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  num_tokens: int | None = None, grid_size=None, bias: bool = True, num_frames: int = 8,
                  num_rows: int | None = None, trunk: str = VIDEO_TRUNK, score_norm: str = "sample",
-                 scorer_input_size=None, trunk_weights: str | None = None, first_frame_score: float = 0.5,
-                 sampling: str = "paper", resample_backend: str | None = None,
+                 scorer_input_size=None, trunk_weights: str | None = None,
+                 first_frame_score: float | None = None, sampling: str = "paper", resample_backend: str | None = None,
                  partition_backend: str | None = None, posembed_backend: str | None = None,
                  uniform_scores: bool = False, scorer_channels_last: bool = False, scorer_dtype=None,
-                 trunk_bn_eps: float | None = None, device=None, dtype=None):
+                 trunk_bn_eps: float | None = None, score_mode: str | None = None, device=None, dtype=None):
         super().__init__()
         self.img_size = as_pair(img_size, "img_size")
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
@@ -339,7 +427,8 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
         self.scorer = VideoScorer(self.grid_size, trunk=trunk, score_norm=score_norm,
                                   input_size=scorer_input_size, in_chans=in_chans, trunk_weights=trunk_weights,
                                   first_frame_score=first_frame_score, channels_last=scorer_channels_last,
-                                  trunk_dtype=scorer_dtype, trunk_bn_eps=trunk_bn_eps, device=device, dtype=dtype)
+                                  trunk_dtype=scorer_dtype, trunk_bn_eps=trunk_bn_eps, score_mode=score_mode,
+                                  device=device, dtype=dtype)
         self.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size), stride=(1, patch_size, patch_size),
                               bias=bias, device=device, dtype=dtype)
 
@@ -367,6 +456,11 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
         ``features[:11]``) -> ``<prefix>scorer.trunk.*`` (the stages this trunk has; ``features.8-10``, which their
         forward computes and discards, are dropped), ``score_head1`` / ``score_head2`` -> ``scorer.head.motion`` /
         ``scorer.head.gate``; the rest (``<prefix>proj``, the backbone) passes through."""
+        theirs = [k for k in state_dict if any(k.startswith(prefix + name) for name in _OFFICIAL_HEAD)]
+        if theirs and self.scorer.score_mode != "authors":
+            raise ValueError(f"{source}: its scorer head ({theirs[0]}) is the authors' DART-video head, which computes "
+                             f"their formula; this model scores with score_mode={self.scorer.score_mode!r}. Build it "
+                             f"with tokenizer_cfg={{'score_mode': 'authors'}} to load this checkpoint")
         official = prefix + _OFFICIAL_SCORER
         converted, trunk_state = {}, {}
         for key, value in state_dict.items():
@@ -404,7 +498,7 @@ class VideoDartTokenizer(nn.Module, Tokenizer):
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, num_frames={self.num_frames}, "
                 f"grid_size={self.grid_size}, num_tokens={self.num_tokens}, num_rows={self.num_rows}, "
-                f"sampling={self.sampling!r}")
+                f"sampling={self.sampling!r}, score_mode={self.scorer.score_mode!r}")
 
     # -- the stages ---------------------------------------------------------------------------------------------
     def scores(self, video: Tensor) -> Tensor:

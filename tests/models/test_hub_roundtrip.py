@@ -84,7 +84,7 @@ def _videomamba_release(tmp):
 
 def _videomamba_dart_release(tmp):
     model = timm.create_model("videomamba_tiny_dart", img_size=64, patch_size=16, num_frames=2, embed_dim=32, depth=2,
-                              num_classes=5, tokenizer_cfg={})
+                              num_classes=5, tokenizer_cfg={"score_mode": "authors"})
     path = tmp / "dvideomamba.pth"
     torch.save({"model": authors_dart_video_state(32, 2, 2, 16, 5)}, path)
     dartmamba.load_official_checkpoint(model, str(path))

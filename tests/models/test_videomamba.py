@@ -226,7 +226,7 @@ def test_authors_dart_video_layout_loads_with_nothing_missing_or_unexpected(tmp_
     path = tmp_path / "dvideomamba.pth"
     torch.save({"model": state}, path)
     model = create("videomamba_tiny_dart", img_size=224, patch_size=16, num_frames=2, num_tokens=300,
-                   tokenizer_cfg={}, num_classes=5)
+                   tokenizer_cfg={"score_mode": "authors"}, num_classes=5)
     report = load_official_checkpoint(model, str(path))
     assert report.missing == [] and report.unexpected == [] and report.resized == []
     own = model.state_dict()
@@ -250,10 +250,24 @@ def test_authors_layout_with_a_missing_trunk_stage_is_a_clear_error(tmp_path, se
     state = {k: v for k, v in state.items() if not k.startswith("patch_embed.score_backbone.features.7.")}
     path = tmp_path / "broken.pth"
     torch.save({"model": state}, path)
-    model = create("videomamba_tiny_dart", img_size=224, patch_size=16, num_frames=2, depth=1, tokenizer_cfg={},
-                   num_classes=5)
+    model = create("videomamba_tiny_dart", img_size=224, patch_size=16, num_frames=2, depth=1,
+                   tokenizer_cfg={"score_mode": "authors"}, num_classes=5)
     with pytest.raises(ValueError, match=r"broken.pth \(scorer trunk\): \d+ MobileNetV3 trunk tensors, this trunk "
                                          r"has \d+"):
+        load_official_checkpoint(model, str(path))
+
+
+def test_authors_layout_into_a_content_scoring_model_is_a_clear_error(tmp_path, seed):
+    """Their head computes their formula: loading it into the default content scorer would silently change what it
+    computes, so it says which option to use."""
+    state = authors_dart_video_state(32, 1, 2, 16, 5, generator=torch.Generator().manual_seed(seed))
+    path = tmp_path / "dvideomamba.pth"
+    torch.save({"model": state}, path)
+    model = create("videomamba_tiny_dart", img_size=224, patch_size=16, num_frames=2, depth=1, num_classes=5)
+    with pytest.raises(ValueError, match=r"dvideomamba.pth: its scorer head \(patch_embed.score_head1.weight\) is "
+                                         r"the authors' DART-video head, which computes their formula; this model "
+                                         r"scores with score_mode='content'. Build it with "
+                                         r"tokenizer_cfg=\{'score_mode': 'authors'\} to load this checkpoint"):
         load_official_checkpoint(model, str(path))
 
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from dartmamba import backends
-from dartmamba.tokenizer import (VideoDartTokenizer, VideoGridTokenizer, resample_patches,
-                                 spatiotemporal_pos_embed, stack_frames, tokens_per_frame, unstack_frames,
-                                 video_num_rows, video_scores)
+from dartmamba.tokenizer import (SpatiotemporalHead, VideoDartTokenizer, VideoGridTokenizer, VideoScorer,
+                                 resample_patches, resolve_score_mode, spatiotemporal_pos_embed, stack_frames,
+                                 tokens_per_frame, unstack_frames, video_num_rows, video_scores)
 from dartmamba.tokenizer.video import TemporalDifferenceHead
 
 
@@ -89,7 +89,7 @@ def test_uniform_identity_in_float64_is_exact_to_rounding(seed):
 def test_scores_follow_the_authors_formula(seed):
     """Independent, literal version of the authors' scorer on the trunk features (loops over frames)."""
     torch.manual_seed(seed)
-    tokenizer = small_dart(num_frames=4)
+    tokenizer = small_dart(num_frames=4, score_mode="authors")
     head = tokenizer.scorer.head
     with torch.no_grad():
         for p in head.parameters():
@@ -113,16 +113,17 @@ def test_scores_follow_the_authors_formula(seed):
     torch.testing.assert_close(tokenizer(video).scores, expected.view(batch, 4, 4, 4), rtol=1e-5, atol=1e-6)
 
 
-def test_single_frame_clips_get_constant_scores(seed):
-    tokenizer = small_dart(num_frames=1, num_tokens=16)
+def test_single_frame_clips_get_constant_scores_from_the_authors_formula(seed):
+    tokenizer = small_dart(num_frames=1, num_tokens=16, score_mode="authors")
     scores = tokenizer.scores(torch.randn(2, 3, 1, 32, 32))
     assert torch.equal(scores, torch.full((2, 4, 4), 0.5))
     assert video_scores(torch.zeros(2, 0, 4, 4)).shape == (2, 4, 4)
 
 
 def test_a_static_frame_gets_fewer_tokens_than_a_frame_that_changes(seed):
-    """Frames 0 and 1 identical (no motion), frame 2 changes: frame 2 holds more tokens than frame 1."""
-    tokenizer = small_dart(num_frames=3, num_tokens=48)
+    """Authors' scores: frames 0 and 1 identical (no motion), frame 2 changes: frame 2 holds more tokens than
+    frame 1."""
+    tokenizer = small_dart(num_frames=3, num_tokens=48, score_mode="authors")
     with torch.no_grad():
         tokenizer.scorer.head.motion.weight.copy_(torch.eye(64))
         tokenizer.scorer.head.motion.bias.zero_()
@@ -195,10 +196,16 @@ def test_bad_inputs_are_clear_errors():
         small_dart(num_frames=0)
     with pytest.raises(ValueError, match=r"num_rows must be an int in \[1, num_tokens=5\], got 6"):
         small_dart(num_tokens=5, num_rows=6)
-    with pytest.raises(ValueError, match="first_frame_score must be a number > 0"):
+    with pytest.raises(ValueError, match="first_frame_score must be a number > 0, got 0"):
         small_dart(first_frame_score=0)
-    with pytest.raises(ValueError, match="a video scorer's head is 'temporal'"):
-        from dartmamba.tokenizer import VideoScorer
+    with pytest.raises(ValueError, match="first_frame_score must be a number > 0, got -1"):
+        small_dart(score_mode="authors", first_frame_score=-1)
+    with pytest.raises(ValueError, match=r"first_frame_score: score_mode='content' scores frame 0 from its content; "
+                                         r"a constant first-frame score \(0.25\) belongs to score_mode='authors'"):
+        small_dart(score_mode="content", first_frame_score=0.25)
+    with pytest.raises(ValueError, match=r"score_mode must be one of \('content', 'authors'\), got 'motion'"):
+        small_dart(score_mode="motion")
+    with pytest.raises(ValueError, match=r"score_mode must be one of \('content', 'authors'\), got 'v2'"):
         VideoScorer.check_head("v2")
     grid = VideoGridTokenizer(img_size=32, patch_size=8, num_frames=3, embed_dim=8)
     with pytest.raises(ValueError, match=r"video must have shape \(B, 3, 3, 32, 32\)"):
@@ -271,3 +278,99 @@ def test_video_dart_on_cuda_matches_the_torch_stages(seed):
 def test_temporal_head_of_one_frame_is_empty():
     head = TemporalDifferenceHead(8)
     assert head(torch.randn(2, 1, 8, 3, 3)).shape == (2, 0, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Content scores (the default): every frame from its own content, one scale
+# ----------------------------------------------------------------------------------------------------------------
+def content_strength_reference(head, features):
+    """Literal version of :class:`SpatiotemporalHead`, loops over frames and their neighbours.
+    (B, T, C, h, w) -> (B, T, h, w)."""
+    batch, frames = features.shape[:2]
+    gate = torch.sigmoid(features.mean(dim=(1, 3, 4)) @ head.gate.weight.t() + head.gate.bias)      # (B, C)
+    out = []
+    for t in range(frames):
+        here = features[:, t].permute(0, 2, 3, 1)                                     # (B, h, w, C)
+        detail = (here * gate[:, None, None]).sum(-1) * head.detail_weight
+        motions = []
+        for n in (t - 1, t + 1):
+            if 0 <= n < frames:
+                diff = here - features[:, n].permute(0, 2, 3, 1)
+                motions.append((F.relu(diff @ head.motion.weight.t() + head.motion.bias) * gate[:, None, None]).sum(-1))
+        motion = sum(motions) / len(motions) if motions else torch.zeros_like(detail)
+        out.append(detail + motion)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4, 5])
+def test_content_scores_follow_their_formula(frames, seed):
+    torch.manual_seed(seed)
+    tokenizer = small_dart(num_frames=frames, num_tokens=4 * frames + 3)
+    assert tokenizer.scorer.score_mode == "content" and tokenizer.scorer.first_frame_score is None
+    head = tokenizer.scorer.head
+    assert isinstance(head, SpatiotemporalHead) and head.detail_weight.item() == 0.0
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    video = torch.randn(2, 3, frames, 32, 32)
+    features = tokenizer.scorer.features(video)
+    strength = content_strength_reference(head, features)
+    torch.testing.assert_close(head(features), strength, rtol=1e-5, atol=1e-5)
+    flat = strength.reshape(2, -1)
+    standardised = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-8)
+    expected = torch.sigmoid((standardised - 1) * 1.5).view(2, frames * 4, 4)
+    torch.testing.assert_close(tokenizer.scores(video), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_content_scores_give_a_static_frame_0_no_more_tokens_than_the_others(seed):
+    """A static scene with one moving square: every frame (frame 0 included) holds about N / T tokens, and the
+    square's cells score above the static ones in every frame, frame 0 too (the authors' constant gives frame 0
+    most of the tokens on the same clip)."""
+    torch.manual_seed(seed)
+    frames, size = 4, 64
+    video = (0.3 * torch.randn(2, 3, 1, size, size)).repeat(1, 1, frames, 1, 1)
+    video = video + 0.03 * torch.randn_like(video)
+    for t in range(frames):
+        video[:, :, t, 8 + 6 * t:28 + 6 * t, 12:32] += 1.5
+    content = small_dart(img_size=size, grid_size=8, num_frames=frames, num_tokens=64)
+    authors = small_dart(img_size=size, grid_size=8, num_frames=frames, num_tokens=64, score_mode="authors")
+    authors.scorer.load_state_dict(content.scorer.state_dict(), strict=False)
+    with torch.no_grad():
+        counts = tokens_per_frame(content(video).geometry, frames)
+        scores = content.scores(video).view(2, frames, 8, 8)
+        authors_counts = tokens_per_frame(authors(video).geometry, frames)
+    torch.testing.assert_close(counts.sum(1), torch.full((2,), 64.0))
+    later = counts[:, 1:].mean(1)
+    assert (counts[:, 0] <= 1.5 * later).all() and (counts[:, 0] >= later / 1.5).all(), counts
+    assert (authors_counts[:, 0] > 1.5 * authors_counts[:, 1:].mean(1)).all(), authors_counts
+    for t in range(frames):
+        on_square = scores[:, t, (8 + 6 * t) // 8 + 1, 2]                           # a cell inside the square
+        assert (on_square > scores[:, t, 7, 7]).all(), (t, scores[:, t])            # a static corner cell
+
+
+def test_content_detail_weight_learns_and_scores_single_frames(seed):
+    """detail_weight starts at 0 (tokens follow motion), receives a gradient through the geometry, and once non-zero
+    scores a single frame by its content (a one-frame clip has no motion)."""
+    torch.manual_seed(seed)
+    tokenizer = small_dart(img_size=64, grid_size=4, num_frames=3, num_tokens=40)
+    pos = torch.randn(1, 3 * 16, 24)
+    out = tokenizer(torch.randn(2, 3, 3, 64, 64), pos)
+    (out.tokens.square().mean() + out.pos_embed.square().mean()).backward()
+    assert tokenizer.scorer.head.detail_weight.grad.abs().item() > 0
+    single = small_dart(num_frames=1, num_tokens=16)
+    video = torch.randn(2, 3, 1, 32, 32)
+    assert torch.equal(single.scores(video), torch.full((2, 4, 4), torch.sigmoid(torch.tensor(-1.5)).item()))
+    with torch.no_grad():
+        single.scorer.head.detail_weight.fill_(1.0)
+    assert single.scores(video).std(dim=(1, 2)).min() > 0.1
+    single.init_weights()
+    assert single.scorer.head.detail_weight.item() == 0.0
+
+
+def test_score_mode_resolution():
+    assert resolve_score_mode(None, None) == ("content", None)
+    assert resolve_score_mode(None, 0.25) == ("authors", 0.25)      # a config saved before score_mode existed
+    assert resolve_score_mode("authors", None) == ("authors", 0.5)
+    assert resolve_score_mode("content", None) == ("content", None)
+    assert isinstance(small_dart(first_frame_score=0.3).scorer.head, TemporalDifferenceHead)
+    assert "score_mode='content'" in repr(small_dart())
