@@ -1,16 +1,17 @@
 """Video DART against VideoMamba's fixed spatiotemporal grid on the moving-digit clips, several seeds, one study.
 
 Every run is an installed recipe ``video/<name>`` through the real entry point (``python -m dartmamba_train.train``),
-with the seed (and, for the bigger grids, the frame size) overridden; runs go ``--jobs`` at a time, each with
-``cores / jobs`` threads, longest first. Finished runs (a complete summary.csv) are reused, so the study can be interrupted and restarted. Then it
-counts every variant's FLOPs per clip (tokenizer included), measures where the DART models put their samples, and
-draws the tokens the seed-0 DART model places across the frames.
+with the seed (and the scoring of a DART variant, or the frame size of a bigger grid) overridden; runs go ``--jobs``
+at a time, each with ``cores / jobs`` threads, longest first. Finished runs (a complete summary.csv) are reused, so
+the study can be interrupted and restarted. Then it counts every variant's FLOPs per clip (tokenizer included),
+measures where each DART model puts its tokens and samples (per frame; on the digit's ink and in its box), and draws
+the tokens the first seed's DART models (content and authors' scores) place across the frames.
 
-    python benchmarks/video_canvas.py --seeds 0 1 2 --jobs 2 --out benchmarks/results/video_canvas \\
+    python benchmarks/video_canvas.py --seeds 0 1 2 3 4 --jobs 2 --out benchmarks/results/video_canvas \\
         --figure docs/img/video_tokens.png
 
-Writes ``<out>/results.json``, ``<out>/table.md`` (the table docs/video.md quotes) and every run's ``config.yaml`` and
-``summary.csv`` under ``<out>/<run>/``; the runs themselves (checkpoints, logs) go to ``--runs``.
+Writes ``<out>/results.json``, ``<out>/table.md`` (the tables docs/video.md quotes) and every run's ``config.yaml``
+and ``summary.csv`` under ``<out>/<run>/``; the runs themselves (checkpoints, logs) go to ``--runs``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import concurrent.futures as futures
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -30,13 +32,21 @@ from benchmarks.canvas_token_sweep import seed_cells, train_once  # noqa: E402
 # name -> (installed recipe video/<name>, tokens per frame, overrides, relative cost for scheduling)
 VARIANTS = {
     "dart16": ("videomamba_dart", 16, [], 1.3),
+    "dart16_authors": ("videomamba_dart", 16, ["model.kwargs.tokenizer_cfg.score_mode=authors"], 1.3),
+    # the authors' scores with frame 0 at the level of a static cell of a later frame (sigmoid(-1.5)), not 0.5
+    "dart16_authors_low0": ("videomamba_dart", 16, ["model.kwargs.tokenizer_cfg.score_mode=authors",
+                                                    "model.kwargs.tokenizer_cfg.first_frame_score=0.18"], 1.3),
     "grid16": ("videomamba_grid", 16, [], 1.0),
     "grid36": ("videomamba_grid", 36, ["model.kwargs.img_size=48", "data.canvas.output_size=48"], 2.6),
     "grid64": ("videomamba_grid", 64, ["model.kwargs.img_size=64", "data.canvas.output_size=64"], 4.5),
 }
-LABELS = {"dart16": "VideoMamba + video DART", "grid16": "VideoMamba, fixed grid", "grid36": "VideoMamba, fixed grid",
-          "grid64": "VideoMamba, fixed grid"}
-VIEWS = {"dart16": "adaptive, resampled from 64x64", "grid16": "32x32 (area-averaged)",
+DART_VARIANTS = ("dart16", "dart16_authors", "dart16_authors_low0")
+LABELS = {"dart16": "VideoMamba + video DART (content scores)",
+          "dart16_authors": "VideoMamba + video DART (authors' scores: frame 0 at 0.5)",
+          "dart16_authors_low0": "VideoMamba + video DART (authors' scores, frame 0 at 0.18)",
+          "grid16": "VideoMamba, fixed grid", "grid36": "VideoMamba, fixed grid", "grid64": "VideoMamba, fixed grid"}
+VIEWS = {"dart16": "adaptive, resampled from 64x64", "dart16_authors": "adaptive, resampled from 64x64",
+         "dart16_authors_low0": "adaptive, resampled from 64x64", "grid16": "32x32 (area-averaged)",
          "grid36": "48x48 (area-averaged)", "grid64": "64x64 (the frames themselves)"}
 
 
@@ -74,11 +84,22 @@ def flops_of(name: str, extra: list[str]) -> dict:
             "gflops_backbone": report.parts["backbone"] / 1e9}
 
 
+def box_masks(boxes, frames: int, size: int):
+    """The moving object's boxes as masks: (B, T, 4) (x0, y0, x1, y1), x1 / y1 exclusive -> (B, T, S, S) of 0 / 1."""
+    import torch
+
+    grid = torch.arange(size, dtype=torch.float32)
+    inside_x = (grid >= boxes[..., 0:1]) & (grid < boxes[..., 2:3])                  # (B, T, S)
+    inside_y = (grid >= boxes[..., 1:2]) & (grid < boxes[..., 3:4])
+    return (inside_y[..., :, None] & inside_x[..., None, :]).float()
+
+
 def video_samples_on_object(tokenizer, video, masks):
     """Fraction of video DART's sample points that land on the moving object, per clip.
 
-    video: (B, C, T, H, W) as the model takes it; masks: (B, T, H, W) the object's masks. The sample positions are
-    read by resampling a picture of pixel coordinates of the frame stack with the clips' own geometry.
+    video: (B, C, T, H, W) as the model takes it; masks: (B, T, H, W) the object's masks (its ink, or its box). The
+    sample positions are read by resampling a picture of pixel coordinates of the frame stack with the clips' own
+    geometry.
     """
     import torch
 
@@ -98,7 +119,9 @@ def video_samples_on_object(tokenizer, video, masks):
 
 
 def dart_statistics(out_dir: str, count: int | None = None) -> dict:
-    """On the validation clips of a trained DART run: tokens per frame, share of samples on the moving object."""
+    """On the validation clips of a trained DART run: tokens per frame (and frame 0's against the later frames'
+    mean: frame 0 is as static as the rest of the scene), the share of samples on the moving object's ink and inside
+    its box, against the share of the frames they cover (what a fixed grid spends on them)."""
     import torch
 
     from dartmamba.tokenizer import tokens_per_frame
@@ -111,12 +134,48 @@ def dart_statistics(out_dir: str, count: int | None = None) -> dict:
     mean, std = val.mean, val.std
     video = torch.stack([(s.video - mean) / std for s in samples])
     masks = torch.stack([s.masks for s in samples])
+    boxes = box_masks(torch.stack([s.boxes for s in samples]), video.shape[2], video.shape[-1])
     with torch.no_grad():
         geometry = model.patch_embed.geometry(video)
     per_frame = tokens_per_frame(geometry, video.shape[2]).mean(0)
     on_object = video_samples_on_object(model.patch_embed, video, masks)
+    in_box = video_samples_on_object(model.patch_embed, video, boxes)
+    ink_share, box_share = float((masks >= 0.5).float().mean()), float(boxes.mean())
     return {"tokens_per_frame": [round(float(v), 2) for v in per_frame],
-            "samples_on_object": float(on_object.mean()), "object_area_fraction": float((masks >= 0.5).float().mean())}
+            "frame0_over_later_mean": float(per_frame[0] / per_frame[1:].mean()),
+            "samples_on_object": float(on_object.mean()), "object_area_fraction": ink_share,
+            "samples_on_object_over_area": float(on_object.mean()) / ink_share,
+            "samples_in_box": float(in_box.mean()), "box_area_fraction": box_share,
+            "samples_in_box_over_area": float(in_box.mean()) / box_share}
+
+
+def initial_statistics(name: str, seed: int, count: int = 256) -> dict:
+    """The allocation of an untrained ``name`` model (built as the run of ``seed`` builds it, before any update) on the
+    first ``count`` validation clips: tokens per frame, frame 0 against the later frames, samples on the digit's ink
+    and in its box against their area shares."""
+    import torch
+
+    from dartmamba.tokenizer import tokens_per_frame
+    from dartmamba_train.data import build_data, model_data_config
+    from dartmamba_train.engine import create_model
+    from dartmamba_train.loop import seed_step
+
+    cfg = _config(name, [])
+    seed_step(seed, 1)                     # as the run seeds its model's construction
+    model = create_model(cfg, cfg.data.num_classes).eval()
+    val = build_data(cfg, model_data_config(model)).val_set
+    samples = [val.render(i) for i in range(count)]
+    video = torch.stack([(s.video - val.mean) / val.std for s in samples])
+    masks = torch.stack([s.masks for s in samples])
+    boxes = box_masks(torch.stack([s.boxes for s in samples]), video.shape[2], video.shape[-1])
+    with torch.no_grad():
+        per_frame = tokens_per_frame(model.patch_embed.geometry(video), video.shape[2]).mean(0)
+        ink = video_samples_on_object(model.patch_embed, video, masks).mean()
+        box = video_samples_on_object(model.patch_embed, video, boxes).mean()
+    return {"tokens_per_frame": [round(float(v), 2) for v in per_frame],
+            "frame0_over_later_mean": float(per_frame[0] / per_frame[1:].mean()),
+            "samples_on_object_over_area": float(ink / (masks >= 0.5).float().mean()),
+            "samples_in_box_over_area": float(box / boxes.mean())}
 
 
 def draw_figure(dart_dir: str, grid_dir: str, path: str, count: int = 4) -> None:
@@ -173,7 +232,8 @@ def draw_figure(dart_dir: str, grid_dir: str, path: str, count: int = 4) -> None
         axes[0, 2 * col + 1].set_title(f"grid {grid_pred[col].item()} ({ok(grid_pred[col])})\nfixed grid's view",
                                        fontsize=7)
     tokens = geometry.num_tokens
-    fig.suptitle(f"Video DART ({tokens} tokens over {frames} frames, 8x8 each, resampled from 64x64) on validation "
+    fig.suptitle(f"Video DART, {dart.patch_embed.scorer.score_mode} scores ({tokens} tokens over {frames} frames, "
+                 f"8x8 each, resampled from 64x64) on validation "
                  f"clips: the token boundaries on every frame (top: frame 0),\nbeside the fixed grid's view "
                  f"({tokens} tokens: a 4x4 grid per frame at 32x32). The digit moves; the scene stays.", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
@@ -196,16 +256,39 @@ def table(results: list[dict], flops: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def allocation_table(results: list[dict], stats: dict) -> str:
+    """Where each DART run puts its tokens and samples (validation clips), one row per run, then the means."""
+    top1 = {(r["name"], r["seed"]): r["top1"] for r in results}
+    lines = ["| scores | seed | top-1 | tokens per frame (frame 0, 1, 2, 3) | frame 0 / later frames' mean | "
+             "samples on the digit's ink (its area share) | samples in the digit's box (its area share) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, per_seed in stats.items():
+        rows = [(seed, stat) for seed, stat in sorted(per_seed.items())]
+        for seed, stat in rows:
+            lines.append(f"| {name} | {seed} | {top1[(name, seed)]:.1f} | "
+                         f"{', '.join(f'{v:.1f}' for v in stat['tokens_per_frame'])} | "
+                         f"{stat['frame0_over_later_mean']:.2f}x | {100 * stat['samples_on_object']:.1f} % "
+                         f"({100 * stat['object_area_fraction']:.1f} %: {stat['samples_on_object_over_area']:.2f}x) | "
+                         f"{100 * stat['samples_in_box']:.1f} % ({100 * stat['box_area_fraction']:.1f} %: "
+                         f"{stat['samples_in_box_over_area']:.2f}x) |")
+        mean = lambda key: statistics.mean(stat[key] for _, stat in rows)  # noqa: E731
+        lines.append(f"| **{name}** | mean | **{statistics.mean(top1[(name, s)] for s, _ in rows):.1f}** | | "
+                     f"**{mean('frame0_over_later_mean'):.2f}x** | **{mean('samples_on_object_over_area'):.2f}x** | "
+                     f"**{mean('samples_in_box_over_area'):.2f}x** |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "video_canvas"),
                         help="results folder (default relative to the working directory)")
     parser.add_argument("--runs", default=os.path.join("outputs", "video_canvas"),
                         help="where the training runs write (checkpoints, logs; relative to the working directory)")
-    parser.add_argument("--figure", default=None, help="also draw the seed-0 DART tokens to this PNG")
+    parser.add_argument("--figure", default=None, help="also draw the first seed's DART tokens to this PNG (and the "
+                        "authors' scoring's to <name>_authors.png)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
@@ -221,10 +304,10 @@ def main(argv=None) -> None:
             print(f"{result['name']} seed {result['seed']}: top-1 {result['top1']:.2f}", flush=True)
     wall = time.perf_counter() - start
     flops = {name: flops_of(name, args.overrides) for name in args.variants}
-    stats = {}
-    if "dart16" in args.variants:
-        for seed in args.seeds:
-            stats[seed] = dart_statistics(os.path.join(os.path.relpath(runs), f"dart16_s{seed}"))
+    stats = {name: {seed: dart_statistics(os.path.join(os.path.relpath(runs), f"{name}_s{seed}"))
+                    for seed in args.seeds} for name in args.variants if name in DART_VARIANTS}
+    initial = {name: {seed: initial_statistics(name, seed) for seed in args.seeds}
+               for name in args.variants if name in DART_VARIANTS}
     os.makedirs(args.out, exist_ok=True)
     for result in results:
         kept = os.path.join(args.out, os.path.basename(result["out_dir"]))
@@ -232,20 +315,23 @@ def main(argv=None) -> None:
         for name in ("config.yaml", "summary.csv"):
             shutil.copyfile(os.path.join(result["out_dir"], name), os.path.join(kept, name))
     summary = {"results": sorted(results, key=lambda r: (r["name"], r["seed"])), "flops": flops,
-               "dart_statistics": stats, "wall_seconds": wall, "jobs": args.jobs, "threads_per_job": threads,
+               "dart_statistics": stats, "initial_dart_statistics": initial, "wall_seconds": wall, "jobs": args.jobs, "threads_per_job": threads,
                "overrides": args.overrides}
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
-    text = table(results, flops)
+    text = table(results, flops) + "\n" + allocation_table(results, stats)
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(text)
     print(text)
     print(json.dumps(stats, indent=1))
-    if args.figure and "dart16" in args.variants and "grid16" in args.variants:
+    if args.figure and "grid16" in args.variants:
         seed = args.seeds[0]
-        draw_figure(os.path.join(os.path.relpath(runs), f"dart16_s{seed}"),
-                    os.path.join(os.path.relpath(runs), f"grid16_s{seed}"), args.figure)
-        print(f"figure: {args.figure}")
+        stem, ext = os.path.splitext(args.figure)
+        for name, path in (("dart16", args.figure), ("dart16_authors", f"{stem}_authors{ext}")):
+            if name in args.variants:
+                draw_figure(os.path.join(os.path.relpath(runs), f"{name}_s{seed}"),
+                            os.path.join(os.path.relpath(runs), f"grid16_s{seed}"), path)
+                print(f"figure: {path}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """benchmarks/video_canvas.py: the sample-share measure and the study's variants."""
+import pytest
 import torch
 
 from benchmarks import video_canvas
@@ -16,12 +17,26 @@ def test_samples_on_object_of_the_uniform_geometry_is_the_mask_share(seed):
     torch.testing.assert_close(share, masks.mean(dim=(1, 2, 3)))
 
 
+def test_box_masks_cover_each_box_exactly(seed):
+    boxes = torch.tensor([[[2.0, 3.0, 10.0, 7.0], [0.0, 0.0, 16.0, 1.0]]])           # (B=1, T=2, 4), x1/y1 exclusive
+    masks = video_canvas.box_masks(boxes, 2, 16)
+    assert masks.shape == (1, 2, 16, 16)
+    assert masks[0, 0].sum() == 8 * 4 and masks[0, 0, 3:7, 2:10].all() and masks[0, 0, 7, 2] == 0
+    assert masks[0, 1].sum() == 16 and masks[0, 1, 0].all()
+
+
 def test_the_study_compares_equal_tokens_and_two_and_four_times_more():
     recipes = {name: video_canvas._config(name, []) for name in video_canvas.VARIANTS}
     frames = recipes["dart16"].data.video.num_frames
     tokens = {name: cfg.model.kwargs.get("num_tokens") or frames * (cfg.model.kwargs["img_size"] // 8) ** 2
               for name, cfg in recipes.items()}
-    assert tokens == {"dart16": 16 * frames, "grid16": 16 * frames, "grid36": 36 * frames, "grid64": 64 * frames}
+    assert tokens == {"dart16": 16 * frames, "dart16_authors": 16 * frames, "dart16_authors_low0": 16 * frames,
+                      "grid16": 16 * frames, "grid36": 36 * frames, "grid64": 64 * frames}
+    # the two DART variants differ in the scoring alone; the study's default is the content scoring
+    content, authors = (recipes[n].model.kwargs["tokenizer_cfg"] for n in ("dart16", "dart16_authors"))
+    assert content.get("score_mode", "content") == "content" and authors == {**content, "score_mode": "authors"}
+    assert recipes["dart16_authors"].model.kwargs == {**recipes["dart16"].model.kwargs, "tokenizer_cfg": authors}
+    assert recipes["dart16_authors_low0"].model.kwargs["tokenizer_cfg"] == {**authors, "first_frame_score": 0.18}
     # everything but the tokenizer (and the frame size it implies) is the same
     backbone = {k: v for k, v in recipes["dart16"].model.kwargs.items()
                 if k not in ("img_size", "num_tokens", "grid_size", "tokenizer_cfg")}
@@ -37,3 +52,15 @@ def test_the_image_benchmarks_leave_the_video_family_out():
     assert FAMILIES["videomamba"].modality == "video" and FAMILIES["vim"].modality == "image"
     assert "videomamba" not in common.FAMILIES and {"vim", "deit"} <= set(common.FAMILIES)
     assert FAMILIES["videomamba"].model_name("middle", "dart") == "videomamba_middle_dart"
+
+
+def test_untrained_content_scores_follow_the_digit_and_the_authors_scores_favour_frame_0():
+    """The study's recipes before any update (as each run builds its model): content scores spread the tokens
+    evenly over the frames and put the samples on the moving digit at well over its area share; the authors'
+    constant first-frame score gives frame 0 several times the other frames' tokens."""
+    content = video_canvas.initial_statistics("dart16", 0, count=32)
+    authors = video_canvas.initial_statistics("dart16_authors", 0, count=32)
+    assert 1 / 1.5 <= content["frame0_over_later_mean"] <= 1.5, content
+    assert content["samples_on_object_over_area"] > 2.0 and content["samples_in_box_over_area"] > 1.5, content
+    assert authors["frame0_over_later_mean"] > 2.5, authors
+    assert sum(content["tokens_per_frame"]) == pytest.approx(64, abs=0.05)
