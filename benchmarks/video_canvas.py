@@ -118,44 +118,44 @@ def video_samples_on_object(tokenizer, video, masks):
     return (torch.gather(tall.flatten(1), 1, py * width + px) >= 0.5).float().mean(dim=1)
 
 
-def dart_statistics(out_dir: str, count: int | None = None) -> dict:
-    """On the validation clips of a trained DART run: tokens per frame (and frame 0's against the later frames'
-    mean: frame 0 is as static as the rest of the scene), the share of samples on the moving object's ink and inside
-    its box, against the share of the frames they cover (what a fixed grid spends on them)."""
+def allocation_statistics(model, val, count: int | None = None) -> dict:
+    """Where a video DART ``model`` puts its tokens on the first ``count`` (default all) clips of the validation set
+    ``val``: tokens per frame (and frame 0's against the later frames' mean: frame 0 is as static as the rest of the
+    scene), the share of samples on the moving object's ink and inside its box, against the share of the frames
+    they cover (what a fixed grid spends on them)."""
     import torch
 
     from dartmamba.tokenizer import tokens_per_frame
-    from dartmamba_train.data import build_data, model_data_config
-    from dartmamba_train.demo import _load_model
 
-    cfg, model = _load_model(out_dir)
-    val = build_data(cfg, model_data_config(model)).val_set
     samples = [val.render(i) for i in range(count or len(val))]
-    mean, std = val.mean, val.std
-    video = torch.stack([(s.video - mean) / std for s in samples])
+    video = torch.stack([(s.video - val.mean) / val.std for s in samples])
     masks = torch.stack([s.masks for s in samples])
     boxes = box_masks(torch.stack([s.boxes for s in samples]), video.shape[2], video.shape[-1])
     with torch.no_grad():
         geometry = model.patch_embed.geometry(video)
     per_frame = tokens_per_frame(geometry, video.shape[2]).mean(0)
-    on_object = video_samples_on_object(model.patch_embed, video, masks)
-    in_box = video_samples_on_object(model.patch_embed, video, boxes)
+    on_object = float(video_samples_on_object(model.patch_embed, video, masks).mean())
+    in_box = float(video_samples_on_object(model.patch_embed, video, boxes).mean())
     ink_share, box_share = float((masks >= 0.5).float().mean()), float(boxes.mean())
     return {"tokens_per_frame": [round(float(v), 2) for v in per_frame],
             "frame0_over_later_mean": float(per_frame[0] / per_frame[1:].mean()),
-            "samples_on_object": float(on_object.mean()), "object_area_fraction": ink_share,
-            "samples_on_object_over_area": float(on_object.mean()) / ink_share,
-            "samples_in_box": float(in_box.mean()), "box_area_fraction": box_share,
-            "samples_in_box_over_area": float(in_box.mean()) / box_share}
+            "samples_on_object": on_object, "object_area_fraction": ink_share,
+            "samples_on_object_over_area": on_object / ink_share,
+            "samples_in_box": in_box, "box_area_fraction": box_share, "samples_in_box_over_area": in_box / box_share}
+
+
+def dart_statistics(out_dir: str, count: int | None = None) -> dict:
+    """:func:`allocation_statistics` of a trained DART run (its checkpoint) on its validation clips."""
+    from dartmamba_train.data import build_data, model_data_config
+    from dartmamba_train.demo import _load_model
+
+    cfg, model = _load_model(out_dir)
+    return allocation_statistics(model, build_data(cfg, model_data_config(model)).val_set, count)
 
 
 def initial_statistics(name: str, seed: int, count: int = 256) -> dict:
-    """The allocation of an untrained ``name`` model (built as the run of ``seed`` builds it, before any update) on the
-    first ``count`` validation clips: tokens per frame, frame 0 against the later frames, samples on the digit's ink
-    and in its box against their area shares."""
-    import torch
-
-    from dartmamba.tokenizer import tokens_per_frame
+    """:func:`allocation_statistics` of an untrained ``name`` model, built as the run of ``seed`` builds it (before
+    any update), on the first ``count`` validation clips."""
     from dartmamba_train.data import build_data, model_data_config
     from dartmamba_train.engine import create_model
     from dartmamba_train.loop import seed_step
@@ -163,19 +163,7 @@ def initial_statistics(name: str, seed: int, count: int = 256) -> dict:
     cfg = _config(name, [])
     seed_step(seed, 1)                     # as the run seeds its model's construction
     model = create_model(cfg, cfg.data.num_classes).eval()
-    val = build_data(cfg, model_data_config(model)).val_set
-    samples = [val.render(i) for i in range(count)]
-    video = torch.stack([(s.video - val.mean) / val.std for s in samples])
-    masks = torch.stack([s.masks for s in samples])
-    boxes = box_masks(torch.stack([s.boxes for s in samples]), video.shape[2], video.shape[-1])
-    with torch.no_grad():
-        per_frame = tokens_per_frame(model.patch_embed.geometry(video), video.shape[2]).mean(0)
-        ink = video_samples_on_object(model.patch_embed, video, masks).mean()
-        box = video_samples_on_object(model.patch_embed, video, boxes).mean()
-    return {"tokens_per_frame": [round(float(v), 2) for v in per_frame],
-            "frame0_over_later_mean": float(per_frame[0] / per_frame[1:].mean()),
-            "samples_on_object_over_area": float(ink / (masks >= 0.5).float().mean()),
-            "samples_in_box_over_area": float(box / boxes.mean())}
+    return allocation_statistics(model, build_data(cfg, model_data_config(model)).val_set, count)
 
 
 def draw_figure(dart_dir: str, grid_dir: str, path: str, count: int = 4) -> None:
