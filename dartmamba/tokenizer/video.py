@@ -16,7 +16,7 @@ embedding + positions               Conv3d(C, D, (1, p, p)) as one GEMM; spatial
                                     over cells) embeddings re-binned with the geometry   :func:`~.posembed.resample_pos_embed`
 ==================================  ===================================================  ===========================
 
-So a region that moves gets more tokens in the frames where it moves and static frames get few; the backend
+So a region that moves gets more tokens in the frames it moves through and what never changes gets few; the backend
 dispatch of the image stages (the Triton kernels on CUDA where they take the shapes, torch otherwise) applies
 unchanged. Bands are cut over the whole stack, so a band (and a token in it) may straddle two frames, as in the
 authors' code.
