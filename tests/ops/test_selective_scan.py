@@ -345,6 +345,32 @@ def test_low_rank_delta_is_the_scan_of_the_product(backend, dtype, groups, rever
                 assert_rel_close(gf, gr, tol, f"seed {seed}: d{name}")
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["l2r", "r2l"])
+def test_cpp_inference_in_the_mixers_layouts_matches_reference(reverse, seeds):
+    """The inference call exactly as Vim's two-pass mixer makes it, with several channel blocks per task (the kernel
+    prefetches the next block's channel-last rows and unrolls the low-rank delta over 8 steps): u and z strided
+    slices of one channel-last (batch, L, 2 dim) projection, dt, B and C column slices of one (batch * L, R + 2N)
+    product, the low-rank delta, L not a multiple of 8. Equals the reference scan of the same values (flipped for
+    r2l)."""
+    cpp_or_skip()
+    batch, dim, length, dstate, rank = 2, 288, 45, 16, 5
+    for seed in seeds[:2]:
+        g = torch.Generator().manual_seed(seed)
+        xz = torch.randn(batch, length, 2 * dim, generator=g)
+        u, z = xz[..., :dim].transpose(1, 2), xz[..., dim:].transpose(1, 2)        # channel-last views
+        x_dbl = torch.randn(batch * length, rank + 2 * dstate, generator=g)             # x_proj's output
+        dt, B, C = (t.reshape(batch, length, -1).transpose(1, 2) for t in x_dbl.split([rank, dstate, dstate], 1))
+        delta_proj = 0.4 * torch.randn(dim, rank, generator=g)
+        A = -torch.exp(torch.randn(dim, dstate, generator=g))
+        D, bias = torch.randn(dim, generator=g), 0.3 * torch.randn(dim, generator=g)
+        with torch.inference_mode():
+            out = selective_scan_cpp(u, dt, A, B, C, D, z, bias, True, reverse=reverse, delta_proj=delta_proj)
+        args = [t.double() for t in (u, delta_proj @ dt, A, B, C, D, z, bias)]
+        expected = flipped_reference(*args, True) if reverse else selective_scan_reference(*args, True)
+        assert out.stride(1) == 1                                          # channel-last, as u
+        assert_rel_close(out.double(), expected, TOLERANCE[torch.float32], f"seed {seed}")
+
+
 def test_cpp_low_rank_delta_needs_no_full_delta_without_autograd(seeds, monkeypatch):
     """Calls that need no gradient hand the factor to the C++ kernel: the full (batch, dim, L) delta is never
     built (the product is spied on); calls that need one build it, and both agree."""

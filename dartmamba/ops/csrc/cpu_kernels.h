@@ -347,39 +347,56 @@ void reverse_rows(T* rows, int W, int64_t L) {
   }
 }
 
-// Software prefetch of the next block's rows (unit stride along L) into L2, spread over the current block's steps:
-// the gathers then read from cache instead of waiting for memory. (Rows of other layouts are left to the hardware.)
+// Software prefetch of the next block's rows into L2, spread over the current block's steps: the gathers then read
+// from cache instead of waiting for memory. Rows of unit stride along L are walked line by line; channel-last rows
+// (the block's W channels adjacent, one step every st elements: a strided walk the hardware prefetchers do not
+// follow far) one line per step. Other layouts are left to the hardware.
 template <typename T>
 struct Prefetcher {
-  static constexpr int kMaxRows = 8 * 64;
-  const char* rows[kMaxRows];
-  bool write[kMaxRows];
-  int64_t count = 0, lines_per_row = 0, per_step = 0, row = 0, line = 0;
+  static constexpr int kMaxStreams = 8 * 64;
+  struct Stream {
+    const char* base;
+    int64_t step, lines;   // bytes between lines, number of lines
+    int64_t width;         // bytes of each line's span (channel-last: W channels, may straddle two lines)
+    bool write;
+  };
+  Stream streams[kMaxStreams];
+  int64_t count = 0, total = 0, per_step = 0, stream = 0, line = 0;
 
-  void reset() { count = row = line = 0; }
+  void reset() { count = total = stream = line = 0; }
   // rows d0 .. d0 + valid - 1 of `r` (to be read, or written: `for_write`)
   template <typename S>
   void add(const Rows<S>& r, int64_t b, int64_t d0, int valid, int64_t L, bool for_write = false) {
-    if (r.data == nullptr || r.st != 1) return;
-    for (int j = 0; j < valid && count < kMaxRows; ++j) {
-      write[count] = for_write;
-      rows[count++] = reinterpret_cast<const char*>(r.row(b, d0 + j));
-    }
-    lines_per_row = (L * static_cast<int64_t>(sizeof(S)) + 63) / 64;
-  }
-  void start(int64_t steps) {
-    const int64_t total = count * lines_per_row;
-    per_step = steps > 0 ? (total + steps - 1) / steps : total;
-  }
-  inline void step() {  // the next per_step cache lines
-    for (int64_t i = 0; i < per_step && row < count; ++i) {
-      const char* at = rows[row] + line * 64;
-      if (write[row]) {
-        __builtin_prefetch(at, 1, 2);
-      } else {
-        __builtin_prefetch(at, 0, 2);
+    if (r.data == nullptr) return;
+    if (r.st == 1) {
+      const int64_t lines = (L * static_cast<int64_t>(sizeof(S)) + 63) / 64;
+      for (int j = 0; j < valid && count < kMaxStreams; ++j) {
+        streams[count++] = Stream{reinterpret_cast<const char*>(r.row(b, d0 + j)), 64, lines, 1, for_write};
+        total += lines;
       }
-      if (++line == lines_per_row) line = 0, ++row;
+    } else if (r.sd == 1 && count < kMaxStreams) {
+      streams[count++] = Stream{reinterpret_cast<const char*>(r.row(b, d0)),
+                                r.st * static_cast<int64_t>(sizeof(S)), L, valid * static_cast<int64_t>(sizeof(S)),
+                                for_write};
+      total += L;
+    }
+  }
+  void start(int64_t steps) { per_step = steps > 0 ? (total + steps - 1) / steps : total; }
+  inline void fetch(const char* at, bool write) {
+    if (write) {
+      __builtin_prefetch(at, 1, 2);
+    } else {
+      __builtin_prefetch(at, 0, 2);
+    }
+  }
+  inline void step() {  // the next per_step lines
+    for (int64_t i = 0; i < per_step && stream < count; ++i) {
+      const Stream& s = streams[stream];
+      const char* at = s.base + line * s.step;
+      fetch(at, s.write);
+      // a span that crosses a line boundary takes the next line too
+      if (((reinterpret_cast<uintptr_t>(at) & 63) + s.width) > 64) fetch(at + 64, s.write);
+      if (++line == s.lines) line = 0, ++stream;
     }
   }
 };

@@ -124,7 +124,22 @@ struct Block {
     for (int l = 0; l < valid; ++l) {
       for (int64_t r = 0; r < R; ++r) cols[r * W + l] = in.delta_proj[(d0 + l) * R + r];
     }
-    for (int64_t t = 0; t < L; ++t) {
+    // kSteps steps at a time: each step's sum is one chain of R dependent multiply-adds, so independent steps side
+    // by side keep the FMA pipes busy (the same terms in the same order per step: the same bits)
+    constexpr int kSteps = 8;
+    int64_t t = 0;
+    for (; t + kSteps <= L; t += kSteps) {
+      const T* f = factor.data() + t * R;
+      Vec acc[kSteps];
+      for (int k = 0; k < kSteps; ++k) acc[k] = Vec(T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const Vec c = Vec::loadu(cols.data() + r * W);
+#pragma GCC unroll 8
+        for (int k = 0; k < kSteps; ++k) acc[k] = at::vec::fmadd(c, Vec(f[k * R + r]), acc[k]);
+      }
+      for (int k = 0; k < kSteps; ++k) acc[k].store(pre.data() + (t + k) * W);
+    }
+    for (; t < L; ++t) {
       const T* f = factor.data() + t * R;
       Vec acc(T(0));
       for (int64_t r = 0; r < R; ++r) acc = at::vec::fmadd(Vec::loadu(cols.data() + r * W), Vec(f[r]), acc);
