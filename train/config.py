@@ -111,6 +111,23 @@ Unit = Annotated[Num, Field(ge=0, le=1)]           # a probability / fraction in
 Positive = Annotated[Num, Field(gt=0)]
 
 
+def _lr_scales(value: dict) -> dict:
+    """{parameter-name prefix: learning-rate multiplier >= 0}."""
+    scales = {}
+    for key, scale in value.items():
+        if not isinstance(key, str) or not key.strip(".") or key != key.strip("."):
+            raise _rule(f"expected a mapping of parameter-name prefixes to numbers >= 0 (e.g. "
+                        f"{{patch_embed.scorer: 0.1}}), got the key {key!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            raise _rule(f"expected a number >= 0 for {key!r} (its parameters train at optim.lr times it), got "
+                        f"{scale!r}")
+        scales[key] = float(scale)
+    return scales
+
+
+LrScales = Annotated[dict, AfterValidator(_lr_scales)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -232,6 +249,9 @@ class OptimConfig(_Section):
     """timm ``create_optimizer_v2``; no weight decay on norms, biases, positional embeddings and class tokens.
 
     ``lr`` is absolute; when it is null, ``lr = lr_base * global_batch / lr_base_size`` (DeiT's linear rule).
+    ``lr_scale`` multiplies the learning rate of the parameters whose names start with a prefix (timm's ``lr_scale``
+    parameter-group key, which its schedulers apply), e.g. ``{patch_embed.scorer: 0}`` keeps a DART scorer as
+    initialised.
     """
 
     opt: str = "adamw"
@@ -243,6 +263,15 @@ class OptimConfig(_Section):
     eps: Optional[Num] = None
     betas: Annotated[Optional[Nums], _sized(2, what="two numbers")] = None
     layer_decay: Optional[Num] = Field(None, gt=0, le=1)
+    # {parameter-name prefix: lr multiplier}, e.g. {patch_embed.scorer: 0.1}; the longest matching prefix applies
+    lr_scale: LrScales = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_per_parameter_rule(self):
+        if self.lr_scale and self.layer_decay is not None:
+            raise _rule("cannot be combined with optim.layer_decay (each sets per-parameter learning rates); use one",
+                        "lr_scale", "layer_decay")
+        return self
 
 
 class SchedConfig(_Section):

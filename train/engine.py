@@ -28,7 +28,7 @@ import torch.nn as nn
 from .config import ConfigError, RunConfig, deep_merge
 from .deepspeed_keys import check_deepspeed_keys
 
-__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model", "check_init_checkpoint", "create_optimizer", "create_scheduler",
+__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model", "check_init_checkpoint", "create_optimizer", "scaled_param_groups", "create_scheduler",
            "create_losses", "initialize_engine", "train_micro_step", "consolidated_state_dict", "gathered_params",
            "resolve_deepspeed_json", "FrozenSnapshot"]
 
@@ -194,10 +194,41 @@ def resolved_lr(cfg: RunConfig, world_size: int) -> float:
 _FUSED_ON_CPU = ("adam", "adamw")
 
 
+def scaled_param_groups(model: nn.Module, scales: dict[str, float], weight_decay: float) -> list[dict]:
+    """timm's weight-decay groups (``param_groups_weight_decay`` with the model's ``no_weight_decay()``, as
+    ``create_optimizer_v2`` forms them), each split by the scale of its parameters' longest matching prefix in
+    ``scales`` (1 where none matches) into groups carrying ``lr_scale``, which timm's schedulers multiply the
+    learning rate by. A prefix matches a parameter's name or the names under it (``patch_embed.scorer`` matches
+    ``patch_embed.scorer.head.gate.weight``). A prefix that matches no trainable parameter is a ConfigError."""
+    from timm.optim import param_groups_weight_decay
+
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    names = {id(p): n for n, p in model.named_parameters()}
+    matched = dict.fromkeys(scales, 0)
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay):
+        by_scale: dict[float, list] = {}
+        for param in group["params"]:
+            name = names[id(param)]
+            prefix = max((k for k in scales if name == k or name.startswith(k + ".")), key=len, default=None)
+            if prefix is not None:
+                matched[prefix] += 1
+            by_scale.setdefault(1.0 if prefix is None else scales[prefix], []).append(param)
+        settings = {k: v for k, v in group.items() if k != "params"}
+        groups += [{**settings, "params": params, "lr_scale": scale} for scale, params in by_scale.items()]
+    unmatched = [k for k, count in matched.items() if count == 0]
+    if unmatched:
+        modules = sorted({n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad})
+        raise ConfigError(f"optim.lr_scale: {unmatched[0]!r} is the prefix of no trainable parameter of the model "
+                          f"(its top-level parts with trainable parameters: {', '.join(modules)})")
+    return groups
+
+
 def create_optimizer(cfg: RunConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """timm ``create_optimizer_v2``: no weight decay for 1-d parameters (norms, biases) and the model's
-    ``no_weight_decay()`` set (positional embeddings, class token, Vim's A_log); frozen parameters left out. Adam and
-    AdamW on CPU parameters take torch's fused implementation."""
+    ``no_weight_decay()`` set (positional embeddings, class token, Vim's A_log); frozen parameters left out;
+    ``optim.lr_scale`` splits the groups by learning-rate scale (:func:`scaled_param_groups`). Adam and AdamW on CPU
+    parameters take torch's fused implementation."""
     import timm.optim
 
     o = cfg.optim
@@ -209,7 +240,8 @@ def create_optimizer(cfg: RunConfig, model: nn.Module, world_size: int) -> torch
         kwargs["eps"] = o.eps
     if o.betas is not None:
         kwargs["betas"] = tuple(o.betas)
-    return timm.optim.create_optimizer_v2(model, opt=o.opt, lr=resolved_lr(cfg, world_size),
+    params = scaled_param_groups(model, o.lr_scale, o.weight_decay) if o.lr_scale else model
+    return timm.optim.create_optimizer_v2(params, opt=o.opt, lr=resolved_lr(cfg, world_size),
                                           weight_decay=o.weight_decay, momentum=o.momentum,
                                           layer_decay=o.layer_decay, filter_bias_and_bn=True, **kwargs)
 

@@ -78,6 +78,11 @@ def test_defaults_and_overrides_are_typed(tiny_recipe):
     ("aug.cutmix_minmax=[0.2, 1.5]", "aug.cutmix_minmax: values must be <= 1.0, got [0.2, 1.5]"),
     ("optim.betas=[0.9]", "optim.betas: expected null or two numbers, got [0.9]"),
     ("optim.layer_decay=0", "optim.layer_decay: expected null or a number in (0, 1], got 0.0"),
+    ("optim.lr_scale={patch_embed.scorer: -1}", "optim.lr_scale: expected a number >= 0 for 'patch_embed.scorer' "
+                                                "(its parameters train at optim.lr times it), got -1"),
+    ("optim.lr_scale={.scorer: 1}", "optim.lr_scale: expected a mapping of parameter-name prefixes to numbers >= 0 "
+                                    "(e.g. {patch_embed.scorer: 0.1}), got the key '.scorer'"),
+    ("optim.lr_scale=3", "optim.lr_scale: expected a mapping, got 3 (int)"),
     ("optim.weight_decay=-0.1", "optim.weight_decay: expected a number >= 0, got -0.1"),
     ("sched.warmup_epochs=3", "override 'sched.warmup_epochs=3': sched.warmup_epochs: must be below train.epochs=3, "
                               "got 3.0"),
@@ -366,3 +371,12 @@ def test_canvas_and_model_sizes_must_agree(tiny_recipe):
                               "(or canvas_size)")
     bundle = build_data(load_config(tiny_recipe), model_data_config(model))
     assert bundle.input_size == (3, 32, 32) and bundle.val_set[0][0].shape == (3, 32, 32)
+
+
+def test_lr_scale_and_layer_decay_do_not_combine(tiny_recipe):
+    assert load_config(tiny_recipe, ["optim.lr_scale={patch_embed.scorer: 0.1}"]).optim.lr_scale == {
+        "patch_embed.scorer": 0.1}
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_recipe, ["optim.layer_decay=0.75", "optim.lr_scale={patch_embed.scorer: 0.1}"])
+    assert ("optim.lr_scale: cannot be combined with optim.layer_decay (each sets per-parameter learning rates); "
+            "use one") in str(err.value)

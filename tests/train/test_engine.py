@@ -58,6 +58,58 @@ def test_the_timm_optimizer_lr_drives_deepspeed_updates(tmp_path, dist_group, ba
     assert not torch.equal(moved["head.weight"], after["head.weight"])
 
 
+SCALES = "optim.lr_scale={patch_embed.scorer: 0, patch_embed: 2, head: 0.5}"
+
+
+def test_lr_scale_groups_keep_timm_weight_decay_split(tmp_path):
+    """The scorer's parameters get lr_scale 0, the rest of patch_embed 2 (the longest prefix wins), the head 0.5,
+    everything else 1; every parameter keeps the weight decay timm's own grouping gives it."""
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"), [SCALES])
+    model = create_model(cfg, 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = create_optimizer(cfg, model, 1).param_groups
+    plain = create_optimizer(load_config(write_recipe(tmp_path / "p.yaml")), model, 1).param_groups
+    scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay_of == {names[id(p)]: g["weight_decay"] for g in plain for p in g["params"]}
+    assert set(scale_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, scale in scale_of.items():
+        expected = (0.0 if name.startswith("patch_embed.scorer.") else 2.0 if name.startswith("patch_embed.")
+                    else 0.5 if name.startswith("head.") else 1.0)
+        assert scale == expected, name
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_lr_scale_sets_the_learning_rate_of_the_parameters_it_names(tmp_path, dist_group, batch, stage):
+    """DeepSpeed (ZeRO 0 and 2) applies what timm's scheduler writes per group, lr times lr_scale: an update leaves
+    the DART scorer (scale 0) as it was, AdamW's decay included, and moves the head and the patch projection."""
+    cfg, parts = make_engine(tmp_path, [f"deepspeed.stage={stage}", SCALES])
+    parts.scheduler.step_update(3)
+    assert sorted({g["lr_scale"] for g in parts.optimizer.param_groups}) == [0.0, 0.5, 1.0, 2.0]
+    for group in parts.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(3e-3 * group["lr_scale"], rel=0.2)
+        assert (group["lr"] > 0) == (group["lr_scale"] > 0)
+    before = consolidated_state_dict(parts)
+    train_steps(cfg, parts, batch, 1)
+    after = consolidated_state_dict(parts)
+    scorer = [k for k in before if k.startswith("patch_embed.scorer.") and before[k].is_floating_point()
+              and "running_" not in k]
+    assert scorer and all(torch.equal(before[k], after[k]) for k in scorer)
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert not torch.equal(before["patch_embed.proj.weight"], after["patch_embed.proj.weight"])
+
+
+def test_lr_scale_naming_no_parameter_is_a_clear_error(tmp_path):
+    from dartmamba_train.config import ConfigError
+
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["optim.lr_scale={patch_embed.scorer: 0.1, scorer: 0}"])
+    model = create_model(cfg, 10)
+    with pytest.raises(ConfigError, match=r"optim.lr_scale: 'scorer' is the prefix of no trainable parameter of the "
+                                          r"model \(its top-level parts with trainable parameters: blocks, cls_token, "
+                                          r"head, norm, patch_embed, pos_embed\)"):
+        create_optimizer(cfg, model, 1)
+
+
 def test_no_weight_decay_on_norms_biases_embeddings_and_tokens(tmp_path):
     vim = {"name": "vim_tiny_dart", "kwargs": {"img_size": 32, "patch_size": 8, "grid_size": 4, "num_tokens": 16,
                                                "embed_dim": 32, "depth": 2, "dart_cfg": {"trunk": "tiny_cnn"}}}
