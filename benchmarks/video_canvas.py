@@ -36,17 +36,24 @@ VARIANTS = {
     # the authors' scores with frame 0 at the level of a static cell of a later frame (sigmoid(-1.5)), not 0.5
     "dart16_authors_low0": ("videomamba_dart", 16, ["model.kwargs.tokenizer_cfg.score_mode=authors",
                                                     "model.kwargs.tokenizer_cfg.first_frame_score=0.18"], 1.3),
+    # the scorer kept as initialised (its learning rate x 0), with each scoring
+    "dart16_frozen": ("videomamba_dart", 16, ["optim.lr_scale={patch_embed.scorer: 0}"], 1.3),
+    "dart16_authors_frozen": ("videomamba_dart", 16, ["model.kwargs.tokenizer_cfg.score_mode=authors",
+                                                      "optim.lr_scale={patch_embed.scorer: 0}"], 1.3),
     "grid16": ("videomamba_grid", 16, [], 1.0),
     "grid36": ("videomamba_grid", 36, ["model.kwargs.img_size=48", "data.canvas.output_size=48"], 2.6),
     "grid64": ("videomamba_grid", 64, ["model.kwargs.img_size=64", "data.canvas.output_size=64"], 4.5),
 }
-DART_VARIANTS = ("dart16", "dart16_authors", "dart16_authors_low0")
+DART_VARIANTS = ("dart16", "dart16_authors", "dart16_authors_low0", "dart16_frozen", "dart16_authors_frozen")
 LABELS = {"dart16": "VideoMamba + video DART (content scores)",
           "dart16_authors": "VideoMamba + video DART (authors' scores: frame 0 at 0.5)",
           "dart16_authors_low0": "VideoMamba + video DART (authors' scores, frame 0 at 0.18)",
+          "dart16_frozen": "VideoMamba + video DART (content scores, scorer not trained)",
+          "dart16_authors_frozen": "VideoMamba + video DART (authors' scores, scorer not trained)",
           "grid16": "VideoMamba, fixed grid", "grid36": "VideoMamba, fixed grid", "grid64": "VideoMamba, fixed grid"}
 VIEWS = {"dart16": "adaptive, resampled from 64x64", "dart16_authors": "adaptive, resampled from 64x64",
-         "dart16_authors_low0": "adaptive, resampled from 64x64", "grid16": "32x32 (area-averaged)",
+         "dart16_authors_low0": "adaptive, resampled from 64x64", "dart16_frozen": "adaptive, resampled from 64x64",
+         "dart16_authors_frozen": "adaptive, resampled from 64x64", "grid16": "32x32 (area-averaged)",
          "grid36": "48x48 (area-averaged)", "grid64": "64x64 (the frames themselves)"}
 
 

@@ -30,13 +30,20 @@ def test_the_study_compares_equal_tokens_and_two_and_four_times_more():
     frames = recipes["dart16"].data.video.num_frames
     tokens = {name: cfg.model.kwargs.get("num_tokens") or frames * (cfg.model.kwargs["img_size"] // 8) ** 2
               for name, cfg in recipes.items()}
-    assert tokens == {"dart16": 16 * frames, "dart16_authors": 16 * frames, "dart16_authors_low0": 16 * frames,
-                      "grid16": 16 * frames, "grid36": 36 * frames, "grid64": 64 * frames}
+    dart = [name for name in recipes if name.startswith("dart16")]
+    assert tokens == {**dict.fromkeys(dart, 16 * frames), "grid16": 16 * frames, "grid36": 36 * frames,
+                      "grid64": 64 * frames}
+    assert set(dart) == set(video_canvas.DART_VARIANTS)
     # the two DART variants differ in the scoring alone; the study's default is the content scoring
     content, authors = (recipes[n].model.kwargs["tokenizer_cfg"] for n in ("dart16", "dart16_authors"))
     assert content.get("score_mode", "content") == "content" and authors == {**content, "score_mode": "authors"}
     assert recipes["dart16_authors"].model.kwargs == {**recipes["dart16"].model.kwargs, "tokenizer_cfg": authors}
     assert recipes["dart16_authors_low0"].model.kwargs["tokenizer_cfg"] == {**authors, "first_frame_score": 0.18}
+    # the frozen-scorer variants differ from their scoring in the scorer's learning rate alone
+    for frozen, trained in (("dart16_frozen", "dart16"), ("dart16_authors_frozen", "dart16_authors")):
+        assert recipes[frozen].model == recipes[trained].model
+        assert recipes[frozen].optim == recipes[trained].optim.model_copy(
+            update={"lr_scale": {"patch_embed.scorer": 0.0}})
     # everything but the tokenizer (and the frame size it implies) is the same
     backbone = {k: v for k, v in recipes["dart16"].model.kwargs.items()
                 if k not in ("img_size", "num_tokens", "grid_size", "tokenizer_cfg")}
