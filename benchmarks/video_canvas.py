@@ -310,8 +310,8 @@ def main(argv=None) -> None:
         for name in ("config.yaml", "summary.csv"):
             shutil.copyfile(os.path.join(result["out_dir"], name), os.path.join(kept, name))
     summary = {"results": sorted(results, key=lambda r: (r["name"], r["seed"])), "flops": flops,
-               "dart_statistics": stats, "initial_dart_statistics": initial, "wall_seconds": wall, "jobs": args.jobs, "threads_per_job": threads,
-               "overrides": args.overrides}
+               "dart_statistics": stats, "initial_dart_statistics": initial, "wall_seconds": wall, "jobs": args.jobs,
+               "threads_per_job": threads, "overrides": args.overrides}
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     text = table(results, flops) + "\n" + allocation_table(results, stats)

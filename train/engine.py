@@ -28,9 +28,10 @@ import torch.nn as nn
 from .config import ConfigError, RunConfig, deep_merge
 from .deepspeed_keys import check_deepspeed_keys
 
-__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model", "check_init_checkpoint", "create_optimizer", "scaled_param_groups", "create_scheduler",
-           "create_losses", "initialize_engine", "train_micro_step", "consolidated_state_dict", "gathered_params",
-           "resolve_deepspeed_json", "FrozenSnapshot"]
+__all__ = ["EngineParts", "build_deepspeed_config", "create_model", "shape_model", "check_init_checkpoint",
+           "create_optimizer", "scaled_param_groups", "create_scheduler", "create_losses", "initialize_engine",
+           "train_micro_step", "consolidated_state_dict", "gathered_params", "resolve_deepspeed_json",
+           "FrozenSnapshot"]
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

@@ -12,8 +12,8 @@ from .partition import (default_num_rows, interval_means, inverse_cdf_quantiles,
 from .posembed import posembed_macs, resample_pos_embed, resample_pos_embed_reference, resample_pos_embed_torch
 from .resample import SAMPLING_MODES, resample_macs, resample_patches, resample_reference, resample_torch, sample_points
 from .video import (SCORE_MODES, SpatiotemporalHead, VideoDartTokenizer, VideoDartTokens, VideoGridTokenizer,
-                    VideoScorer, TemporalDifferenceHead, resolve_score_mode, spatiotemporal_pos_embed, stack_frames, tokens_per_frame, unstack_frames, video_num_rows,
-                    video_scores)
+                    VideoScorer, TemporalDifferenceHead, resolve_score_mode, spatiotemporal_pos_embed, stack_frames,
+                    tokens_per_frame, unstack_frames, video_num_rows, video_scores)
 from .scorer import (HEADS, SCORE_NORMS, TRUNKS, DartScorer, MobileNetV3Trunk, ScoreHeadV1,
                      ScoreHeadV2, TinyConvTrunk, standardise_scores)
 
@@ -27,6 +27,6 @@ __all__ = [
     "resample_pos_embed", "resample_pos_embed_reference", "resample_pos_embed_torch", "resample_reference",
     "resample_torch", "sample_points", "standardise_scores", "token_cell_areas", "tokens_to_map",
     "uniform_geometry", "VideoDartTokenizer", "VideoDartTokens", "VideoGridTokenizer", "VideoScorer",
-    "TemporalDifferenceHead", "SpatiotemporalHead", "SCORE_MODES", "resolve_score_mode", "spatiotemporal_pos_embed", "stack_frames", "tokens_per_frame", "unstack_frames",
-    "video_num_rows", "video_scores",
+    "TemporalDifferenceHead", "SpatiotemporalHead", "SCORE_MODES", "resolve_score_mode", "spatiotemporal_pos_embed",
+    "stack_frames", "tokens_per_frame", "unstack_frames", "video_num_rows", "video_scores",
 ]

@@ -56,8 +56,8 @@ from .scorer import DartScorer, standardise_scores
 from .validation import as_pair, autocast_enabled, check_token_counts
 
 __all__ = ["VideoGridTokenizer", "VideoDartTokenizer", "VideoDartTokens", "VideoScorer", "TemporalDifferenceHead",
-           "SpatiotemporalHead", "SCORE_MODES", "resolve_score_mode", "stack_frames", "unstack_frames", "video_num_rows", "spatiotemporal_pos_embed", "video_scores",
-           "tokens_per_frame", "check_video"]
+           "SpatiotemporalHead", "SCORE_MODES", "resolve_score_mode", "stack_frames", "unstack_frames",
+           "video_num_rows", "spatiotemporal_pos_embed", "video_scores", "tokens_per_frame", "check_video"]
 
 VIDEO_TRUNK = "mobilenetv3_small_s16"     # the authors' trunk: torchvision mobilenet_v3_small features[:8]
 # The authors' scorer holds torchvision ``features[:11]`` but scores from ``features[:8]``; the rest is computed and
@@ -192,7 +192,7 @@ class SpatiotemporalHead(nn.Module):
         super().__init__()
         self.motion = nn.Linear(chans, chans, device=device, dtype=dtype)
         self.gate = nn.Linear(chans, chans, device=device, dtype=dtype)
-        # shape (1,), not (): DeepSpeed's parameter broadcast views every parameter as bytes, which a 0-d tensor refuses
+        # shape (1,), not (): DeepSpeed's parameter broadcast views every parameter as bytes; a 0-d tensor refuses
         self.detail_weight = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
 
     def forward(self, features: Tensor) -> Tensor:
