@@ -51,9 +51,7 @@ LABELS = {"dart16": "VideoMamba + video DART (content scores)",
           "dart16_frozen": "VideoMamba + video DART (content scores, scorer not trained)",
           "dart16_authors_frozen": "VideoMamba + video DART (authors' scores, scorer not trained)",
           "grid16": "VideoMamba, fixed grid", "grid36": "VideoMamba, fixed grid", "grid64": "VideoMamba, fixed grid"}
-VIEWS = {"dart16": "adaptive, resampled from 64x64", "dart16_authors": "adaptive, resampled from 64x64",
-         "dart16_authors_low0": "adaptive, resampled from 64x64", "dart16_frozen": "adaptive, resampled from 64x64",
-         "dart16_authors_frozen": "adaptive, resampled from 64x64", "grid16": "32x32 (area-averaged)",
+VIEWS = {**dict.fromkeys(DART_VARIANTS, "adaptive, resampled from 64x64"), "grid16": "32x32 (area-averaged)",
          "grid36": "48x48 (area-averaged)", "grid64": "64x64 (the frames themselves)"}
 
 
