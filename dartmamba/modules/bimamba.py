@@ -9,9 +9,11 @@ unchanged.
 Two implementations of the same mixer (``bimamba_impl``): ``"fused"`` runs both directions as one problem of
 2 * d_inner channels (one causal conv, one batched GEMM for each of x_proj and dt_proj, one selective scan with B
 and C grouped per direction); ``"two_pass"`` runs them one after the other, as Vim's code does, the backward branch
-right to left (``reverse=True``). ``"auto"`` (the default) decides by a capability of the scan backend the inputs'
-device gets: two-pass where it runs right to left natively (no flipped copies; the C++ kernel), fused where
-``reverse`` would be adapted with flipped copies anyway (mamba-ssm's kernel; one launch per stage instead of two).
+right to left (``reverse=True``), the two scans and their gated mean as one op (``bimamba_scan``: on CPU without
+autograd, one pass of the C++ scan over both directions). ``"auto"`` (the default) decides by a capability of the
+scan backend the inputs' device gets: two-pass where it runs right to left natively (no flipped copies; the C++
+kernel), fused where ``reverse`` would be adapted with flipped copies anyway (mamba-ssm's kernel; one launch per
+stage instead of two).
 docs/benchmarks.md has the timings behind the rule.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from timm.layers import DropPath, register_notrace_function, register_notrace_mo
 from torch import Tensor
 
 from .. import backends
-from ..ops import RMSNorm, causal_conv1d, rms_norm, selective_scan
+from ..ops import RMSNorm, ScanBranch, bimamba_scan, causal_conv1d, rms_norm, selective_scan
+from .linear import OutputPaddedLinear
 
 BIMAMBA_IMPLS = ("auto", "fused", "two_pass")
 DEFAULT_BIMAMBA_IMPL = "auto"
@@ -59,7 +62,7 @@ def _scan_branch(d_inner: int, d_state: int, d_conv: int, dt_rank: int, dd: dict
     """The parameters of one scan direction: causal conv, input-dependent (dt, B, C) projection, A and D.
     ``dd``: the factory kwargs (device, dtype)."""
     conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=True, **dd)
-    x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **dd)
+    x_proj = OutputPaddedLinear(d_inner, dt_rank + 2 * d_state, bias=False, **dd)
     dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **dd)
     return (conv1d, x_proj, dt_proj, nn.Parameter(torch.empty(d_inner, d_state, **dd)),
             nn.Parameter(torch.empty(d_inner, **dd)))
@@ -138,9 +141,9 @@ class BiMambaMixer(nn.Module):
                         .repeat(self.d_inner, 1))
             D.fill_(1.0)
 
-    def _scan(self, x: Tensor, z: Tensor, direction: str, reverse: bool = False) -> Tensor:
-        """x, z: (B, d_inner, L) -> y (B, d_inner, L); ``reverse``: conv and scan right to left (the branch of the
-        flipped sequence, flipped back)."""
+    def _branch_inputs(self, x: Tensor, direction: str, reverse: bool = False) -> ScanBranch:
+        """x: (B, d_inner, L) -> the scan inputs of one direction (its conv, x_proj, dt_proj, A, D); ``reverse``:
+        the conv right to left (the branch of the flipped sequence, in the original order)."""
         conv, x_proj, dt_proj, A_log, D = self._branch(direction)
         seq_len = x.shape[-1]
         x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse)
@@ -150,9 +153,7 @@ class BiMambaMixer(nn.Module):
         C = rearrange(C, "(b l) n -> b n l", l=seq_len)
         # delta as dt_proj.weight @ dt (the low-rank mode); B, C and dt as strided views of x_dbl
         dt = rearrange(dt, "(b l) r -> b r l", l=seq_len)
-        A = -torch.exp(A_log.float())
-        return selective_scan(x, dt, A, B, C, D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                              reverse=reverse, delta_proj=dt_proj.weight)
+        return ScanBranch(x, dt, -torch.exp(A_log.float()), B, C, D.float(), dt_proj.bias.float(), dt_proj.weight)
 
     def _stacked(self) -> dict:
         """Both branches' parameters stacked (forward first), in the one-pass layout: conv (2 d_inner, K) and bias,
@@ -196,11 +197,11 @@ class BiMambaMixer(nn.Module):
             return self.forward_fused(hidden_states)
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")
         x, z = xz.chunk(2, dim=1)
-        y_forward = self._scan(x, z, "forward")
-        y_backward = self._scan(x, z, "backward", reverse=True)
-        # without autograd the sum goes into y_backward, still in cache from the scan; the same bits either way
-        y = torch.add(y_forward, y_backward) if y_backward.requires_grad else y_backward.add_(y_forward)
-        return self.out_proj(rearrange(y.mul_(0.5), "b d l -> b l d"))
+        # 0.5 * (scan(forward) + scan(backward, right to left)) * silu(z): one pass over both on CPU without
+        # autograd, else the two scans (the op's dispatch)
+        y = bimamba_scan(self._branch_inputs(x, "forward"), self._branch_inputs(x, "backward", reverse=True), z,
+                         delta_softplus=True)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
 
 class VimBlock(nn.Module):

@@ -103,7 +103,8 @@ def test_every_cpp_kernel_op_has_a_formula():
     namespace = cpu_kernels()
     prefix = extension_name() + "::"
     names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix)]
-    assert sorted(names) == ["causal_conv1d_bwd", "causal_conv1d_fwd", "rms_norm_fwd", "scan_bwd", "scan_fwd"]
+    assert sorted(names) == ["bimamba_scan_fwd", "causal_conv1d_bwd", "causal_conv1d_fwd", "rms_norm_fwd",
+                             "scan_bwd", "scan_fwd"]
     assert all(getattr(namespace, n) in flop_registry for n in names), names
 
 

@@ -205,3 +205,21 @@ def test_bf16_inference_makes_no_fp32_copy_of_an_activation(setting, impl, seeds
         assert out.dtype == torch.bfloat16
         err = (out.float() - expected).abs().max().item()
         assert err <= 0.03 * expected.abs().max().item(), f"{setting}, {impl}, seed {seed}: {err}"
+
+
+def test_two_pass_inference_runs_both_directions_as_one_kernel_call(seed):
+    """On CPU without autograd the two-pass mixer's two scans are one bimamba_scan_fwd call per layer (the C++
+    pass over both directions), with the model's output that of the two scans through the "scan" op."""
+    if cpu_kernels_unavailable() is not None:
+        pytest.skip("the C++ CPU kernels are not available here")
+    model = timm.create_model("vim_tiny_patch16_224", bimamba_impl="two_pass", img_size=32, patch_size=8,
+                              embed_dim=40, depth=3, num_classes=5).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with torch.profiler.profile() as prof:
+            fast = model(images)
+        with backends.use_backend("bimamba_scan", "torch"):
+            two_scans = model(images)
+    calls = {e.key.split("::")[-1]: e.count for e in prof.key_averages() if "::" in e.key}
+    assert calls.get("bimamba_scan_fwd") == 3 and "scan_fwd" not in calls, calls
+    torch.testing.assert_close(fast, two_scans, rtol=1e-12, atol=1e-13)

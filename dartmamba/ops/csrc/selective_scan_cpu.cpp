@@ -27,6 +27,10 @@
 // tasks are handed out dynamically (for_each_task), and every partial sum has one writer and is reduced in a fixed
 // order, so the results do not depend on the number of threads or on which thread ran what.
 //
+// bimamba_scan_fwd (op "bimamba_scan", inference): Vim's two directions of one layer, out = 0.5 (y_fwd + y_bwd)
+// silu(z), per task both directions' scans of the same channel block (the second right to left), summed and gated
+// in cache and written once.
+//
 // Dtypes: the forward reads u, delta, B, C, z stored as S (bfloat16, half, float or double) and writes the output
 // as S; everything in between (the scratch rows, the state, the sums) is T = compute_t<S> (float for the 16-bit
 // types), and the parameters A, D, delta_bias, delta_proj come in T. The backward takes float and double only.
@@ -216,9 +220,10 @@ inline Task task_of(const Shape& sh, int64_t splits, int64_t index) {
 // Forward. NS: the state size at compile time (0: sh.dstate at run time), so that the N state vectors live in
 // registers for the common sizes.
 // ---------------------------------------------------------------------------------------------------------------
+// The block's output rows, time-major (L, W) in memory order (right to left runs reversed back), left in blk.pre;
+// the last state to `last` unless it is nullptr.
 template <typename T, typename S, int NS>
-void forward_block(const Inputs<T, S>& in, const Shape& sh, Block<T>& blk, const Rows<S>& out, T* last,
-                   Prefetcher<T>& pf) {
+T* forward_rows(const Inputs<T, S>& in, const Shape& sh, Block<T>& blk, T* last, Prefetcher<T>& pf) {
   using Vec = Vectorized<T>;
   constexpr int kMaxN = NS > 0 ? NS : 256;
   const int W = sh.width;
@@ -247,12 +252,21 @@ void forward_block(const Inputs<T, S>& in, const Shape& sh, Block<T>& blk, const
     pf.step();
   }
   if (in.reverse) reverse_rows(y_rows, W, L);
-  scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh.width, sh.length);
-  T lanes[64];
-  for (int64_t n = 0; n < N; ++n) {
-    h[n].store(lanes);
-    for (int l = 0; l < blk.valid; ++l) last[(blk.b * sh.dim + blk.d0 + l) * N + n] = lanes[l];
+  if (last != nullptr) {
+    T lanes[64];
+    for (int64_t n = 0; n < N; ++n) {
+      h[n].store(lanes);
+      for (int l = 0; l < blk.valid; ++l) last[(blk.b * sh.dim + blk.d0 + l) * N + n] = lanes[l];
+    }
   }
+  return y_rows;
+}
+
+template <typename T, typename S, int NS>
+void forward_block(const Inputs<T, S>& in, const Shape& sh, Block<T>& blk, const Rows<S>& out, T* last,
+                   Prefetcher<T>& pf) {
+  const T* y_rows = forward_rows<T, S, NS>(in, sh, blk, last, pf);
+  scatter(y_rows, out, blk.b, blk.d0, blk.valid, sh.width, sh.length);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -579,6 +593,61 @@ void run_forward(const Inputs<T, S>& in, const Shape& sh, const Rows<S>& out, T*
   });
 }
 
+// Vim's two scan directions of one layer for inference, in one pass over the channel blocks: per block, the
+// left-to-right scan of `fwd` and the right-to-left scan of `bwd` (both ungated: their z is unset), their rows
+// summed in cache, gated once, out = 0.5 (y_fwd + y_bwd) silu(z), and written once. (Two scan_fwd calls would each
+// gather z and take its sigmoid, write their own output, and leave the sum and the halving to two more passes.)
+template <typename T>
+struct BidirectionalScratch {
+  Block<T> fwd, bwd;        // one per direction: each keeps its own (batch, group)'s B, C and delta factor
+  std::vector<T> z;         // (L, W): the block's z, then its gate
+  Prefetcher<T> pf;
+};
+
+template <typename T, typename S, int NS>
+void run_bidirectional(const Inputs<T, S>& fwd, const Inputs<T, S>& bwd, const Rows<S>& z, const Shape& sh,
+                       const Rows<S>& out) {
+  using Vec = Vectorized<T>;
+  const int64_t splits = splits_of(sh, kForwardTasks);
+  for_each_task(sh.batch * sh.groups * splits, [] { return BidirectionalScratch<T>(); },
+                [&](int64_t index, BidirectionalScratch<T>& s) {
+      const Task task = task_of(sh, splits, index);
+      const int W = sh.width;
+      const int64_t L = sh.length;
+      for (int64_t j = task.j0; j < task.j1; ++j) {
+        const bool next = j + 1 < task.j1;
+        const int64_t d1 = task.g * sh.per_group + (j + 1) * W;
+        const int valid1 = static_cast<int>(std::min<int64_t>(W, sh.per_group - (j + 1) * W));
+        // the first pass prefetches what the second reads, the second what the next block's first reads
+        s.fwd.load(fwd, sh, task.b, task.g, j);
+        s.pf.reset();
+        if (bwd.delta_proj == nullptr) s.pf.add(bwd.delta, task.b, s.fwd.d0, s.fwd.valid, L);
+        s.pf.add(bwd.u, task.b, s.fwd.d0, s.fwd.valid, L);
+        s.pf.add(z, task.b, s.fwd.d0, s.fwd.valid, L);
+        s.pf.start(L);
+        const T* rows_f = forward_rows<T, S, NS>(fwd, sh, s.fwd, nullptr, s.pf);
+        s.bwd.load(bwd, sh, task.b, task.g, j);
+        s.pf.reset();
+        if (next) {
+          if (fwd.delta_proj == nullptr) s.pf.add(fwd.delta, task.b, d1, valid1, L);
+          s.pf.add(fwd.u, task.b, d1, valid1, L);
+          s.pf.add(out, task.b, d1, valid1, L, true);
+        }
+        s.pf.start(L);
+        T* rows = forward_rows<T, S, NS>(bwd, sh, s.bwd, nullptr, s.pf);
+        s.z.resize(L * W);
+        gather(z, task.b, s.bwd.d0, s.bwd.valid, W, L, s.z.data());
+        const Vec half(T(0.5));
+        for (int64_t t = 0; t < L; ++t) {
+          const Vec zv = Vec::loadu(s.z.data() + t * W);
+          const Vec sum = Vec::loadu(rows_f + t * W) + Vec::loadu(rows + t * W);
+          (sum * half * zv * sigmoid(zv)).store(rows + t * W);
+        }
+        scatter(rows, out, task.b, s.bwd.d0, s.bwd.valid, W, L);
+      }
+  });
+}
+
 template <typename T, int NS>
 void run_backward(const Inputs<T>& in, const Shape& sh, const Rows<T>& dout, const T* dlast, Grads<T> gr,
                   int64_t splits) {
@@ -641,6 +710,41 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   return {out, last};
 }
 
+// Both directions of Vim's mixer (see run_bidirectional): (u, delta, A, B, C, D, delta_bias, delta_proj) of the
+// left-to-right scan, then the same of the right-to-left one, each as scan_fwd takes them (without z); z: the
+// shared gate. The two directions' tensors share shapes and dtypes. -> out (batch, dim, L) laid out as u, in u's
+// dtype: 0.5 (scan(forward) + scan_reversed(backward)) silu(z). Inference only: no autograd formula.
+at::Tensor bimamba_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const at::Tensor& D, const at::Tensor& delta_bias,
+                            const at::Tensor& delta_proj, const at::Tensor& u_b, const at::Tensor& delta_b,
+                            const at::Tensor& A_b, const at::Tensor& B_b, const at::Tensor& C_b,
+                            const at::Tensor& D_b, const at::Tensor& delta_bias_b, const at::Tensor& delta_proj_b,
+                            const at::Tensor& z, bool softplus) {
+  TORCH_CHECK(z.numel() > 0, "bimamba_scan_fwd: z (the gate) is required");
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj);
+  check_inputs(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, delta_proj_b);
+  const std::vector<std::pair<const at::Tensor*, const at::Tensor*>> pairs = {
+      {&u, &u_b}, {&delta, &delta_b}, {&A, &A_b}, {&B, &B_b}, {&C, &C_b}, {&D, &D_b}, {&delta_bias, &delta_bias_b},
+      {&delta_proj, &delta_proj_b}};
+  for (const auto& [a, b] : pairs) {
+    TORCH_CHECK(a->sizes() == b->sizes() && a->scalar_type() == b->scalar_type(),
+                "bimamba_scan_fwd: the two directions' tensors must match in shape and dtype, got ", a->sizes(),
+                " ", a->scalar_type(), " and ", b->sizes(), " ", b->scalar_type());
+  }
+  at::Tensor out = at::empty_like(u, at::MemoryFormat::Preserve);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "bimamba_scan_cpu_fwd", [&] {
+    using S = scalar_t;
+    using T = compute_t<S>;
+    const Shape sh = shape_of(u, A, B, Vectorized<T>::size());
+    const at::Tensor none;
+    const Inputs<T, S> fwd = inputs_of<T, S>(u, delta, A, B, C, D, none, delta_bias, softplus, false, delta_proj);
+    const Inputs<T, S> bwd = inputs_of<T, S>(u_b, delta_b, A_b, B_b, C_b, D_b, none, delta_bias_b, softplus, true,
+                                             delta_proj_b);
+    WITH_STATE_SIZE(sh.dstate, (run_bidirectional<T, S, NS>(fwd, bwd, Rows<S>(z), sh, Rows<S>(out))));
+  });
+  return out;
+}
+
 // dout: (batch, dim, L); dlast: (batch, dim, N) contiguous or empty (the gradient of the last state).
 // -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), contiguous; dD, dz, ddelta_bias empty when D, z, delta_bias are.
 std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
@@ -687,11 +791,15 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, Tensor delta_bias, "
         "bool softplus, bool reverse, Tensor delta_proj) -> Tensor[]");
+  m.def("bimamba_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor delta_bias, "
+        "Tensor delta_proj, Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor D_b, "
+        "Tensor delta_bias_b, Tensor delta_proj_b, Tensor z, bool softplus) -> Tensor");
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor z, "
         "Tensor delta_bias, Tensor dlast, bool softplus, bool reverse) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("scan_fwd", &scan_fwd);
+  m.impl("bimamba_scan_fwd", &bimamba_scan_fwd);
   m.impl("scan_bwd", &scan_bwd);
 }
