@@ -10,7 +10,7 @@ from dartmamba import backends
 from dartmamba.backends import BackendUnavailableError
 from dartmamba.ops import ScanBranch, bimamba_scan, bimamba_scan_cpp, bimamba_scan_torch, selective_scan_reference
 from dartmamba.ops._jit import cpu_kernels, cpu_kernels_unavailable
-from dartmamba.ops.bimamba.cpp import _kernel_inputs
+from dartmamba.ops.bimamba.cpp import branch_kernel_arguments
 
 
 def cpp_or_skip():
@@ -169,7 +169,7 @@ def test_kernel_op_passes_opcheck_and_counts_the_two_scans_flops(seeds):
     forward, backward = (cast(make_branch(g, 2, 20, 9, 4, rank=2), torch.float32) for _ in range(2))
     z = torch.randn(2, 20, 9, generator=g)
     op = cpu_kernels().bimamba_scan_fwd.default
-    f, b = _kernel_inputs(forward, z), _kernel_inputs(backward, z)
+    f, b = branch_kernel_arguments(forward, z), branch_kernel_arguments(backward, z)
     args = (*f[:8], *b[:8], f[8], True)
     with torch.no_grad():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -18,7 +18,7 @@ from torch import Tensor
 from .._common import needs_grad, register_flops
 from .._jit import after_load, cpu_kernels, register_cpp_backend
 from ..scan.checks import scan_fwd_flops
-from ..scan.cpp import _inputs
+from ..scan.cpp import kernel_arguments
 from ..scan.cpp import unsupported as scan_unsupported
 
 
@@ -34,18 +34,19 @@ def unsupported(forward, backward, z: Tensor, delta_softplus: bool = False) -> O
     return None
 
 
-def _kernel_inputs(branch, z: Tensor) -> list[Tensor]:
-    """(u, delta, A, B, C, D, delta_bias, delta_proj, z) as the kernel takes them (see the scan's ``_inputs``)."""
-    u, delta, A, B, C, D, z, delta_bias, delta_proj = _inputs(branch.u, branch.delta, branch.A, branch.B, branch.C,
-                                                              branch.D, z, branch.delta_bias, branch.delta_proj)
+def branch_kernel_arguments(branch, z: Tensor) -> list[Tensor]:
+    """(u, delta, A, B, C, D, delta_bias, delta_proj, z) as the kernel takes them (the scan's
+    ``kernel_arguments``)."""
+    u, delta, A, B, C, D, z, delta_bias, delta_proj = kernel_arguments(
+        branch.u, branch.delta, branch.A, branch.B, branch.C, branch.D, z, branch.delta_bias, branch.delta_proj)
     return [u, delta, A, B, C, D, delta_bias, delta_proj, z]
 
 
 def bimamba_scan_cpp(forward, backward, z: Tensor, delta_softplus: bool = False) -> Tensor:
     """The registered backend: one call of ``bimamba_scan_fwd``; arguments as
     :func:`~dartmamba.ops.bimamba_scan.bimamba_scan`."""
-    f = _kernel_inputs(forward, z)
-    b = _kernel_inputs(backward, z)
+    f = branch_kernel_arguments(forward, z)
+    b = branch_kernel_arguments(backward, z)
     out = cpu_kernels().bimamba_scan_fwd(*f[:8], *b[:8], f[8], bool(delta_softplus))
     return out if out.dtype == forward.u.dtype else out.to(forward.u.dtype)
 

@@ -57,7 +57,8 @@ def storage_dtype(*sequences: Optional[Tensor]) -> Optional[torch.dtype]:
     return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _HALF_DTYPES else None
 
 
-def _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj, low_precision: bool = True) -> list[Tensor]:
+def kernel_arguments(u, delta, A, B, C, D, z, delta_bias, delta_proj,
+                     low_precision: bool = True) -> list[Tensor]:
     """The kernel's arguments: the sequences (u, delta, B, C, z) in their shared bfloat16 / float16 dtype (read and
     written in it: the state and the sums stay float32), else all in the compute dtype; the parameters (A, D,
     delta_bias, delta_proj: parameter-sized) in the compute dtype. B, C grouped (views); A, D, delta_bias contiguous;
@@ -80,7 +81,7 @@ def scan_cpp(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     if delta_proj is not None and grad:
         delta, delta_proj = full_from_low_rank(delta_proj, delta), None
     # the backward computes in float32: a call autograd records takes float32 copies of 16-bit sequences
-    args = _inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj, low_precision=not grad)
+    args = kernel_arguments(u, delta, A, B, C, D, z, delta_bias, delta_proj, low_precision=not grad)
     out, last = cpu_kernels().scan_fwd(*args[:8], bool(delta_softplus), bool(reverse), args[8])
     return with_state(out if out.dtype == u.dtype else out.to(u.dtype), last, return_last_state)
 
