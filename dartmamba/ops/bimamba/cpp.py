@@ -26,12 +26,9 @@ def unsupported(forward, backward, z: Tensor, delta_softplus: bool = False) -> O
     """Why the kernel cannot take these inputs (None when it can)."""
     if needs_grad(z, *forward, *backward):
         return "its kernel has no backward (calls that need a gradient take the two scans)"
-    for branch in (forward, backward):
-        reason = scan_unsupported(branch.u, branch.delta, branch.A, branch.B, branch.C, branch.D, z,
-                                  branch.delta_bias, delta_proj=branch.delta_proj)
-        if reason is not None:
-            return reason
-    return None
+    # the branches share shapes and dtypes (check_branches), so what the scan's kernel says of one holds for both
+    return scan_unsupported(forward.u, forward.delta, forward.A, forward.B, forward.C, forward.D, z,
+                            forward.delta_bias, delta_proj=forward.delta_proj)
 
 
 def branch_kernel_arguments(branch, z: Tensor) -> list[Tensor]:
@@ -44,7 +41,7 @@ def branch_kernel_arguments(branch, z: Tensor) -> list[Tensor]:
 
 def bimamba_scan_cpp(forward, backward, z: Tensor, delta_softplus: bool = False) -> Tensor:
     """The registered backend: one call of ``bimamba_scan_fwd``; arguments as
-    :func:`~dartmamba.ops.bimamba_scan.bimamba_scan`."""
+    :func:`~dartmamba.ops.bimamba.bimamba_scan`."""
     f = branch_kernel_arguments(forward, z)
     b = branch_kernel_arguments(backward, z)
     out = cpu_kernels().bimamba_scan_fwd(*f[:8], *b[:8], f[8], bool(delta_softplus))

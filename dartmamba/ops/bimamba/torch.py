@@ -14,7 +14,7 @@ from ..scan import selective_scan
 
 def bimamba_scan_torch(forward, backward, z: Tensor, delta_softplus: bool = False) -> Tensor:
     """0.5 * (selective_scan(forward, z) + selective_scan(backward, z, reverse=True)); arguments as
-    :func:`~dartmamba.ops.bimamba_scan.bimamba_scan`."""
+    :func:`~dartmamba.ops.bimamba.bimamba_scan`."""
     y_forward = selective_scan(*forward[:6], z=z, delta_bias=forward.delta_bias, delta_softplus=delta_softplus,
                                delta_proj=forward.delta_proj)
     y_backward = selective_scan(*backward[:6], z=z, delta_bias=backward.delta_bias, delta_softplus=delta_softplus,
